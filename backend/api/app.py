@@ -1,0 +1,127 @@
+"""The FastAPI app: Label Studio's ML backend routes, basic auth, error mapping, metrics."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis import Redis
+from starlette.concurrency import run_in_threadpool
+
+from backend.api.metrics import Metrics
+from backend.api.schemas import PredictRequest, SetupRequest, project_key
+from backend.api.service import PredictionService, PredictTimeoutError
+from backend.errors import LabelConfigError, QueueUnavailableError
+from backend.queueing.connection import api_connection
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MODEL_CLASS = "GroundedSam"
+
+
+def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
+    """Build the app; `redis` defaults to a fast-failing connection to settings.redis_url."""
+    if redis is None:
+        if not settings.redis_url:
+            raise ValueError("REDIS_URL is required to serve the API (the `serve` command sets it in embedded mode)")
+        redis = api_connection(settings.redis_url)
+    service = PredictionService(settings, redis)
+    metrics = Metrics(service.health)
+    app = FastAPI(title="Grounded SAM ML backend for Label Studio", version="0.1.0")
+    app.state.service = service
+    _install_middleware(app, settings, metrics)
+    _install_error_handlers(app)
+    _install_routes(app, service, metrics)
+    return app
+
+
+def _install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    expected = _basic_auth_header(settings.basic_auth) if settings.basic_auth else None
+
+    @app.middleware("http")
+    async def auth_and_count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        given = request.headers.get("authorization", "")
+        if expected is not None and not hmac.compare_digest(given.encode(), expected.encode()):
+            response: Response = JSONResponse(
+                {"detail": "authentication required"},
+                status_code=401,
+                headers={"WWW-Authenticate": 'Basic realm="Login required"'},
+            )
+        else:
+            response = await call_next(request)
+        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+
+def _basic_auth_header(credentials: tuple[str, str]) -> str:
+    token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
+    return f"Basic {token}"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(LabelConfigError)
+    async def bad_config(_: Request, exc: LabelConfigError) -> JSONResponse:
+        return JSONResponse({"detail": f"labeling config not supported: {exc}"}, status_code=400)
+
+    @app.exception_handler(QueueUnavailableError)
+    async def no_queue(_: Request, exc: QueueUnavailableError) -> JSONResponse:
+        log.error("queue unavailable: %s", exc)
+        return JSONResponse({"detail": str(exc)}, status_code=503)
+
+    @app.exception_handler(PredictTimeoutError)
+    async def too_slow(_: Request, exc: PredictTimeoutError) -> JSONResponse:
+        log.warning("predict timed out: %s", exc)
+        return JSONResponse({"detail": str(exc)}, status_code=504)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal error; see the backend log"}, status_code=500)
+
+
+def _install_routes(app: FastAPI, service: PredictionService, metrics: Metrics) -> None:
+    @app.get("/")
+    @app.get("/health")
+    def health() -> JSONResponse:
+        """Label Studio allows 1 s: answer from Redis alone, never from the models."""
+        try:
+            state = service.health()
+        except QueueUnavailableError as exc:
+            return JSONResponse({"status": "DOWN", "model_class": MODEL_CLASS, "detail": str(exc)}, status_code=503)
+        return JSONResponse({"status": "UP", "model_class": MODEL_CLASS, **state})
+
+    @app.post("/setup")
+    def setup(body: SetupRequest) -> dict[str, str]:
+        return {"model_version": service.setup(project_key(body.project), body.schema_)}
+
+    @app.post("/predict")
+    async def predict(body: PredictRequest) -> dict[str, Any]:
+        started = time.perf_counter()
+        report = await run_in_threadpool(service.predict, project_key(body.project), body.tasks, body.label_config)
+        metrics.predict_seconds.observe(time.perf_counter() - started)
+        metrics.tasks.labels("ok").inc(len(report.results) - report.failed)
+        metrics.tasks.labels("failed").inc(report.failed)
+        return {"results": report.results}
+
+    @app.post("/webhook")
+    def webhook(event: dict[str, Any]) -> dict[str, str]:
+        """Label Studio posts every project event here; this backend does not train, so it only logs them."""
+        action = str(event.get("action", "unknown"))
+        log.info("webhook event %s ignored (no training)", action)
+        return {"status": "ignored", "action": action}
+
+    @app.get("/versions")
+    def versions() -> dict[str, list[str]]:
+        return {"versions": service.versions()}
+
+    @app.get("/metrics")
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

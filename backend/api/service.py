@@ -1,0 +1,123 @@
+"""What the routes do, without HTTP: validate a request, queue its tasks, collect their predictions."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from backend.errors import BackendError, QueueUnavailableError, TaskDataError
+from backend.labelstudio.config import LabelConfig, parse_label_config
+from backend.labelstudio.results import empty_prediction
+from backend.labelstudio.tasks import image_ref
+from backend.labelstudio.version import model_version
+from backend.queueing.client import JobLimits, JobOutcome, PredictionQueue, prediction_job_id
+from backend.queueing.connection import ping
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PROJECT_VERSIONS_KEY = "grounded-sam:model-versions"
+
+
+class PredictTimeoutError(BackendError):
+    """Some jobs of a /predict did not finish within PREDICT_TIMEOUT."""
+
+
+@dataclass(frozen=True, slots=True)
+class PredictReport:
+    """One /predict's answer: a prediction per task in order, and how many came out empty through errors."""
+
+    results: list[dict[str, Any]]
+    failed: int
+
+
+class PredictionService:
+    """The backend as the routes see it: one Settings, one Redis connection, one queue."""
+
+    def __init__(self, settings: Settings, redis: Redis) -> None:
+        self.settings = settings
+        self.redis = redis
+        limits = JobLimits(settings.job_timeout, settings.result_ttl, settings.failure_ttl)
+        self.queue = PredictionQueue(redis, settings.queue_name, limits)
+
+    def model_version_for(self, label_config: str) -> str:
+        """model_version for a labeling config; raises LabelConfigError for configs we cannot serve."""
+        return model_version(self.settings.model_fingerprint(), parse_label_config(label_config))
+
+    def setup(self, project: str, label_config: str) -> str:
+        """Validate the config and remember its model_version for /versions (best effort)."""
+        version = self.model_version_for(label_config)
+        try:
+            self.redis.hset(PROJECT_VERSIONS_KEY, project, version)
+        except RedisError as exc:  # /setup must still answer; /health reports Redis
+            log.warning("could not record model version of project %s: %s", project, exc)
+        return version
+
+    def versions(self) -> list[str]:
+        """model_versions this backend has answered /setup with, across projects."""
+        try:
+            return sorted({value.decode() for value in self.redis.hvals(PROJECT_VERSIONS_KEY)})
+        except RedisError as exc:
+            raise QueueUnavailableError(f"Redis is unreachable: {exc}") from exc
+
+    def predict(self, project: str, tasks: Sequence[dict[str, Any]], label_config: str) -> PredictReport:
+        """Queue every task, wait up to PREDICT_TIMEOUT, and answer one prediction per task, in order.
+
+        A task without usable data, or whose job failed, gets an empty prediction (and is logged);
+        the others are unaffected. Raises PredictTimeoutError if jobs are still running at the deadline
+        (they keep running, and a retry of the same request collects their results).
+        """
+        config = parse_label_config(label_config)
+        version = model_version(self.settings.model_fingerprint(), config)
+        job_ids: list[str | None] = []
+        for task in tasks:
+            job_ids.append(self._submit(project, task, label_config, version, config))
+        queued = [job_id for job_id in job_ids if job_id is not None]
+        outcomes = {o.job_id: o for o in self.queue.wait(queued, self.settings.predict_timeout)}
+        pending = [o for o in outcomes.values() if o.state == "pending"]
+        if pending:
+            raise PredictTimeoutError(
+                f"{len(pending)} of {len(tasks)} tasks still running after {self.settings.predict_timeout:g} s; "
+                "they continue in the background and a retry collects them"
+            )
+        results = [self._result(job_id, outcomes, version) for job_id in job_ids]
+        return PredictReport([prediction for prediction, _ in results], failed=sum(1 for _, ok in results if not ok))
+
+    def health(self) -> dict[str, Any]:
+        """Redis reachability and live worker count; raises QueueUnavailableError when Redis is down."""
+        ping(self.redis)
+        return {"workers": self.queue.worker_count(), "queued": self.queue.depth()}
+
+    def _submit(
+        self, project: str, task: dict[str, Any], label_config: str, version: str, config: LabelConfig
+    ) -> str | None:
+        try:
+            ref = image_ref(task, config)
+        except TaskDataError as exc:
+            log.warning("task %s: %s", task.get("id"), exc)
+            return None
+        job_id = prediction_job_id(project, task, ref, version)
+        payload = {
+            "task": {"id": task.get("id"), "data": task.get("data")},
+            "label_config": label_config,
+            "model_version": version,
+        }
+        self.queue.submit(job_id, payload)
+        return job_id
+
+    def _result(
+        self, job_id: str | None, outcomes: dict[str, JobOutcome], version: str
+    ) -> tuple[dict[str, Any], bool]:
+        """The task's prediction and whether it succeeded; failures become an empty prediction."""
+        if job_id is None:
+            return empty_prediction(version), False
+        outcome = outcomes[job_id]
+        if outcome.state == "finished" and outcome.prediction is not None:
+            return outcome.prediction, True
+        log.warning("job %s failed: %s", job_id, outcome.error)
+        return empty_prediction(version), False

@@ -1,0 +1,145 @@
+"""Worker-side job: one Label Studio task in, one Label Studio prediction out.
+
+This is where the three pure layers meet: Label Studio format (config, task, result), image fetching
+and the model pipeline. The worker installs a `Runtime` (models loaded once) before it takes jobs;
+rq calls `predict_task` by its dotted name with a JSON payload:
+
+    {"task": {"id": 7, "data": {...}}, "label_config": "<View>...</View>", "model_version": "gsam-..."}
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from backend.errors import BackendError
+from backend.images.fetch import ImageFetcher
+from backend.labelstudio.config import LabelConfig, parse_label_config
+from backend.labelstudio.results import PredictedObject, build_prediction
+from backend.labelstudio.tasks import image_ref, task_id
+from backend.labelstudio.version import model_version
+from backend.pipeline.build import build_pipeline
+from backend.pipeline.grounded_sam import GroundedSam
+from backend.pipeline.prompts import PromptPlan
+from backend.pipeline.types import Instance, TextClass
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ModelVersionMismatchError(BackendError):
+    """The job was queued for other models or thresholds than this worker runs."""
+
+
+@dataclass
+class Runtime:
+    """What a worker keeps between jobs: loaded models, the image fetcher, prompt plans per label set."""
+
+    pipeline: GroundedSam
+    fetcher: ImageFetcher
+    fingerprint: Mapping[str, object]
+    _plans: dict[tuple[TextClass, ...], PromptPlan] = field(default_factory=dict)
+
+    def plan_for(self, classes: tuple[TextClass, ...]) -> PromptPlan:
+        """Tokenised prompt chunks for a label set, computed once per set."""
+        if classes not in self._plans:
+            self._plans[classes] = self.pipeline.prepare(classes)
+        return self._plans[classes]
+
+
+_runtime: Runtime | None = None
+
+
+def install(runtime: Runtime) -> None:
+    """Register the worker's runtime once, before it takes jobs."""
+    global _runtime
+    if _runtime is not None:
+        raise RuntimeError("the job runtime is already installed in this process")
+    _runtime = runtime
+
+
+def uninstall() -> None:
+    """Forget the runtime (tests that install several in one process)."""
+    global _runtime
+    _runtime = None
+
+
+def text_classes(config: LabelConfig) -> tuple[TextClass, ...]:
+    """The config's labels as detector classes: exact Label value as name, aliases as phrases."""
+    return tuple(TextClass(name=label.value, phrases=label.phrases) for label in config.labels)
+
+
+def predict_task(payload: dict[str, Any]) -> dict[str, Any]:
+    """Run one task through fetch → Grounding DINO → SAM → Label Studio result.
+
+    Raises (so rq records the job as failed, with the traceback) on any error; the API turns a
+    failed job into an empty prediction for that task only.
+    """
+    if _runtime is None:
+        raise RuntimeError("no job runtime installed: start workers with the `worker` command")
+    task = payload["task"]
+    config = parse_label_config(payload["label_config"])
+    expected = model_version(_runtime.fingerprint, config)
+    if payload["model_version"] != expected:
+        raise ModelVersionMismatchError(
+            f"job asks for model_version {payload['model_version']} but this worker computes {expected}: "
+            "API and worker run with different model settings"
+        )
+    try:
+        image = _runtime.fetcher.fetch(image_ref(task, config), task_id=task_id(task))
+    except BackendError:
+        log.exception("task %s: no image", task.get("id"))
+        raise
+    return predict_image(_runtime, image, config, expected)
+
+
+def predict_image(runtime: Runtime, image: Image.Image, config: LabelConfig, version: str) -> dict[str, Any]:
+    """One RGB image (EXIF applied) → one Label Studio prediction for `config`."""
+    classes = text_classes(config)
+    return to_prediction(segment_image(runtime, image, classes), classes, config, image, version)
+
+
+def segment_image(runtime: Runtime, image: Image.Image, classes: tuple[TextClass, ...]) -> list[Instance]:
+    """Grounding DINO boxes for `classes`, then a SAM mask per box (HxW of `image`)."""
+    return runtime.pipeline.run(image, runtime.plan_for(classes))
+
+
+def to_prediction(
+    instances: list[Instance], classes: tuple[TextClass, ...], config: LabelConfig, image: Image.Image, version: str
+) -> dict[str, Any]:
+    """Label Studio prediction of `instances` on `image` (regions sized to the image as displayed)."""
+    objects = [_to_object(instance, classes) for instance in instances]
+    return build_prediction(objects, config, image.width, image.height, version)
+
+
+def _to_object(instance: Instance, classes: tuple[TextClass, ...]) -> PredictedObject:
+    detection = instance.detection
+    return PredictedObject(
+        label=classes[detection.class_index].name,
+        score=detection.score,
+        box_xyxy=detection.box_xyxy,
+        mask=instance.mask,
+    )
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    """Load the models once (the slow part of a worker's start) and the image fetcher."""
+    device = resolve_device(settings.device)
+    sam = settings.sam_checkpoint or settings.sam_model
+    log.info("loading models on %s: detector %s, SAM %s", device, settings.detector_model, sam)
+    pipeline = build_pipeline(settings.model_spec(device), settings.thresholds())
+    return Runtime(
+        pipeline=pipeline, fetcher=ImageFetcher(settings.fetch_options()), fingerprint=settings.model_fingerprint()
+    )
+
+
+def resolve_device(device: str) -> str:
+    """ "auto" → the first CUDA device when torch sees one, else the CPU."""
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"

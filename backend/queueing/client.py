@@ -1,0 +1,160 @@
+"""API side of the queue: enqueue prediction jobs by name, wait for their outcomes. Never imports torch."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue, Worker
+from rq.exceptions import DuplicateJobError, NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from backend.errors import QueueUnavailableError
+
+# Enqueued by dotted name so the API process never imports the model code.
+PREDICT_JOB = "backend.jobs.predict_task"
+# How often a waiting request sweeps the started-job registry for jobs whose worker died.
+ABANDONED_SWEEP_S = 1.0
+_RETRYABLE_STATUSES = {JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
+
+
+@dataclass(frozen=True, slots=True)
+class JobLimits:
+    """rq lifetimes, in seconds."""
+
+    job_timeout: int
+    result_ttl: int
+    failure_ttl: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobOutcome:
+    """What became of one job: its prediction (finished), its error (failed), or neither (still pending)."""
+
+    job_id: str
+    state: Literal["finished", "failed", "pending"]
+    prediction: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def prediction_job_id(project: str, task: Mapping[str, Any], image_ref: str, model_version: str) -> str:
+    """Deterministic job id: the same task, image and model version map to the same job.
+
+    A retried or double-clicked request re-attaches to the running or finished job instead of
+    computing the prediction twice. rq ids allow only letters, digits, '_' and '-'.
+    """
+    task_key = str(task.get("id")) if task.get("id") is not None else "anon"
+    digest = hashlib.sha256(f"{project}\n{task_key}\n{image_ref}\n{model_version}".encode()).hexdigest()[:16]
+    safe_project = "".join(ch for ch in project if ch.isalnum()) or "none"
+    return f"pred-{safe_project}-{''.join(ch for ch in task_key if ch.isalnum())}-{digest}"
+
+
+class PredictionQueue:
+    """Enqueue prediction payloads and collect their results, over one Redis connection."""
+
+    def __init__(self, redis: Redis, queue_name: str, limits: JobLimits) -> None:
+        self._redis = redis
+        self._limits = limits
+        self._queue = Queue(queue_name, connection=redis, serializer=JSONSerializer)
+
+    @property
+    def name(self) -> str:
+        return self._queue.name
+
+    def submit(self, job_id: str, payload: dict[str, Any]) -> None:
+        """Queue one job, or re-attach to the job of that id; a failed one is queued again."""
+        try:
+            self._enqueue(job_id, payload)
+        except DuplicateJobError:
+            self._requeue_if_failed(job_id, payload)
+        except RedisError as exc:
+            raise QueueUnavailableError(f"cannot queue job: {exc}") from exc
+
+    def wait(self, job_ids: Sequence[str], timeout: float) -> list[JobOutcome]:
+        """Poll until every job finished or failed, or `timeout` seconds passed; outcomes in input order.
+
+        While waiting it moves jobs whose worker stopped heart-beating to the failed registry, so a
+        worker that dies mid-job turns into a visible failure instead of a silent wait.
+        """
+        outcomes: dict[str, JobOutcome] = {}
+        deadline = time.monotonic() + timeout
+        next_sweep = time.monotonic() + ABANDONED_SWEEP_S
+        delay = 0.02
+        try:
+            while True:
+                for job_id in job_ids:
+                    if job_id not in outcomes:
+                        outcome = self._outcome(job_id)
+                        if outcome.state != "pending":
+                            outcomes[job_id] = outcome
+                now = time.monotonic()
+                if len(outcomes) == len(set(job_ids)) or now >= deadline:
+                    break
+                if now >= next_sweep:
+                    self.sweep_abandoned()
+                    next_sweep = now + ABANDONED_SWEEP_S
+                time.sleep(min(delay, max(0.0, deadline - now)))
+                delay = min(delay * 2, 0.2)
+        except RedisError as exc:
+            raise QueueUnavailableError(f"lost Redis while waiting for jobs: {exc}") from exc
+        return [outcomes.get(job_id, JobOutcome(job_id, "pending")) for job_id in job_ids]
+
+    def sweep_abandoned(self) -> None:
+        """Fail jobs whose worker's heartbeat expired (rq's AbandonedJobError)."""
+        StartedJobRegistry(queue=self._queue).cleanup()
+
+    def depth(self) -> int:
+        """Jobs waiting in the queue."""
+        return self._queue.count
+
+    def worker_count(self) -> int:
+        """Workers registered on this queue (alive within rq's worker TTL)."""
+        return Worker.count(connection=self._redis, queue=self._queue)
+
+    def _enqueue(self, job_id: str, payload: dict[str, Any]) -> None:
+        self._queue.enqueue_call(
+            PREDICT_JOB,
+            args=(payload,),
+            job_id=job_id,
+            unique=True,
+            timeout=self._limits.job_timeout,
+            result_ttl=self._limits.result_ttl,
+            failure_ttl=self._limits.failure_ttl,
+        )
+
+    def _requeue_if_failed(self, job_id: str, payload: dict[str, Any]) -> None:
+        try:
+            job = Job.fetch(job_id, connection=self._redis, serializer=JSONSerializer)
+        except NoSuchJobError:  # expired between the two calls
+            self._enqueue(job_id, payload)
+            return
+        if job.get_status() in _RETRYABLE_STATUSES:
+            job.delete()
+            self._enqueue(job_id, payload)
+
+    def _outcome(self, job_id: str) -> JobOutcome:
+        try:
+            job = Job.fetch(job_id, connection=self._redis, serializer=JSONSerializer)
+        except NoSuchJobError:
+            return JobOutcome(job_id, "failed", error="job vanished from Redis (expired or deleted)")
+        status = job.get_status(refresh=False)
+        if status == JobStatus.FINISHED:
+            return JobOutcome(job_id, "finished", prediction=job.return_value())
+        if status in _RETRYABLE_STATUSES:
+            return JobOutcome(job_id, "failed", error=_failure_reason(job))
+        return JobOutcome(job_id, "pending")
+
+
+def _failure_reason(job: Job) -> str:
+    """The last line of the job's recorded exception (the whole traceback stays in rq's record)."""
+    result = job.latest_result()
+    text = (result.exc_string if result is not None else None) or "job failed without a recorded reason"
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else text

@@ -1,0 +1,136 @@
+"""The one reader of the environment: every setting, its default and its meaning.
+
+Settings are built once in each entry point (`serve`, `worker`, `predict`) and passed down; nothing else
+reads os.environ. The README's configuration table lists the same fields.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from backend.images.fetch import FetchOptions
+from backend.pipeline.types import DetectionThresholds, ModelSpec
+
+DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
+DEFAULT_SAM = "facebook/sam-vit-huge"
+
+
+class Settings(BaseSettings):
+    """Typed, validated settings read from environment variables (names are the upper-cased field names)."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+
+    # HTTP
+    host: str = Field("0.0.0.0", description="Interface the HTTP server binds to.")
+    port: int = Field(9090, ge=1, le=65535, description="Port of the HTTP server.")
+    basic_auth_user: str | None = Field(None, description="With BASIC_AUTH_PASS: require HTTP basic auth on every route.")
+    basic_auth_pass: str | None = Field(None, description="Password for BASIC_AUTH_USER.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level of all processes.")
+
+    # Queue
+    redis_url: str | None = Field(
+        None, description="Redis to queue jobs on. Unset: `serve` starts an embedded server and one worker itself."
+    )
+    queue_name: str = Field("grounded-sam", description="rq queue the API enqueues to and workers listen on.")
+    predict_timeout: float = Field(
+        90.0, gt=0, description="Seconds /predict waits for its jobs; keep under Label Studio's ML_TIMEOUT_PREDICT (100 s)."
+    )
+    job_timeout: int = Field(600, gt=0, description="Seconds one job may run before rq stops it.")
+    result_ttl: int = Field(3600, ge=0, description="Seconds a finished job's prediction stays in Redis for re-use.")
+    failure_ttl: int = Field(7 * 24 * 3600, ge=0, description="Seconds a failed job stays in rq's failed registry.")
+    worker_heartbeat: float = Field(
+        5.0, gt=0, description="Seconds between a busy worker's heartbeats; a job is failed 3 missed beats after its worker dies."
+    )
+
+    # Models
+    detector_model: str = Field(DEFAULT_DETECTOR, description="Grounding DINO: Hugging Face id or local folder.")
+    sam_model: str = Field(DEFAULT_SAM, description="SAM through transformers: Hugging Face id or local folder.")
+    sam_checkpoint: str | None = Field(
+        None, description="Path to an official segment-anything .pth; when set it replaces SAM_MODEL."
+    )
+    sam_model_type: Literal["vit_h", "vit_l", "vit_b"] = Field(
+        "vit_h", description="Architecture of SAM_CHECKPOINT (checked against the file)."
+    )
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N.")
+    sam_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="SAM precision. Grounding DINO always runs in float32."
+    )
+    box_threshold: float = Field(0.3, ge=0, le=1, description="Minimum detector score of a box.")
+    text_threshold: float = Field(0.25, ge=0, le=1, description="Minimum score of the label chosen for a box.")
+    max_detections: int = Field(100, ge=1, description="Most objects kept per image (best scores first).")
+    nms_iou: float = Field(0.7, ge=0, le=1, description="Boxes of one label overlapping more than this IoU are merged.")
+
+    # Images
+    label_studio_url: str | None = Field(
+        None, description="Label Studio base URL, for /data/upload and /data/local-files images (not localhost in Docker)."
+    )
+    label_studio_api_key: str | None = Field(
+        None, description="Legacy token or personal access token of a Label Studio user who can read the tasks."
+    )
+    local_files_document_root: str | None = Field(
+        None, description="Read /data/local-files/?d= images from this folder directly when it holds them."
+    )
+    image_connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect when fetching an image.")
+    image_read_timeout: float = Field(30.0, gt=0, description="Seconds to wait for image bytes.")
+    image_max_bytes: int = Field(50 * 2**20, gt=0, description="Largest image file accepted, in bytes.")
+    image_max_pixels: int = Field(100_000_000, gt=0, description="Largest image accepted, in pixels (decompression bombs).")
+
+    @model_validator(mode="after")
+    def _auth_pair(self) -> Settings:
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        return self
+
+    @property
+    def basic_auth(self) -> tuple[str, str] | None:
+        if self.basic_auth_user and self.basic_auth_pass:
+            return (self.basic_auth_user, self.basic_auth_pass)
+        return None
+
+    def thresholds(self) -> DetectionThresholds:
+        return DetectionThresholds(
+            box=self.box_threshold,
+            text=self.text_threshold,
+            max_detections=self.max_detections,
+            nms_iou=self.nms_iou,
+        )
+
+    def model_spec(self, device: str) -> ModelSpec:
+        """The models to load; `device` is the resolved device (never "auto")."""
+        return ModelSpec(
+            detector=self.detector_model,
+            sam=self.sam_model,
+            sam_checkpoint=self.sam_checkpoint,
+            sam_model_type=self.sam_model_type,
+            device=device,
+            sam_dtype=self.sam_dtype,
+        )
+
+    def model_fingerprint(self) -> dict[str, object]:
+        """Everything about the models that changes predictions; enters model_version.
+
+        Device is left out on purpose: the same weights give the same labels on CPU and GPU.
+        """
+        return {
+            "detector": self.detector_model,
+            "sam": self.sam_checkpoint or self.sam_model,
+            "sam_dtype": self.sam_dtype,
+            "box_threshold": self.box_threshold,
+            "text_threshold": self.text_threshold,
+            "max_detections": self.max_detections,
+            "nms_iou": self.nms_iou,
+        }
+
+    def fetch_options(self) -> FetchOptions:
+        return FetchOptions(
+            label_studio_url=self.label_studio_url,
+            api_key=self.label_studio_api_key,
+            connect_timeout=self.image_connect_timeout,
+            read_timeout=self.image_read_timeout,
+            max_bytes=self.image_max_bytes,
+            max_pixels=self.image_max_pixels,
+            local_files_root=self.local_files_document_root,
+        )
