@@ -1,0 +1,42 @@
+# GPU image for the API and the workers (same image, different command).
+#   docker build -t grounded-sam-backend .
+#   docker run --gpus all -p 9090:9090 -v models:/models grounded-sam-backend serve
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+ARG TORCH_VERSION=2.11.0
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    HF_HOME=/models/huggingface \
+    PORT=9090
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv $VIRTUAL_ENV
+
+# torch first, from the CUDA index: the project's own requirement is only a lower bound.
+RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY backend ./backend
+COPY label_config ./label_config
+RUN pip install .
+
+RUN useradd --create-home --uid 10001 app && mkdir -p /models && chown app:app /models
+USER app
+
+# Model weights (Hugging Face cache and .pth checkpoints) live here so they survive restarts.
+VOLUME ["/models"]
+EXPOSE 9090
+
+HEALTHCHECK --interval=30s --timeout=3s --start-period=30s \
+    CMD python3 -c "import os,urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '9090'), timeout=2)"
+
+ENTRYPOINT ["grounded-sam"]
+CMD ["serve"]
