@@ -1,0 +1,37 @@
+"""model_version: one short string naming everything that changes predictions.
+
+Label Studio skips tasks that already hold a prediction of the current model_version, so it must change
+when models, thresholds, labels, prompts or the controls regions are written to change, and only then.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+
+from backend.labelstudio.config import ControlRef, LabelConfig
+
+PREFIX = "gsam-"
+
+
+def model_version(fingerprint: Mapping[str, object], config: LabelConfig) -> str:
+    """ "gsam-" + the first 12 hex digits of sha256 over canonical JSON of `fingerprint` and the served labels.
+
+    fingerprint: model ids, thresholds and anything else that changes outputs; JSON values only
+    (TypeError otherwise; ValueError for NaN). From `config` it covers the labels in order (order changes
+    the detector prompt), their phrases and controls, and the control and image names regions carry;
+    not XML layout, whitespace or tags this backend does not serve.
+    """
+    payload = {
+        "fingerprint": dict(fingerprint),
+        "labels": [[spec.value, list(spec.phrases), list(spec.controls)] for spec in config.labels],
+        "brush": _control(config.brush),
+        "rectangle": _control(config.rectangle),
+    }
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return PREFIX + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
+
+
+def _control(ref: ControlRef | None) -> list[str] | None:
+    return None if ref is None else [ref.from_name, ref.to_name]

@@ -1,0 +1,132 @@
+"""build_prediction: Label Studio result JSON that Label Studio's own schema accepts and annotators can use."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from label_studio_sdk.label_interface import LabelInterface
+
+from backend.labelstudio.config import parse_label_config
+from backend.labelstudio.results import PredictedObject, build_prediction, empty_prediction
+from backend.labelstudio.rle import rle_to_mask
+
+W, H = 64, 48
+LABELS = '<Label value="Traffic Light"/><Label value="a, b &amp; c?"/>'
+BOTH = (
+    f'<View><Image name="img" value="$image"/><BrushLabels name="mask" toName="img">{LABELS}</BrushLabels>'
+    f'<RectangleLabels name="box" toName="img">{LABELS}<Label value="Sign"/></RectangleLabels></View>'
+)
+IMAGE = '<Image name="img" value="$image"/>'
+BRUSH = f'<View>{IMAGE}<BrushLabels name="mask" toName="img">{LABELS}</BrushLabels></View>'
+RECT = f'<View>{IMAGE}<RectangleLabels name="box" toName="img">{LABELS}</RectangleLabels></View>'
+
+
+def _mask(x1: int, y1: int, x2: int, y2: int) -> np.ndarray:
+    mask = np.zeros((H, W), dtype=bool)
+    mask[y1:y2, x1:x2] = True
+    return mask
+
+
+OBJECTS = [
+    PredictedObject("Traffic Light", 0.9, (8.0, 4.0, 24.0, 20.0), _mask(8, 4, 24, 20)),
+    PredictedObject("a, b & c?", np.float32(0.5), (-10.0, 30.0, 80.0, 60.0), _mask(0, 30, 64, 48)),
+]
+
+
+def _assert_lossless_and_valid(prediction: dict, xml: str) -> None:
+    """Label Studio's own checks (SDK schema) plus what it does not check: sizes, bounds, RLE size."""
+    json.dumps(prediction)  # plain JSON types only (no numpy scalars)
+    assert LabelInterface(xml).validate_prediction(prediction, return_errors=True) == []
+    for region in prediction["result"]:
+        assert (region["original_width"], region["original_height"], region["image_rotation"]) == (W, H, 0)
+        assert region["readonly"] is False and 0.0 <= region["score"] <= 1.0
+        value = region["value"]
+        if region["type"] == "rectanglelabels":
+            assert all(0.0 <= value[k] <= 100.0 for k in ("x", "y", "width", "height"))
+            assert value["x"] + value["width"] <= 100.0 and value["y"] + value["height"] <= 100.0
+        else:
+            assert rle_to_mask(value["rle"], H, W).shape == (H, W)
+
+
+def test_both_controls_give_a_brush_and_a_rectangle_per_object() -> None:
+    config = parse_label_config(BOTH)
+    prediction = build_prediction(OBJECTS, config, W, H, "gsam-x")
+    _assert_lossless_and_valid(prediction, BOTH)
+    result = prediction["result"]
+    assert [(r["id"], r["type"], r["from_name"], r["to_name"]) for r in result] == [
+        ("0-brush", "brushlabels", "mask", "img"),
+        ("0-rect", "rectanglelabels", "box", "img"),
+        ("1-brush", "brushlabels", "mask", "img"),
+        ("1-rect", "rectanglelabels", "box", "img"),
+    ]
+    assert result[0]["value"]["brushlabels"] == ["Traffic Light"]
+    assert result[3]["value"]["rectanglelabels"] == ["a, b & c?"]
+    np.testing.assert_array_equal(rle_to_mask(result[2]["value"]["rle"], H, W), OBJECTS[1].mask)
+    assert prediction["model_version"] == "gsam-x"
+    assert prediction["score"] == pytest.approx((0.9 + 0.9 + 0.5 + 0.5) / 4)
+
+
+def test_rectangle_is_percent_of_the_image_and_clamped() -> None:
+    prediction = build_prediction(OBJECTS, parse_label_config(RECT), W, H, "v")
+    inside, clamped = (region["value"] for region in prediction["result"])
+    assert (inside["rotation"], inside["rectanglelabels"]) == (0, ["Traffic Light"])
+    assert inside["x"] == pytest.approx(12.5) and inside["width"] == pytest.approx(25.0)
+    assert inside["y"] == pytest.approx(100 * 4 / 48) and inside["height"] == pytest.approx(100 * 16 / 48)
+    assert clamped["x"] == 0.0 and clamped["width"] == 100.0
+    assert clamped["y"] == pytest.approx(62.5) and clamped["y"] + clamped["height"] == pytest.approx(100.0)
+
+
+def test_random_boxes_stay_within_bounds() -> None:
+    rng = np.random.default_rng(1)
+    boxes = rng.uniform(-200, 300, size=(200, 4))
+    objects = [PredictedObject("Traffic Light", 0.5, tuple(map(float, box))) for box in boxes]
+    prediction = build_prediction(objects, parse_label_config(RECT), W, H, "v")
+    _assert_lossless_and_valid(prediction, RECT)
+    assert len({region["id"] for region in prediction["result"]}) == 200
+
+
+def test_brush_only_config_needs_no_box_and_gives_only_brushes() -> None:
+    prediction = build_prediction(OBJECTS, parse_label_config(BRUSH), W, H, "v")
+    _assert_lossless_and_valid(prediction, BRUSH)
+    assert [r["type"] for r in prediction["result"]] == ["brushlabels", "brushlabels"]
+
+
+def test_label_on_one_control_only_gets_that_region_and_no_mask_is_needed_for_rectangles() -> None:
+    sign = PredictedObject("Sign", 0.25, (0.0, 0.0, 10.0, 10.0), None)
+    prediction = build_prediction([sign], parse_label_config(BOTH), W, H, "v")
+    assert [r["type"] for r in prediction["result"]] == ["rectanglelabels"]
+    assert prediction["score"] == 0.25
+
+
+def test_same_input_gives_the_same_prediction() -> None:
+    config = parse_label_config(BOTH)
+    assert build_prediction(OBJECTS, config, W, H, "v") == build_prediction(OBJECTS, config, W, H, "v")
+
+
+def test_empty_predictions_score_zero() -> None:
+    assert build_prediction([], parse_label_config(BOTH), W, H, "v") == empty_prediction("v")
+    assert empty_prediction("v") == {"result": [], "score": 0.0, "model_version": "v"}
+
+
+@pytest.mark.parametrize(
+    ("obj", "message"),
+    [
+        (PredictedObject("traffic light", 0.5, (0, 0, 1, 1), _mask(0, 0, 1, 1)), "not in the labeling config"),
+        (PredictedObject("Traffic Light", 1.5, (0, 0, 1, 1), _mask(0, 0, 1, 1)), "score must be in"),
+        (PredictedObject("Traffic Light", float("nan"), (0, 0, 1, 1), _mask(0, 0, 1, 1)), "score must be in"),
+        (PredictedObject("Traffic Light", 0.5, (0, 0, 1, 1), None), "has no mask"),
+        (PredictedObject("Traffic Light", 0.5, (0, 0, 1, 1), np.zeros((W, H), bool)), "mask shape"),
+        (PredictedObject("Sign", 0.5, (0, float("inf"), 1, 1)), "finite"),
+    ],
+)
+def test_objects_label_studio_would_store_silently_are_refused(obj: PredictedObject, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_prediction([obj], parse_label_config(BOTH), W, H, "v")
+
+
+def test_sdk_check_used_above_does_catch_a_wrong_label() -> None:
+    prediction = build_prediction(OBJECTS[:1], parse_label_config(BOTH), W, H, "v")
+    prediction["result"][1]["value"]["rectanglelabels"] = ["elephant"]
+    assert LabelInterface(BOTH).validate_prediction(prediction, return_errors=True) != []
