@@ -34,7 +34,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"invalid settings:\n{exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.run(settings, args))
+    # SIGTERM (docker stop, systemd) shuts down like Ctrl-C: the finally blocks stop children in order.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return int(args.run(settings, args))
+    except KeyboardInterrupt:
+        log.info("stopped")
+        return 0
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from redis import Redis
 from rq import Queue
+from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
@@ -189,3 +190,35 @@ def test_api_process_never_imports_torch(model_env: dict[str, str], redis_url: s
     out = subprocess.run([sys.executable, "-c", code], env={**model_env, "REDIS_URL": redis_url},
                          capture_output=True, text=True, check=True, cwd=os.fspath(REPO))
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_repeated_request_reuses_finished_jobs(
+    processes: Processes, model_env: dict[str, str], redis_url: str, image_server: ImageServer
+) -> None:
+    """A double click or a retry re-attaches to the same jobs: no second computation, same predictions."""
+    env = {**model_env, "REDIS_URL": redis_url}
+    api = processes.serve(env, wait_workers=0)
+    processes.start(["worker"], env)
+    tasks = [_task(i, image_server.add(f"{i}.png", Image.new("RGB", (40 + i, 30), (i, 0, 0)))) for i in range(3)]
+    first = _predict(api.url, tasks).json()["results"]
+    queue = Queue(env["QUEUE_NAME"], connection=Redis.from_url(redis_url), serializer=JSONSerializer)
+    finished = set(queue.finished_job_registry.get_job_ids())
+    assert len(finished) == 3
+    second = _predict(api.url, tasks).json()["results"]
+    assert second == first
+    assert set(queue.finished_job_registry.get_job_ids()) == finished
+
+
+def test_worker_with_other_model_settings_refuses_jobs(
+    processes: Processes, model_env: dict[str, str], redis_url: str, image_server: ImageServer
+) -> None:
+    """API and worker disagreeing on thresholds would mislabel model_version: the job fails with the reason."""
+    env = {**model_env, "REDIS_URL": redis_url}
+    api = processes.serve(env, wait_workers=0)
+    processes.start(["worker"], {**env, "BOX_THRESHOLD": "0.9"})
+    url = image_server.add("x.png", Image.new("RGB", (32, 32)))
+    assert _predict(api.url, [_task(1, url)]).json()["results"][0]["result"] == []
+    failed = FailedJobRegistry(env["QUEUE_NAME"], connection=Redis.from_url(redis_url), serializer=JSONSerializer)
+    [job_id] = failed.get_job_ids()
+    job = Job.fetch(job_id, connection=Redis.from_url(redis_url), serializer=JSONSerializer)
+    assert "different model settings" in job.latest_result().exc_string
