@@ -1,0 +1,120 @@
+"""Grounding DINO boxes for text classes; each box's class comes from the token spans of the prompt plan."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from transformers import PreTrainedModel, ProcessorMixin
+
+from backend.pipeline.prompts import PromptPlan, build_prompt_plan
+from backend.pipeline.types import Detection, DetectionThresholds, TextClass
+
+
+class GroundingDinoDetector:
+    """A transformers Grounding DINO (or MM-Grounding-DINO / LLMDet) model and its processor.
+
+    The model runs in float32 always: low precision changed its outputs in measurements (DESIGN.md).
+    """
+
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin) -> None:
+        self._model = model
+        self._processor = processor
+
+    def describe(self) -> dict[str, str]:
+        """Plain values that identify the detector (for the model version)."""
+        return {
+            "source": self._model.name_or_path,
+            "architecture": type(self._model).__name__,
+            "dtype": str(self._model.dtype),
+        }
+
+    def prepare(self, classes: Sequence[TextClass]) -> PromptPlan:
+        """Tokenize the classes into prompt chunks that fit the model's text length."""
+        return build_prompt_plan(classes, self._processor.tokenizer, self._model.config.max_text_len)
+
+    def detect(self, image: Image.Image, plan: PromptPlan, thresholds: DetectionThresholds) -> list[Detection]:
+        """Boxes in xyxy pixels of `image` (RGB), best score first; [] when none passes the thresholds."""
+        if plan.chunk_count == 0:
+            return []
+        logits, boxes = self._forward(image, plan)
+        box_scores, class_scores, classes = _score(logits, plan)
+        keep = (box_scores > thresholds.box) & (class_scores > thresholds.text)
+        pixel_boxes = _to_pixels(boxes[keep].cpu(), image.width, image.height)
+        scores, classes = class_scores[keep].cpu(), classes[keep].cpu()
+        sized = (pixel_boxes[:, 2] > pixel_boxes[:, 0]) & (pixel_boxes[:, 3] > pixel_boxes[:, 1])
+        pixel_boxes, scores, classes = pixel_boxes[sized], scores[sized], classes[sized]
+        kept = _class_nms(pixel_boxes, scores, classes, thresholds.nms_iou, thresholds.max_detections)
+        return [
+            Detection(box_xyxy=tuple(pixel_boxes[i].tolist()), score=float(scores[i]), class_index=int(classes[i]))
+            for i in kept.tolist()
+        ]
+
+    def _forward(self, image: Image.Image, plan: PromptPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batched forward, the image repeated once per chunk.
+
+        Returns logits (C, Q, L) over the plan's L tokens and boxes (C, Q, 4) as normalised cxcywh.
+        """
+        device = self._model.device
+        pixels = self._processor.image_processor(images=image, return_tensors="pt").to(device)
+        chunks = plan.chunk_count
+        outputs = self._model(
+            pixel_values=pixels["pixel_values"].expand(chunks, -1, -1, -1),
+            pixel_mask=pixels["pixel_mask"].expand(chunks, -1, -1),
+            input_ids=plan.input_ids.to(device),
+            attention_mask=plan.attention_mask.to(device),
+        )
+        return outputs.logits[..., : plan.input_ids.shape[1]], outputs.pred_boxes
+
+
+def _score(logits: torch.Tensor, plan: PromptPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per query: box score, best class score, best class index; each (C, Q).
+
+    Box score: max sigmoid over the chunk's real (non-padding) tokens, as in the reference post-processing.
+    Class score: max sigmoid over that class's span tokens; a class outside the chunk scores 0.
+    """
+    chunks, queries, length = logits.shape
+    probs = logits.sigmoid() * plan.attention_mask.to(logits.device)[:, None, :]
+    # Tokens of no class are sent to an extra column, dropped after the reduction.
+    owner = plan.token_class.to(logits.device)
+    owner = torch.where(owner < 0, plan.class_count, owner)[:, None, :].expand(chunks, queries, length)
+    per_class = probs.new_zeros(chunks, queries, plan.class_count + 1)
+    per_class.scatter_reduce_(2, owner, probs, reduce="amax")
+    class_scores, classes = per_class[..., : plan.class_count].max(dim=-1)
+    return probs.amax(dim=-1), class_scores, classes
+
+
+def _to_pixels(cxcywh: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """(N, 4) normalised cxcywh → (N, 4) xyxy pixels, clipped to the width x height image."""
+    centre, size = cxcywh[:, :2], cxcywh[:, 2:]
+    xyxy = torch.cat([centre - size / 2, centre + size / 2], dim=1) * cxcywh.new_tensor([width, height] * 2)
+    return torch.minimum(xyxy.clamp(min=0), xyxy.new_tensor([width, height] * 2))
+
+
+def _class_nms(
+    boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou_threshold: float, limit: int
+) -> torch.Tensor:
+    """Greedy NMS within each class; indexes of at most `limit` kept boxes, best score first.
+
+    boxes: (N, 4) xyxy; scores, classes: (N,). A box is dropped when its IoU with a better box of its
+    class exceeds `iou_threshold`. The loop runs once per kept box, so `limit` bounds it.
+    """
+    remaining = scores.argsort(descending=True)
+    kept = []
+    while remaining.numel() and len(kept) < limit:
+        best, rest = remaining[0], remaining[1:]
+        kept.append(best)
+        overlap = _iou(boxes[best], boxes[rest]) > iou_threshold
+        remaining = rest[~(overlap & (classes[rest] == classes[best]))]
+    return torch.stack(kept) if kept else torch.zeros(0, dtype=torch.int64)
+
+
+def _iou(box: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """IoU of one xyxy box (4,) with each of `boxes` (N, 4); (N,)."""
+    top_left = torch.maximum(box[:2], boxes[:, :2])
+    bottom_right = torch.minimum(box[2:], boxes[:, 2:])
+    intersection = (bottom_right - top_left).clamp(min=0).prod(dim=1)
+    area = (box[2:] - box[:2]).prod()
+    areas = (boxes[:, 2:] - boxes[:, :2]).prod(dim=1)
+    return intersection / (area + areas - intersection)
