@@ -62,6 +62,18 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--config", type=Path, help="a Label Studio labeling config XML file")
     predict.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: predictions)")
     predict.set_defaults(run=_predict)
+    for name, help_text in (
+        ("prelabel", "pre-label a whole Label Studio project through a running backend"),
+        ("status", "task counts of a project's bulk work by state"),
+        ("retry", "queue a project's failed bulk work again"),
+    ):
+        bulk = commands.add_parser(name, help=help_text)
+        bulk.add_argument("--project", type=int, required=True, help="Label Studio project id")
+        bulk.add_argument("--backend", help="backend URL (default: http://127.0.0.1:$PORT)")
+        if name == "prelabel":
+            bulk.add_argument("--filter", type=json.loads, help='Data Manager query JSON, e.g. {"filters": ...}')
+            bulk.add_argument("--force", action="store_true", help="recompute tasks that already have a prediction")
+        bulk.set_defaults(run=_bulk, command=name)
     return parser
 
 
@@ -132,7 +144,8 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     from backend.queueing.worker import run_worker
 
     jobs.install(jobs.build_runtime(settings))
-    run_worker(worker_connection(settings.redis_url), settings.queue_name, settings.worker_heartbeat, burst=args.burst)
+    redis = worker_connection(settings.redis_url)
+    run_worker(redis, settings.queue_name, settings.worker_heartbeat, burst=args.burst)
     return 0
 
 
@@ -149,6 +162,22 @@ def _predict(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     print(json.dumps({"written": [str(path) for path in written]}, indent=2))
     return 0
+
+
+def _bulk(settings: Settings, args: argparse.Namespace) -> int:
+    from backend import bulk_cli
+    from backend.errors import BackendError
+
+    backend = bulk_cli.BackendClient(args.backend or f"http://127.0.0.1:{settings.port}", settings.basic_auth)
+    try:
+        if args.command == "prelabel":
+            return bulk_cli.prelabel(settings, backend, args.project, args.filter, args.force)
+        if args.command == "status":
+            return bulk_cli.status(backend, args.project)
+        return bulk_cli.retry(backend, args.project)
+    except BackendError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

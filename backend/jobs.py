@@ -2,7 +2,8 @@
 
 This is where the three pure layers meet: Label Studio format (config, task, result), image fetching
 and the model pipeline. The worker installs a `Runtime` (models loaded once) before it takes jobs;
-rq calls `predict_task` by its dotted name with a JSON payload:
+rq calls `predict_task` (interactive queue; backend.prelabel has the bulk job) by its dotted name with
+a JSON payload:
 
     {"task": {"id": 7, "data": {...}}, "label_config": "<View>...</View>", "model_version": "gsam-..."}
 """
@@ -10,12 +11,14 @@ rq calls `predict_task` by its dotted name with a JSON payload:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from PIL import Image
+from rq import get_current_job
 
 from backend.errors import BackendError
 from backend.images.fetch import ImageFetcher
@@ -23,10 +26,12 @@ from backend.labelstudio.config import LabelConfig, parse_label_config
 from backend.labelstudio.results import PredictedObject, build_prediction
 from backend.labelstudio.tasks import image_ref, task_id
 from backend.labelstudio.version import model_version
+from backend.lsclient import LabelStudioApi
 from backend.pipeline.build import build_pipeline
 from backend.pipeline.grounded_sam import GroundedSam
 from backend.pipeline.prompts import PromptPlan
 from backend.pipeline.types import Instance, TextClass
+from backend.queueing.stats import WorkerStats
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,7 @@ class Runtime:
     pipeline: GroundedSam
     fetcher: ImageFetcher
     fingerprint: Mapping[str, object]
+    studio: LabelStudioApi | None = None
     _plans: dict[tuple[TextClass, ...], PromptPlan] = field(default_factory=dict)
 
     def plan_for(self, classes: tuple[TextClass, ...]) -> PromptPlan:
@@ -53,6 +59,13 @@ class Runtime:
 
 
 _runtime: Runtime | None = None
+
+
+def current_runtime() -> Runtime:
+    """The installed runtime; jobs fail clearly in a process that never loaded models."""
+    if _runtime is None:
+        raise RuntimeError("no job runtime installed: start workers with the `worker` command")
+    return _runtime
 
 
 def install(runtime: Runtime) -> None:
@@ -80,22 +93,34 @@ def predict_task(payload: dict[str, Any]) -> dict[str, Any]:
     Raises (so rq records the job as failed, with the traceback) on any error; the API turns a
     failed job into an empty prediction for that task only.
     """
-    if _runtime is None:
-        raise RuntimeError("no job runtime installed: start workers with the `worker` command")
+    runtime = current_runtime()
     task = payload["task"]
+    config, version = checked_config(runtime, payload)
+    stats = WorkerStats(get_current_job().connection)
+    started = time.perf_counter()
+    try:
+        with stats.stage("fetch"):
+            image = runtime.fetcher.fetch(image_ref(task, config), task_id=task_id(task))
+    except BackendError as exc:
+        log.exception("task %s: no image", task.get("id"))
+        stats.failure(type(exc).__name__)
+        raise
+    with stats.stage("model"):
+        prediction = predict_image(runtime, image, config, version)
+    stats.task_done(time.perf_counter() - started)
+    return prediction
+
+
+def checked_config(runtime: Runtime, payload: Mapping[str, Any]) -> tuple[LabelConfig, str]:
+    """The payload's parsed config and model version, after checking this worker computes that version."""
     config = parse_label_config(payload["label_config"])
-    expected = model_version(_runtime.fingerprint, config)
+    expected = model_version(runtime.fingerprint, config)
     if payload["model_version"] != expected:
         raise ModelVersionMismatchError(
             f"job asks for model_version {payload['model_version']} but this worker computes {expected}: "
             "API and worker run with different model settings"
         )
-    try:
-        image = _runtime.fetcher.fetch(image_ref(task, config), task_id=task_id(task))
-    except BackendError:
-        log.exception("task %s: no image", task.get("id"))
-        raise
-    return predict_image(_runtime, image, config, expected)
+    return config, expected
 
 
 def predict_image(runtime: Runtime, image: Image.Image, config: LabelConfig, version: str) -> dict[str, Any]:
@@ -133,8 +158,14 @@ def build_runtime(settings: Settings) -> Runtime:
     sam = settings.sam_checkpoint or settings.sam_model
     log.info("loading models on %s: detector %s, SAM %s", device, settings.detector_model, sam)
     pipeline = build_pipeline(settings.model_spec(device), settings.thresholds())
+    studio = None
+    if settings.label_studio_url and settings.label_studio_api_key:
+        studio = LabelStudioApi(settings.label_studio_url, settings.label_studio_api_key, settings.label_studio_timeout)
     return Runtime(
-        pipeline=pipeline, fetcher=ImageFetcher(settings.fetch_options()), fingerprint=settings.model_fingerprint()
+        pipeline=pipeline,
+        fetcher=ImageFetcher(settings.fetch_options()),
+        fingerprint=settings.model_fingerprint(),
+        studio=studio,
     )
 
 

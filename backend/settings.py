@@ -34,10 +34,19 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None, description="Redis to queue jobs on. Unset: `serve` starts an embedded server and one worker itself."
     )
-    queue_name: str = Field("grounded-sam", description="rq queue the API enqueues to and workers listen on.")
+    queue_name: str = Field(
+        "grounded-sam", description="Prefix of the two rq queues, <name>-interactive and <name>-bulk (workers take interactive first)."
+    )
     predict_timeout: float = Field(
         90.0, gt=0, description="Seconds /predict waits for its jobs; keep under Label Studio's ML_TIMEOUT_PREDICT (100 s)."
     )
+    sync_budget: float = Field(
+        45.0, gt=0, description="A /predict estimated to need longer (tasks x measured seconds/task / workers) is queued as bulk work and pushed to Label Studio."
+    )
+    prior_task_seconds: float = Field(
+        2.0, gt=0, description="Seconds per task assumed for that estimate until workers have measured it."
+    )
+    bulk_chunk_size: int = Field(8, ge=1, le=256, description="Tasks per bulk job (they share prompt encoding and model batches).")
     job_timeout: int = Field(600, gt=0, description="Seconds one job may run before rq stops it.")
     result_ttl: int = Field(3600, ge=0, description="Seconds a finished job's prediction stays in Redis for re-use.")
     failure_ttl: int = Field(7 * 24 * 3600, ge=0, description="Seconds a failed job stays in rq's failed registry.")
@@ -73,6 +82,7 @@ class Settings(BaseSettings):
     local_files_document_root: str | None = Field(
         None, description="Read /data/local-files/?d= images from this folder directly when it holds them."
     )
+    label_studio_timeout: float = Field(30.0, gt=0, description="Seconds for each Label Studio API call (pushing predictions, listing tasks).")
     image_connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect when fetching an image.")
     image_read_timeout: float = Field(30.0, gt=0, description="Seconds to wait for image bytes.")
     image_max_bytes: int = Field(50 * 2**20, gt=0, description="Largest image file accepted, in bytes.")

@@ -6,6 +6,7 @@ import base64
 import hmac
 import logging
 import time
+from dataclasses import asdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,12 +14,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis import Redis
+from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from backend.api.metrics import Metrics
-from backend.api.schemas import PredictRequest, SetupRequest, project_key
+from backend.api.schemas import PredictRequest, PrelabelRequest, SetupRequest, project_key
 from backend.api.service import PredictionService, PredictTimeoutError
 from backend.errors import LabelConfigError, QueueUnavailableError
+from backend.queueing.bulk import Progress
 from backend.queueing.connection import api_connection
 from backend.settings import Settings
 
@@ -34,7 +37,7 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
             raise ValueError("REDIS_URL is required to serve the API (the `serve` command sets it in embedded mode)")
         redis = api_connection(settings.redis_url)
     service = PredictionService(settings, redis)
-    metrics = Metrics(service.health)
+    metrics = Metrics(service.queue_metrics)
     app = FastAPI(title="Grounded SAM ML backend for Label Studio", version="0.1.0")
     app.state.service = service
     _install_middleware(app, settings, metrics)
@@ -61,6 +64,10 @@ def _install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> N
         return response
 
 
+def _progress_body(progress: Progress) -> dict[str, Any]:
+    return {**asdict(progress), "finished": progress.finished}
+
+
 def _basic_auth_header(credentials: tuple[str, str]) -> str:
     token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
     return f"Basic {token}"
@@ -75,6 +82,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def no_queue(_: Request, exc: QueueUnavailableError) -> JSONResponse:
         log.error("queue unavailable: %s", exc)
         return JSONResponse({"detail": str(exc)}, status_code=503)
+
+    @app.exception_handler(RedisError)
+    async def redis_error(_: Request, exc: RedisError) -> JSONResponse:
+        log.error("Redis error: %s", exc)
+        return JSONResponse({"detail": f"Redis is unreachable: {exc}"}, status_code=503)
 
     @app.exception_handler(PredictTimeoutError)
     async def too_slow(_: Request, exc: PredictTimeoutError) -> JSONResponse:
@@ -107,9 +119,43 @@ def _install_routes(app: FastAPI, service: PredictionService, metrics: Metrics) 
         started = time.perf_counter()
         report = await run_in_threadpool(service.predict, project_key(body.project), body.tasks, body.label_config)
         metrics.predict_seconds.observe(time.perf_counter() - started)
+        if report.run_id is not None:
+            # Too large to answer in time: queued, pushed to Label Studio by workers. An empty list
+            # makes Label Studio store nothing now (it logs "results ... at least one item").
+            metrics.tasks.labels("queued").inc(len(body.tasks))
+            return {"results": [], "run_id": report.run_id}
         metrics.tasks.labels("ok").inc(len(report.results) - report.failed)
         metrics.tasks.labels("failed").inc(report.failed)
         return {"results": report.results}
+
+    @app.post("/prelabel")
+    def prelabel(body: PrelabelRequest) -> dict[str, Any]:
+        """Queue a project's tasks as bulk work (workers push predictions to Label Studio)."""
+        tasks = [task.model_dump() for task in body.tasks]
+        run_id = service.start_bulk(str(body.project), tasks, body.label_config, force=body.force)
+        return {"run_id": run_id, "tasks": len(tasks), "model_version": service.model_version_for(body.label_config)}
+
+    @app.get("/runs/{run_id}")
+    def run_progress(run_id: str) -> JSONResponse:
+        progress = service.bulk.progress(run_id)
+        if progress is None:
+            return JSONResponse({"detail": f"no run {run_id!r} (unknown or expired)"}, status_code=404)
+        return JSONResponse(_progress_body(progress))
+
+    @app.get("/jobs")
+    def project_jobs(project: int) -> dict[str, Any]:
+        """Task counts of a project's bulk work by state, with the reason of each failed chunk."""
+        return _progress_body(service.bulk.project_progress(str(project)))
+
+    @app.delete("/jobs")
+    def cancel_jobs(project: int) -> dict[str, int]:
+        """Cancel the project's queued bulk chunks (running ones finish)."""
+        return {"canceled": service.bulk.cancel(str(project))}
+
+    @app.post("/jobs/retry")
+    def retry_jobs(project: int) -> dict[str, int]:
+        """Queue the project's failed bulk chunks again."""
+        return {"requeued": service.bulk.retry_failed(str(project))}
 
     @app.post("/webhook")
     def webhook(event: dict[str, Any]) -> dict[str, str]:

@@ -38,3 +38,19 @@ def project_key(project: str | None) -> str:
     if not project:
         return "none"
     return project.split(".", 1)[0]
+
+
+class BulkTask(_LabelStudioBody):
+    """A task to pre-label: Label Studio's id and data."""
+
+    id: int
+    data: dict[str, Any]
+
+
+class PrelabelRequest(_LabelStudioBody):
+    """POST /prelabel (sent by the `prelabel` command): queue these tasks of a project as bulk work."""
+
+    project: int
+    label_config: str = Field(min_length=1)
+    tasks: list[BulkTask]
+    force: bool = False

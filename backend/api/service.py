@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client.core import GaugeMetricFamily, Metric
 from redis import Redis
 from redis.exceptions import RedisError
 
@@ -15,8 +16,17 @@ from backend.labelstudio.config import LabelConfig, parse_label_config
 from backend.labelstudio.results import empty_prediction
 from backend.labelstudio.tasks import image_ref
 from backend.labelstudio.version import model_version
-from backend.queueing.client import JobLimits, JobOutcome, PredictionQueue, prediction_job_id
+from backend.queueing.bulk import BulkRuns, ChunkSpec
+from backend.queueing.client import (
+    JobLimits,
+    JobOutcome,
+    PredictionQueue,
+    chunk_job_id,
+    job_counts,
+    prediction_job_id,
+)
 from backend.queueing.connection import ping
+from backend.queueing.stats import metric_families, seconds_per_task
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,10 +40,15 @@ class PredictTimeoutError(BackendError):
 
 @dataclass(frozen=True, slots=True)
 class PredictReport:
-    """One /predict's answer: a prediction per task in order, and how many came out empty through errors."""
+    """One /predict's answer: a prediction per task in order, and how many came out empty through errors.
+
+    `run_id` is set instead when the request was too large for the synchronous budget: its tasks were
+    queued as bulk work whose predictions workers push to Label Studio; `results` is then empty.
+    """
 
     results: list[dict[str, Any]]
     failed: int
+    run_id: str | None = None
 
 
 class PredictionService:
@@ -44,6 +59,7 @@ class PredictionService:
         self.redis = redis
         limits = JobLimits(settings.job_timeout, settings.result_ttl, settings.failure_ttl)
         self.queue = PredictionQueue(redis, settings.queue_name, limits)
+        self.bulk = BulkRuns(redis, self.queue)
 
     def model_version_for(self, label_config: str) -> str:
         """model_version for a labeling config; raises LabelConfigError for configs we cannot serve."""
@@ -74,6 +90,10 @@ class PredictionService:
         """
         config = parse_label_config(label_config)
         version = model_version(self.settings.model_fingerprint(), config)
+        if self._too_large_for_sync(len(tasks)):
+            run_id = self.start_bulk(project, tasks, label_config, force=False)
+            log.info("predict of %d tasks queued as bulk run %s", len(tasks), run_id)
+            return PredictReport([], failed=0, run_id=run_id)
         job_ids: list[str | None] = []
         for task in tasks:
             job_ids.append(self._submit(project, task, label_config, version, config))
@@ -88,10 +108,45 @@ class PredictionService:
         results = [self._result(job_id, outcomes, version) for job_id in job_ids]
         return PredictReport([prediction for prediction, _ in results], failed=sum(1 for _, ok in results if not ok))
 
+    def start_bulk(self, project: str, tasks: Sequence[dict[str, Any]], label_config: str, *, force: bool) -> str:
+        """Queue `tasks` as bulk chunks whose predictions workers push to Label Studio; returns the run id."""
+        version = self.model_version_for(label_config)
+        size = self.settings.bulk_chunk_size
+        slim = [{"id": int(task["id"]), "data": task.get("data")} for task in tasks]
+        chunks = []
+        for start in range(0, len(slim), size):
+            part = slim[start : start + size]
+            payload = {"project": project, "tasks": part, "label_config": label_config,
+                       "model_version": version, "force": force}
+            job_id = chunk_job_id(project, [t["id"] for t in part], version, force)
+            chunks.append(ChunkSpec(job_id, payload))
+        try:
+            return self.bulk.start(project, chunks)
+        except RedisError as exc:
+            raise QueueUnavailableError(f"cannot queue bulk work: {exc}") from exc
+
     def health(self) -> dict[str, Any]:
-        """Redis reachability and live worker count; raises QueueUnavailableError when Redis is down."""
+        """Redis reachability, live workers, queued jobs per queue; QueueUnavailableError when Redis is down."""
         ping(self.redis)
         return {"workers": self.queue.worker_count(), "queued": self.queue.depth()}
+
+    def queue_metrics(self) -> Iterator[Metric]:
+        """Prometheus families read from Redis: workers, jobs per queue and state, worker statistics."""
+        ping(self.redis)
+        yield GaugeMetricFamily("grounded_sam_workers", "Workers listening on the queues", value=self.queue.worker_count())
+        jobs = GaugeMetricFamily("grounded_sam_jobs", "Jobs per queue and state", labels=["queue", "state"])
+        for queue in self.queue.queues:
+            for state, count in job_counts(queue).items():
+                jobs.add_metric([queue.name, state], count)
+        yield jobs
+        yield from metric_families(self.redis)
+
+    def _too_large_for_sync(self, tasks: int) -> bool:
+        """Whether `tasks` would likely outlast SYNC_BUDGET; only when workers can push to Label Studio."""
+        if tasks <= 1 or not (self.settings.label_studio_url and self.settings.label_studio_api_key):
+            return False
+        per_task = seconds_per_task(self.redis) or self.settings.prior_task_seconds
+        return tasks * per_task / max(1, self.queue.worker_count()) > self.settings.sync_budget
 
     def _submit(
         self, project: str, task: dict[str, Any], label_config: str, version: str, config: LabelConfig

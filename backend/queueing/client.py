@@ -20,6 +20,7 @@ from backend.errors import QueueUnavailableError
 
 # Enqueued by dotted name so the API process never imports the model code.
 PREDICT_JOB = "backend.jobs.predict_task"
+PRELABEL_JOB = "backend.prelabel.prelabel_chunk"
 # How often a waiting request sweeps the started-job registry for jobs whose worker died.
 ABANDONED_SWEEP_S = 1.0
 _RETRYABLE_STATUSES = {JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
@@ -44,6 +45,25 @@ class JobOutcome:
     error: str | None = None
 
 
+def queue_names(prefix: str) -> tuple[str, str]:
+    """(interactive, bulk) queue names; workers listen in this order, so interactive work goes first."""
+    return f"{prefix}-interactive", f"{prefix}-bulk"
+
+
+def chunk_job_id(project: str, task_ids: Sequence[int], model_version: str, force: bool) -> str:
+    """Deterministic id of a bulk chunk: the same tasks for the same model version map to one job.
+
+    Two prelabel runs over the same tasks (or a double click) re-attach instead of queueing twice.
+    The task count is part of the id so progress can be summed without fetching every job.
+    """
+    key = f"{model_version}\n{force}\n{','.join(map(str, sorted(task_ids)))}"
+    return f"bulk-{_safe(project)}-n{len(task_ids)}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _safe(text: str) -> str:
+    return "".join(ch for ch in text if ch.isalnum()) or "none"
+
+
 def prediction_job_id(project: str, task: Mapping[str, Any], image_ref: str, model_version: str) -> str:
     """Deterministic job id: the same task, image and model version map to the same job.
 
@@ -52,28 +72,35 @@ def prediction_job_id(project: str, task: Mapping[str, Any], image_ref: str, mod
     """
     task_key = str(task.get("id")) if task.get("id") is not None else "anon"
     digest = hashlib.sha256(f"{project}\n{task_key}\n{image_ref}\n{model_version}".encode()).hexdigest()[:16]
-    safe_project = "".join(ch for ch in project if ch.isalnum()) or "none"
-    return f"pred-{safe_project}-{''.join(ch for ch in task_key if ch.isalnum())}-{digest}"
+    return f"pred-{_safe(project)}-{_safe(task_key)}-{digest}"
 
 
 class PredictionQueue:
-    """Enqueue prediction payloads and collect their results, over one Redis connection."""
+    """Enqueue prediction payloads on the interactive or bulk queue and collect results, over one Redis."""
 
-    def __init__(self, redis: Redis, queue_name: str, limits: JobLimits) -> None:
+    def __init__(self, redis: Redis, prefix: str, limits: JobLimits) -> None:
         self._redis = redis
         self._limits = limits
-        self._queue = Queue(queue_name, connection=redis, serializer=JSONSerializer)
+        interactive, bulk = queue_names(prefix)
+        self.interactive = Queue(interactive, connection=redis, serializer=JSONSerializer)
+        self.bulk = Queue(bulk, connection=redis, serializer=JSONSerializer)
 
     @property
-    def name(self) -> str:
-        return self._queue.name
+    def queues(self) -> tuple[Queue, Queue]:
+        return self.interactive, self.bulk
 
-    def submit(self, job_id: str, payload: dict[str, Any]) -> None:
-        """Queue one job, or re-attach to the job of that id; a failed one is queued again."""
+    def submit(self, job_id: str, payload: dict[str, Any], *, bulk: bool = False) -> None:
+        """Queue one job, or re-attach to the job of that id; a failed or canceled one is queued again.
+
+        Interactive jobs run `predict_task` and return the prediction; bulk jobs run `prelabel_chunk`,
+        which pushes predictions to Label Studio itself.
+        """
+        queue, func = (self.bulk, PRELABEL_JOB) if bulk else (self.interactive, PREDICT_JOB)
         try:
-            self._enqueue(job_id, payload)
-        except DuplicateJobError:
-            self._requeue_if_failed(job_id, payload)
+            try:
+                self._enqueue(queue, func, job_id, payload)
+            except DuplicateJobError:
+                self._requeue_if_failed(queue, func, job_id, payload)
         except RedisError as exc:
             raise QueueUnavailableError(f"cannot queue job: {exc}") from exc
 
@@ -108,19 +135,24 @@ class PredictionQueue:
 
     def sweep_abandoned(self) -> None:
         """Fail jobs whose worker's heartbeat expired (rq's AbandonedJobError)."""
-        StartedJobRegistry(queue=self._queue).cleanup()
+        for queue in self.queues:
+            StartedJobRegistry(queue=queue).cleanup()
 
-    def depth(self) -> int:
-        """Jobs waiting in the queue."""
-        return self._queue.count
+    def depth(self) -> dict[str, int]:
+        """Jobs waiting, per queue name."""
+        return {queue.name: queue.count for queue in self.queues}
 
     def worker_count(self) -> int:
-        """Workers registered on this queue (alive within rq's worker TTL)."""
-        return Worker.count(connection=self._redis, queue=self._queue)
+        """Workers registered on the interactive queue (every worker listens on both)."""
+        return Worker.count(connection=self._redis, queue=self.interactive)
 
-    def _enqueue(self, job_id: str, payload: dict[str, Any]) -> None:
-        self._queue.enqueue_call(
-            PREDICT_JOB,
+    def fetch_jobs(self, job_ids: Sequence[str]) -> list[Job | None]:
+        """The jobs of these ids (None where expired or deleted)."""
+        return Job.fetch_many(job_ids, connection=self._redis, serializer=JSONSerializer)
+
+    def _enqueue(self, queue: Queue, func: str, job_id: str, payload: dict[str, Any]) -> None:
+        queue.enqueue_call(
+            func,
             args=(payload,),
             job_id=job_id,
             unique=True,
@@ -129,15 +161,15 @@ class PredictionQueue:
             failure_ttl=self._limits.failure_ttl,
         )
 
-    def _requeue_if_failed(self, job_id: str, payload: dict[str, Any]) -> None:
+    def _requeue_if_failed(self, queue: Queue, func: str, job_id: str, payload: dict[str, Any]) -> None:
         try:
             job = Job.fetch(job_id, connection=self._redis, serializer=JSONSerializer)
         except NoSuchJobError:  # expired between the two calls
-            self._enqueue(job_id, payload)
+            self._enqueue(queue, func, job_id, payload)
             return
         if job.get_status() in _RETRYABLE_STATUSES:
             job.delete()
-            self._enqueue(job_id, payload)
+            self._enqueue(queue, func, job_id, payload)
 
     def _outcome(self, job_id: str) -> JobOutcome:
         try:
@@ -148,11 +180,22 @@ class PredictionQueue:
         if status == JobStatus.FINISHED:
             return JobOutcome(job_id, "finished", prediction=job.return_value())
         if status in _RETRYABLE_STATUSES:
-            return JobOutcome(job_id, "failed", error=_failure_reason(job))
+            return JobOutcome(job_id, "failed", error=failure_reason(job))
         return JobOutcome(job_id, "pending")
 
 
-def _failure_reason(job: Job) -> str:
+def job_counts(queue: Queue) -> dict[str, int]:
+    """Jobs of `queue` by state (queued, started, finished, failed, canceled)."""
+    return {
+        "queued": queue.count,
+        "started": queue.started_job_registry.count,
+        "finished": queue.finished_job_registry.count,
+        "failed": queue.failed_job_registry.count,
+        "canceled": queue.canceled_job_registry.count,
+    }
+
+
+def failure_reason(job: Job) -> str:
     """The last line of the job's recorded exception (the whole traceback stays in rq's record)."""
     result = job.latest_result()
     text = (result.exc_string if result is not None else None) or "job failed without a recorded reason"

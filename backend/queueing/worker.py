@@ -18,6 +18,8 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from backend.queueing.client import queue_names
+
 log = logging.getLogger(__name__)
 
 MISSED_BEATS_BEFORE_ABANDONED = 3
@@ -51,13 +53,15 @@ class HeartbeatWorker(SimpleWorker):
                 log.warning("heartbeat for job %s failed: %s", job.id, exc)
 
 
-def run_worker(redis: Redis, queue_name: str, heartbeat_s: float, *, burst: bool = False) -> bool:
-    """Process jobs from `queue_name` until stopped (SIGINT/SIGTERM: finish the current job, then exit).
+def run_worker(redis: Redis, queue_prefix: str, heartbeat_s: float, *, burst: bool = False) -> bool:
+    """Process jobs until stopped (SIGINT/SIGTERM: finish the current job, then exit).
 
+    Listens on the interactive queue first, then the bulk one: rq takes from the first non-empty queue,
+    so someone waiting in the editor goes ahead of bulk pre-labelling on the same workers.
     The caller has installed the job runtime (models loaded) before this is called.
     Returns rq's `work()` result (True when at least one job was processed).
     """
-    queue = Queue(queue_name, connection=redis, serializer=JSONSerializer)
-    worker = HeartbeatWorker([queue], connection=redis, serializer=JSONSerializer, heartbeat_s=heartbeat_s)
-    log.info("worker %s listening on queue %r", worker.name, queue_name)
+    queues = [Queue(name, connection=redis, serializer=JSONSerializer) for name in queue_names(queue_prefix)]
+    worker = HeartbeatWorker(queues, connection=redis, serializer=JSONSerializer, heartbeat_s=heartbeat_s)
+    log.info("worker %s listening on %s", worker.name, ", ".join(q.name for q in queues))
     return worker.work(burst=burst, with_scheduler=False, logging_level=logging.getLevelName(log.getEffectiveLevel()))

@@ -17,6 +17,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
+from backend.queueing.client import queue_names
 from tests.integration.conftest import ImageServer, Processes, exif_rotated_jpeg, free_port
 from tests.validation import assert_valid_prediction
 
@@ -94,7 +95,7 @@ def test_worker_killed_mid_job_fails_the_job_visibly(
     redis = Redis.from_url(redis_url)
 
     def kill_when_started() -> None:
-        queue = Queue(env["QUEUE_NAME"], connection=redis, serializer=JSONSerializer)
+        queue = Queue(queue_names(env["QUEUE_NAME"])[0], connection=redis, serializer=JSONSerializer)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not queue.started_job_registry.get_job_ids():
             time.sleep(0.1)
@@ -108,7 +109,7 @@ def test_worker_killed_mid_job_fails_the_job_visibly(
     killer.join()
     assert response.status_code == 200, response.text
     assert response.json()["results"][0]["result"] == []
-    failed = FailedJobRegistry(env["QUEUE_NAME"], connection=redis, serializer=JSONSerializer)
+    failed = FailedJobRegistry(queue_names(env["QUEUE_NAME"])[0], connection=redis, serializer=JSONSerializer)
     assert len(failed.get_job_ids()) == 1
 
 
@@ -124,7 +125,7 @@ def test_bad_inputs_get_clear_answers(processes: Processes, model_env: dict[str,
         assert "labeling config" in response.json()["detail"]
         setup = httpx.post(f"{api.url}/setup", json={"project": "1.1", "schema": config})
         assert setup.status_code == 400
-    assert Queue(env["QUEUE_NAME"], connection=Redis.from_url(redis_url)).count == 0
+    assert all(Queue(n, connection=Redis.from_url(redis_url)).count == 0 for n in queue_names(env["QUEUE_NAME"]))
     malformed = httpx.post(f"{api.url}/predict", content=b"{not json", headers={"Content-Type": "application/json"})
     assert malformed.status_code == 422
     assert httpx.post(f"{api.url}/predict", json={"tasks": "x", "label_config": BRUSH_AND_RECT}).status_code == 422
@@ -173,7 +174,10 @@ def test_setup_versions_metrics_webhook(processes: Processes, model_env: dict[st
     assert first != second
     assert {first, second} <= set(httpx.get(f"{api.url}/versions").json()["versions"])
     metrics = httpx.get(f"{api.url}/metrics")
-    assert metrics.status_code == 200 and "grounded_sam_queue_depth" in metrics.text
+    assert metrics.status_code == 200
+    bulk = queue_names(env["QUEUE_NAME"])[1]
+    assert f'grounded_sam_jobs{{queue="{bulk}",state="queued"}} 0.0' in metrics.text
+    assert "grounded_sam_redis_up 1.0" in metrics.text
     webhook = httpx.post(f"{api.url}/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 3}})
     assert webhook.status_code == 200
 
@@ -201,7 +205,7 @@ def test_repeated_request_reuses_finished_jobs(
     processes.start(["worker"], env)
     tasks = [_task(i, image_server.add(f"{i}.png", Image.new("RGB", (40 + i, 30), (i, 0, 0)))) for i in range(3)]
     first = _predict(api.url, tasks).json()["results"]
-    queue = Queue(env["QUEUE_NAME"], connection=Redis.from_url(redis_url), serializer=JSONSerializer)
+    queue = Queue(queue_names(env["QUEUE_NAME"])[0], connection=Redis.from_url(redis_url), serializer=JSONSerializer)
     finished = set(queue.finished_job_registry.get_job_ids())
     assert len(finished) == 3
     second = _predict(api.url, tasks).json()["results"]
@@ -218,7 +222,7 @@ def test_worker_with_other_model_settings_refuses_jobs(
     processes.start(["worker"], {**env, "BOX_THRESHOLD": "0.9"})
     url = image_server.add("x.png", Image.new("RGB", (32, 32)))
     assert _predict(api.url, [_task(1, url)]).json()["results"][0]["result"] == []
-    failed = FailedJobRegistry(env["QUEUE_NAME"], connection=Redis.from_url(redis_url), serializer=JSONSerializer)
+    failed = FailedJobRegistry(queue_names(env["QUEUE_NAME"])[0], connection=Redis.from_url(redis_url), serializer=JSONSerializer)
     [job_id] = failed.get_job_ids()
     job = Job.fetch(job_id, connection=Redis.from_url(redis_url), serializer=JSONSerializer)
     assert "different model settings" in job.latest_result().exc_string

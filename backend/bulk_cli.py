@@ -1,0 +1,108 @@
+"""The `prelabel`, `status` and `retry` commands: whole-project pre-labelling through a running backend.
+
+`prelabel` reads the project's tasks from Label Studio, keeps those without a prediction of the
+backend's current model_version (all with --force), queues them through the backend's /prelabel and
+follows the run with a progress bar. Ctrl-C cancels the queued chunks (running ones finish); running
+the command again resumes with what is left, without redoing or duplicating anything.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+from backend.errors import BackendError
+from backend.lsclient import LabelStudioApi
+from backend.settings import Settings
+
+POLL_S = 1.0
+
+
+class BackendCallError(BackendError):
+    """The backend's HTTP API refused or failed a call."""
+
+
+class BackendClient:
+    """The few routes of a running backend the commands use."""
+
+    def __init__(self, url: str, auth: tuple[str, str] | None) -> None:
+        self._http = httpx.Client(base_url=url.rstrip("/"), auth=auth, timeout=60)
+
+    def call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise BackendCallError(f"backend at {self._http.base_url} unreachable: {exc}") from exc
+        if response.status_code >= 400:
+            raise BackendCallError(f"{method} {path}: {response.status_code} {response.text[:500]}")
+        return dict(response.json())
+
+
+def prelabel(settings: Settings, backend: BackendClient, project: int, query: Mapping[str, Any] | None,
+             force: bool) -> int:
+    """Queue the project's unlabelled tasks and follow them; exit code 0 when every task got a prediction."""
+    studio = _studio(settings)
+    label_config = studio.label_config(project)
+    version = backend.call("POST", "/setup", json={"project": str(project), "schema": label_config})["model_version"]
+    tasks = list(studio.tasks(project, query))
+    todo = [t for t in tasks if force or version not in t.prediction_versions]
+    print(f"project {project}: {len(tasks)} tasks, {len(tasks) - len(todo)} already have {version}, "
+          f"{len(todo)} to pre-label", file=sys.stderr)
+    if not todo:
+        return 0
+    body = {"project": project, "label_config": label_config, "force": force,
+            "tasks": [{"id": t.id, "data": t.data} for t in todo]}
+    run_id = backend.call("POST", "/prelabel", json=body)["run_id"]
+    try:
+        progress = _follow(backend, run_id, len(todo))
+    except KeyboardInterrupt:
+        canceled = backend.call("DELETE", "/jobs", params={"project": project})["canceled"]
+        print(f"\nstopped: {canceled} queued chunks canceled, running ones finish; run again to resume",
+              file=sys.stderr)
+        return 130
+    return _summary(progress, project)
+
+
+def status(backend: BackendClient, project: int) -> int:
+    print(json.dumps(backend.call("GET", "/jobs", params={"project": project}), indent=2))
+    return 0
+
+
+def retry(backend: BackendClient, project: int) -> int:
+    requeued = backend.call("POST", "/jobs/retry", params={"project": project})["requeued"]
+    print(f"{requeued} failed chunks queued again", file=sys.stderr)
+    return 0
+
+
+def _studio(settings: Settings) -> LabelStudioApi:
+    if not (settings.label_studio_url and settings.label_studio_api_key):
+        raise BackendCallError("prelabel reads the project from Label Studio: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+    return LabelStudioApi(settings.label_studio_url, settings.label_studio_api_key, settings.label_studio_timeout)
+
+
+def _follow(backend: BackendClient, run_id: str, total: int) -> dict[str, Any]:
+    """Poll the run until nothing is queued or running; a bar shows tasks finished, rate and ETA."""
+    with tqdm(total=total, unit="task", desc="pre-labelling", file=sys.stderr) as bar:
+        while True:
+            progress = backend.call("GET", f"/runs/{run_id}")
+            bar.update(progress["done"] + progress["failed"] - bar.n)
+            bar.set_postfix(failed=progress["failed"], running=progress["running"])
+            if progress["finished"]:
+                return progress
+            time.sleep(POLL_S)
+
+
+def _summary(progress: Mapping[str, Any], project: int) -> int:
+    print(f"done: {progress['done']} tasks, failed: {progress['failed']}", file=sys.stderr)
+    for line in progress["failures"]:
+        print(f"  {line}", file=sys.stderr)
+    if progress["failed"]:
+        print(f"retry the failed tasks with: grounded-sam retry --project {project}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,91 @@
+"""Worker statistics kept in Redis, so the API's /metrics can show every worker on every machine.
+
+Workers record stage latencies (histograms), images processed, failures by reason and a moving average
+of seconds per task (used to decide whether a /predict fits the synchronous budget). The API reads them
+at scrape time. prometheus-client's own multi-process mode needs a shared folder; workers on other
+machines share only Redis.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from redis import Redis
+
+PREFIX = "grounded-sam:stats"
+BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+STAGES = ("fetch", "model", "push", "task")
+EWMA_WEIGHT = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStats:
+    """Writer side (workers). All calls are single Redis round trips."""
+
+    redis: Redis
+
+    def observe(self, stage: str, seconds: float) -> None:
+        """Add one latency observation of `stage` to its histogram."""
+        bucket = next((f"{le:g}" for le in BUCKETS_S if seconds <= le), "+Inf")
+        key = f"{PREFIX}:stage:{stage}"
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(key, bucket, 1)
+            pipe.hincrbyfloat(key, "sum", seconds)
+            pipe.hincrby(key, "count", 1)
+            pipe.execute()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the block as one observation of stage `name` (recorded only when it succeeds)."""
+        started = time.perf_counter()
+        yield
+        self.observe(name, time.perf_counter() - started)
+
+    def task_done(self, seconds: float) -> None:
+        """Count one processed image and fold its time into the seconds-per-task average."""
+        self.observe("task", seconds)
+        self.redis.hincrby(f"{PREFIX}:counters", "images", 1)
+        previous = self.redis.get(f"{PREFIX}:task-seconds")
+        average = seconds if previous is None else (1 - EWMA_WEIGHT) * float(previous) + EWMA_WEIGHT * seconds
+        self.redis.set(f"{PREFIX}:task-seconds", average)
+
+    def failure(self, reason: str) -> None:
+        self.redis.hincrby(f"{PREFIX}:failures", reason, 1)
+
+
+def seconds_per_task(redis: Redis) -> float | None:
+    """Moving average of seconds one worker spends per task, or None before the first task."""
+    value = redis.get(f"{PREFIX}:task-seconds")
+    return float(value) if value is not None else None
+
+
+def metric_families(redis: Redis) -> Iterator[HistogramMetricFamily | CounterMetricFamily]:
+    """Prometheus families of everything workers recorded."""
+    latency = HistogramMetricFamily(
+        "grounded_sam_worker_stage_seconds", "Worker latency per stage (fetch, model, push, task)", labels=["stage"]
+    )
+    for stage in STAGES:
+        raw = {k.decode(): v.decode() for k, v in redis.hgetall(f"{PREFIX}:stage:{stage}").items()}
+        if raw:
+            latency.add_metric([stage], _cumulative(raw), float(raw.get("sum", 0)))
+    yield latency
+    images = CounterMetricFamily("grounded_sam_images_processed", "Images run through the models by workers")
+    images.add_metric([], float(redis.hget(f"{PREFIX}:counters", "images") or 0))
+    yield images
+    failures = CounterMetricFamily("grounded_sam_task_failures", "Tasks that failed in workers, by reason", labels=["reason"])
+    for reason, count in redis.hgetall(f"{PREFIX}:failures").items():
+        failures.add_metric([reason.decode()], float(count))
+    yield failures
+
+
+def _cumulative(raw: dict[str, str]) -> list[tuple[str, float]]:
+    total = 0.0
+    buckets = []
+    for le in (*(f"{b:g}" for b in BUCKETS_S), "+Inf"):
+        total += float(raw.get(le, 0))
+        buckets.append((le, total))
+    return buckets
