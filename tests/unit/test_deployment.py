@@ -70,3 +70,11 @@ def test_compose_label_studio_is_optional_and_wired_to_the_backend() -> None:
     api_env, worker_env = (compose["services"][s]["environment"] for s in ("api", "worker"))
     # model_version is computed on both sides: their model settings must agree.
     assert {k: api_env.get(k) for k in model_keys} == {k: worker_env.get(k) for k in model_keys}
+
+
+def test_compose_rq_dashboard_is_optional_and_reads_the_same_redis() -> None:
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    dashboard = compose["services"]["rq-dashboard"]
+    assert dashboard["profiles"] == ["dashboard"]
+    redis_url = compose["x-backend-env"]["REDIS_URL"]
+    assert dashboard["environment"]["RQ_DASHBOARD_REDIS_URL"] == redis_url
