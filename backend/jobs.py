@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -23,14 +23,15 @@ from rq import get_current_job
 from backend.errors import BackendError
 from backend.images.fetch import ImageFetcher
 from backend.labelstudio.config import LabelConfig, parse_label_config
-from backend.labelstudio.results import PredictedObject, build_prediction
+from backend.labelstudio.interactive import SamPrompt, TextPrompt, parse_context
+from backend.labelstudio.results import OutputOptions, PredictedObject, build_prediction
 from backend.labelstudio.tasks import image_ref, task_id
 from backend.labelstudio.version import model_version
 from backend.lsclient import LabelStudioApi
 from backend.pipeline.build import build_pipeline
 from backend.pipeline.grounded_sam import GroundedSam
-from backend.pipeline.prompts import PromptPlan
-from backend.pipeline.types import Instance, TextClass
+from backend.pipeline.negatives import ClassPlan
+from backend.pipeline.types import ClassOptions, Instance, TextClass
 from backend.queueing.stats import WorkerStats
 from backend.settings import Settings
 
@@ -48,10 +49,11 @@ class Runtime:
     pipeline: GroundedSam
     fetcher: ImageFetcher
     fingerprint: Mapping[str, object]
+    output: OutputOptions = OutputOptions()
     studio: LabelStudioApi | None = None
-    _plans: dict[tuple[TextClass, ...], PromptPlan] = field(default_factory=dict)
+    _plans: dict[tuple[TextClass, ...], ClassPlan] = field(default_factory=dict)
 
-    def plan_for(self, classes: tuple[TextClass, ...]) -> PromptPlan:
+    def plan_for(self, classes: tuple[TextClass, ...]) -> ClassPlan:
         """Tokenised prompt chunks for a label set, computed once per set."""
         if classes not in self._plans:
             self._plans[classes] = self.pipeline.prepare(classes)
@@ -83,8 +85,11 @@ def uninstall() -> None:
 
 
 def text_classes(config: LabelConfig) -> tuple[TextClass, ...]:
-    """The config's labels as detector classes: exact Label value as name, aliases as phrases."""
-    return tuple(TextClass(name=label.value, phrases=label.phrases) for label in config.labels)
+    """The config's labels as detector classes: exact Label value as name, prompts as phrases, its options."""
+    return tuple(
+        TextClass(name=label.value, phrases=label.phrases, options=ClassOptions(**asdict(label.options)))
+        for label in config.labels
+    )
 
 
 def predict_task(payload: dict[str, Any]) -> dict[str, Any]:
@@ -100,15 +105,36 @@ def predict_task(payload: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         with stats.stage("fetch"):
-            image = runtime.fetcher.fetch(image_ref(task, config), task_id=task_id(task))
+            image = fetch_image(runtime, task, config, payload)
     except BackendError as exc:
         log.exception("task %s: no image", task.get("id"))
         stats.failure(type(exc).__name__)
         raise
     with stats.stage("model"):
-        prediction = predict_image(runtime, image, config, version)
+        prediction = _interactive_or_batch(runtime, image, config, version, payload.get("context"))
     stats.task_done(time.perf_counter() - started)
     return prediction
+
+
+def _interactive_or_batch(
+    runtime: Runtime, image: Image.Image, config: LabelConfig, version: str, context: object
+) -> dict[str, Any]:
+    """A click/box in `context` goes to SAM alone, typed text replaces the label prompts, else the batch path."""
+    request = parse_context(context, config)
+    if isinstance(request, SamPrompt):
+        points, positive = request.points_px(image.width, image.height)
+        answer = runtime.pipeline.segment_points(image, points, positive, request.box_px(image.width, image.height))
+        found = request.to_object(answer.mask, answer.score)
+        return build_prediction([found] if found else [], config, image.width, image.height, version, runtime.output)
+    if isinstance(request, TextPrompt):
+        return predict_image(runtime, image, request.apply(config), version)
+    return predict_image(runtime, image, config, version)
+
+
+def fetch_image(runtime: Runtime, task: Mapping[str, Any], config: LabelConfig, payload: Mapping[str, Any]) -> Image.Image:
+    """The task's image, RGB with EXIF applied (ImageFetchError / TaskDataError when it cannot be had)."""
+    ref = image_ref(task, config)
+    return runtime.fetcher.fetch(ref, task_id=task_id(task), label_studio_host=payload.get("label_studio_host"))
 
 
 def checked_config(runtime: Runtime, payload: Mapping[str, Any]) -> tuple[LabelConfig, str]:
@@ -124,9 +150,9 @@ def checked_config(runtime: Runtime, payload: Mapping[str, Any]) -> tuple[LabelC
 
 
 def predict_image(runtime: Runtime, image: Image.Image, config: LabelConfig, version: str) -> dict[str, Any]:
-    """One RGB image (EXIF applied) → one Label Studio prediction for `config`."""
+    """One RGB image (EXIF applied) → one Label Studio prediction of `config`'s labels."""
     classes = text_classes(config)
-    return to_prediction(segment_image(runtime, image, classes), classes, config, image, version)
+    return to_prediction(runtime, segment_image(runtime, image, classes), classes, config, image, version)
 
 
 def segment_image(runtime: Runtime, image: Image.Image, classes: tuple[TextClass, ...]) -> list[Instance]:
@@ -135,18 +161,19 @@ def segment_image(runtime: Runtime, image: Image.Image, classes: tuple[TextClass
 
 
 def to_prediction(
-    instances: list[Instance], classes: tuple[TextClass, ...], config: LabelConfig, image: Image.Image, version: str
+    runtime: Runtime, instances: list[Instance], classes: tuple[TextClass, ...], config: LabelConfig,
+    image: Image.Image, version: str,
 ) -> dict[str, Any]:
     """Label Studio prediction of `instances` on `image` (regions sized to the image as displayed)."""
     objects = [_to_object(instance, classes) for instance in instances]
-    return build_prediction(objects, config, image.width, image.height, version)
+    return build_prediction(objects, config, image.width, image.height, version, runtime.output)
 
 
 def _to_object(instance: Instance, classes: tuple[TextClass, ...]) -> PredictedObject:
     detection = instance.detection
     return PredictedObject(
         label=classes[detection.class_index].name,
-        score=detection.score,
+        score=instance.score,
         box_xyxy=detection.box_xyxy,
         mask=instance.mask,
     )
@@ -157,7 +184,7 @@ def build_runtime(settings: Settings) -> Runtime:
     device = resolve_device(settings.device)
     sam = settings.sam_checkpoint or settings.sam_model
     log.info("loading models on %s: detector %s, SAM %s", device, settings.detector_model, sam)
-    pipeline = build_pipeline(settings.model_spec(device), settings.thresholds())
+    pipeline = build_pipeline(settings.model_spec(device), settings.thresholds(), settings.postprocess_options())
     studio = None
     if settings.label_studio_url and settings.label_studio_api_key:
         studio = LabelStudioApi(settings.label_studio_url, settings.label_studio_api_key, settings.label_studio_timeout)
@@ -165,6 +192,7 @@ def build_runtime(settings: Settings) -> Runtime:
         pipeline=pipeline,
         fetcher=ImageFetcher(settings.fetch_options()),
         fingerprint=settings.model_fingerprint(),
+        output=settings.output_options(),
         studio=studio,
     )
 

@@ -51,7 +51,7 @@ def _predict_one(
     classes = text_classes(config)
     instances = segment_image(runtime, image, classes)
     json_path = out_dir / f"{path.stem}.json"
-    json_path.write_text(json.dumps(to_prediction(instances, classes, config, image, version), indent=1))
+    json_path.write_text(json.dumps(to_prediction(runtime, instances, classes, config, image, version), indent=1))
     overlay_path = out_dir / f"{path.stem}.overlay.png"
     draw_overlay(image, instances, [c.name for c in classes]).save(overlay_path)
     return [json_path, overlay_path]

@@ -24,9 +24,8 @@ from PIL import Image
 from rq import get_current_job
 
 from backend.errors import BackendError
-from backend.jobs import Runtime, checked_config, current_runtime, predict_image
+from backend.jobs import Runtime, checked_config, current_runtime, fetch_image, predict_image
 from backend.labelstudio.config import LabelConfig
-from backend.labelstudio.tasks import image_ref, task_id
 from backend.lsclient import LabelStudioApi
 from backend.queueing.bulk import META_FAILED
 from backend.queueing.claims import TaskClaims
@@ -64,7 +63,7 @@ def prelabel_chunk(payload: dict[str, Any]) -> dict[str, Any]:
     report = ChunkReport()
     todo = _claim(payload["tasks"], claims, runtime.studio, job.worker_name or job.id, bool(payload.get("force")),
                   report)
-    images = _fetch_all(runtime, todo, config, stats)
+    images = _fetch_all(runtime, todo, config, payload, stats)
     for task, image in zip(todo, images, strict=True):
         _predict_and_push(runtime, runtime.studio, task, image, config, version, claims, stats, report)
     job.meta[META_FAILED] = sorted(report.failed)
@@ -93,14 +92,15 @@ def _claim(
 
 
 def _fetch_all(
-    runtime: Runtime, tasks: Sequence[dict[str, Any]], config: LabelConfig, stats: WorkerStats
+    runtime: Runtime, tasks: Sequence[dict[str, Any]], config: LabelConfig, payload: dict[str, Any],
+    stats: WorkerStats,
 ) -> list[Image.Image | BackendError]:
     """Images of `tasks`, fetched concurrently (network-bound); an error stands in for a failed fetch."""
 
     def fetch(task: dict[str, Any]) -> Image.Image | BackendError:
         try:
             with stats.stage("fetch"):
-                return runtime.fetcher.fetch(image_ref(task, config), task_id=task_id(task))
+                return fetch_image(runtime, task, config, payload)
         except BackendError as exc:
             stats.failure(type(exc).__name__)
             return exc

@@ -6,13 +6,15 @@ reads os.environ. The README's configuration table lists the same fields.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backend.images.fetch import FetchOptions
-from backend.pipeline.types import DetectionThresholds, ModelSpec
+from backend.labelstudio.results import OutputOptions
+from backend.pipeline.types import DetectionThresholds, ModelSpec, PostprocessOptions
 
 DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_SAM = "facebook/sam-vit-huge"
@@ -72,6 +74,30 @@ class Settings(BaseSettings):
     max_detections: int = Field(100, ge=1, description="Most objects kept per image (best scores first).")
     nms_iou: float = Field(0.7, ge=0, le=1, description="Boxes of one label overlapping more than this IoU are merged.")
 
+    # Post-processing and output (Label attributes min_area / max_instances override the first two per label)
+    min_area: int = Field(0, ge=0, description="Fewest mask pixels an object needs to be returned; a Label's min_area overrides it.")
+    max_instances: int | None = Field(
+        None, ge=1, description="Most objects of one label per image (unset: no limit); a Label's max_instances overrides it."
+    )
+    negative_iou: float = Field(
+        0.5, ge=0, le=1, description="A box overlapping a box of one of its label's negative prompts by more than this IoU is dropped."
+    )
+    dedup_iou: float = Field(
+        0.5, ge=0, le=1, description="Objects of different labels whose masks overlap more than this IoU are one object; the higher score keeps it (1: off)."
+    )
+    dedup_score_margin: float = Field(
+        0.02, ge=0, le=1, description="Detection scores this close count as a tie there; the higher SAM mask score wins it."
+    )
+    mask_fill_holes: int = Field(100, ge=0, description="Holes in a mask of at most this many pixels are filled (0: off).")
+    mask_min_island: int = Field(
+        100, ge=0, description="Parts of a mask smaller than this many pixels are dropped, never its largest part (0: off)."
+    )
+    mask_smoothing: float = Field(0.0, ge=0, description="Sigma in pixels of the Gaussian that smooths mask outlines (0: off).")
+    rectangle_source: Literal["detector", "mask"] = Field(
+        "detector", description="Rectangles are the detector's box (detector) or the box around the cleaned mask (mask)."
+    )
+    polygon_tolerance: float = Field(1.0, ge=0, description="Most distance in pixels between a polygon and its mask's outline.")
+
     # Images
     label_studio_url: str | None = Field(
         None, description="Label Studio base URL, for /data/upload and /data/local-files images (not localhost in Docker)."
@@ -108,6 +134,22 @@ class Settings(BaseSettings):
             nms_iou=self.nms_iou,
         )
 
+    def postprocess_options(self) -> PostprocessOptions:
+        """Negative suppression, one label per object, mask cleanup and the per-label defaults."""
+        return PostprocessOptions(
+            negative_iou=self.negative_iou,
+            dedup_iou=self.dedup_iou,
+            dedup_score_margin=self.dedup_score_margin,
+            fill_holes=self.mask_fill_holes,
+            min_island=self.mask_min_island,
+            smoothing=self.mask_smoothing,
+            min_area=self.min_area,
+            max_instances=self.max_instances,
+        )
+
+    def output_options(self) -> OutputOptions:
+        return OutputOptions(rectangle_source=self.rectangle_source, polygon_tolerance=self.polygon_tolerance)
+
     def model_spec(self, device: str) -> ModelSpec:
         """The models to load; `device` is the resolved device (never "auto")."""
         return ModelSpec(
@@ -132,6 +174,8 @@ class Settings(BaseSettings):
             "text_threshold": self.text_threshold,
             "max_detections": self.max_detections,
             "nms_iou": self.nms_iou,
+            "postprocess": asdict(self.postprocess_options()),
+            "output": asdict(self.output_options()),
         }
 
     def fetch_options(self) -> FetchOptions:

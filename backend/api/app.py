@@ -21,6 +21,7 @@ from backend.api.metrics import Metrics
 from backend.api.schemas import PredictRequest, PrelabelRequest, SetupRequest, project_key
 from backend.api.service import PredictionService, PredictTimeoutError
 from backend.errors import LabelConfigError, QueueUnavailableError
+from backend.labelstudio.interactive import InteractiveContextError
 from backend.queueing.bulk import Progress
 from backend.queueing.connection import api_connection
 from backend.settings import Settings
@@ -78,6 +79,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def bad_config(_: Request, exc: LabelConfigError) -> JSONResponse:
         return JSONResponse({"detail": f"labeling config not supported: {exc}"}, status_code=400)
 
+    @app.exception_handler(InteractiveContextError)
+    async def bad_context(_: Request, exc: InteractiveContextError) -> JSONResponse:
+        return JSONResponse({"detail": f"interactive request not understood: {exc}"}, status_code=400)
+
     @app.exception_handler(QueueUnavailableError)
     async def no_queue(_: Request, exc: QueueUnavailableError) -> JSONResponse:
         log.error("queue unavailable: %s", exc)
@@ -112,12 +117,15 @@ def _install_routes(app: FastAPI, service: PredictionService, metrics: Metrics) 
 
     @app.post("/setup")
     def setup(body: SetupRequest) -> dict[str, str]:
-        return {"model_version": service.setup(project_key(body.project), body.schema_)}
+        return {"model_version": service.setup(project_key(body.project), body.schema_, body.hostname)}
 
     @app.post("/predict")
     async def predict(body: PredictRequest) -> dict[str, Any]:
         started = time.perf_counter()
-        report = await run_in_threadpool(service.predict, project_key(body.project), body.tasks, body.label_config)
+        context = (body.params or {}).get("context")
+        report = await run_in_threadpool(
+            service.predict, project_key(body.project), body.tasks, body.label_config, context
+        )
         metrics.predict_seconds.observe(time.perf_counter() - started)
         if report.run_id is not None:
             # Too large to answer in time: queued, pushed to Label Studio by workers. An empty list

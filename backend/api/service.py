@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from redis.exceptions import RedisError
 
 from backend.errors import BackendError, QueueUnavailableError, TaskDataError
 from backend.labelstudio.config import LabelConfig, parse_label_config
+from backend.labelstudio.interactive import parse_context
 from backend.labelstudio.results import empty_prediction
 from backend.labelstudio.tasks import image_ref
 from backend.labelstudio.version import model_version
@@ -32,6 +34,8 @@ from backend.settings import Settings
 log = logging.getLogger(__name__)
 
 PROJECT_VERSIONS_KEY = "grounded-sam:model-versions"
+# The address Label Studio writes into absolute task URLs (its LABEL_STUDIO_HOST), per project, from /setup.
+PROJECT_HOSTS_KEY = "grounded-sam:label-studio-hosts"
 
 
 class PredictTimeoutError(BackendError):
@@ -65,13 +69,15 @@ class PredictionService:
         """model_version for a labeling config; raises LabelConfigError for configs we cannot serve."""
         return model_version(self.settings.model_fingerprint(), parse_label_config(label_config))
 
-    def setup(self, project: str, label_config: str) -> str:
-        """Validate the config and remember its model_version for /versions (best effort)."""
+    def setup(self, project: str, label_config: str, hostname: str | None = None) -> str:
+        """Validate the config; remember its model_version (for /versions) and Label Studio's hostname."""
         version = self.model_version_for(label_config)
         try:
             self.redis.hset(PROJECT_VERSIONS_KEY, project, version)
+            if hostname:
+                self.redis.hset(PROJECT_HOSTS_KEY, project, hostname)
         except RedisError as exc:  # /setup must still answer; /health reports Redis
-            log.warning("could not record model version of project %s: %s", project, exc)
+            log.warning("could not record the setup of project %s: %s", project, exc)
         return version
 
     def versions(self) -> list[str]:
@@ -81,7 +87,9 @@ class PredictionService:
         except RedisError as exc:
             raise QueueUnavailableError(f"Redis is unreachable: {exc}") from exc
 
-    def predict(self, project: str, tasks: Sequence[dict[str, Any]], label_config: str) -> PredictReport:
+    def predict(
+        self, project: str, tasks: Sequence[dict[str, Any]], label_config: str, context: object = None
+    ) -> PredictReport:
         """Queue every task, wait up to PREDICT_TIMEOUT, and answer one prediction per task, in order.
 
         A task without usable data, or whose job failed, gets an empty prediction (and is logged);
@@ -90,13 +98,14 @@ class PredictionService:
         """
         config = parse_label_config(label_config)
         version = model_version(self.settings.model_fingerprint(), config)
-        if self._too_large_for_sync(len(tasks)):
+        interactive = parse_context(context, config) is not None  # InteractiveContextError: a 400, nothing queued
+        if not interactive and self._too_large_for_sync(len(tasks)):
             run_id = self.start_bulk(project, tasks, label_config, force=False)
             log.info("predict of %d tasks queued as bulk run %s", len(tasks), run_id)
             return PredictReport([], failed=0, run_id=run_id)
         job_ids: list[str | None] = []
         for task in tasks:
-            job_ids.append(self._submit(project, task, label_config, version, config))
+            job_ids.append(self._submit(project, task, label_config, version, config, context if interactive else None))
         queued = [job_id for job_id in job_ids if job_id is not None]
         outcomes = {o.job_id: o for o in self.queue.wait(queued, self.settings.predict_timeout)}
         pending = [o for o in outcomes.values() if o.state == "pending"]
@@ -112,12 +121,13 @@ class PredictionService:
         """Queue `tasks` as bulk chunks whose predictions workers push to Label Studio; returns the run id."""
         version = self.model_version_for(label_config)
         size = self.settings.bulk_chunk_size
+        host = self._label_studio_host(project)
         slim = [{"id": int(task["id"]), "data": task.get("data")} for task in tasks]
         chunks = []
         for start in range(0, len(slim), size):
             part = slim[start : start + size]
             payload = {"project": project, "tasks": part, "label_config": label_config,
-                       "model_version": version, "force": force}
+                       "model_version": version, "force": force, "label_studio_host": host}
             job_id = chunk_job_id(project, [t["id"] for t in part], version, force)
             chunks.append(ChunkSpec(job_id, payload))
         try:
@@ -141,6 +151,10 @@ class PredictionService:
         yield jobs
         yield from metric_families(self.redis)
 
+    def _label_studio_host(self, project: str) -> str | None:
+        value = self.redis.hget(PROJECT_HOSTS_KEY, project)
+        return value.decode() if value is not None else None
+
     def _too_large_for_sync(self, tasks: int) -> bool:
         """Whether `tasks` would likely outlast SYNC_BUDGET; only when workers can push to Label Studio."""
         if tasks <= 1 or not (self.settings.label_studio_url and self.settings.label_studio_api_key):
@@ -149,18 +163,24 @@ class PredictionService:
         return tasks * per_task / max(1, self.queue.worker_count()) > self.settings.sync_budget
 
     def _submit(
-        self, project: str, task: dict[str, Any], label_config: str, version: str, config: LabelConfig
+        self, project: str, task: dict[str, Any], label_config: str, version: str, config: LabelConfig,
+        context: object,
     ) -> str | None:
+        """Queue one task's job on the interactive queue; None (nothing queued) when it has no image."""
         try:
             ref = image_ref(task, config)
         except TaskDataError as exc:
             log.warning("task %s: %s", task.get("id"), exc)
             return None
-        job_id = prediction_job_id(project, task, ref, version)
+        # The context (clicks, box, typed text) is part of the job's identity: another click is another job.
+        identity = ref if context is None else f"{ref}\n{json.dumps(context, sort_keys=True)}"
+        job_id = prediction_job_id(project, task, identity, version)
         payload = {
             "task": {"id": task.get("id"), "data": task.get("data")},
             "label_config": label_config,
             "model_version": version,
+            "context": context,
+            "label_studio_host": self._label_studio_host(project),
         }
         self.queue.submit(job_id, payload)
         return job_id

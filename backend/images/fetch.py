@@ -74,12 +74,17 @@ class ImageFetcher:
         if options.api_key and self._base:
             self._auth = LabelStudioAuth(options.api_key, self._base, self._client)
 
-    def fetch(self, ref: str, task_id: int | None = None) -> Image.Image:
+    def fetch(self, ref: str, task_id: int | None = None, label_studio_host: str | None = None) -> Image.Image:
         """The image `ref` names (module docstring), decoded; `task_id` is needed for cloud URIs only.
+
+        label_studio_host: the address Label Studio writes into absolute task URLs (its LABEL_STUDIO_HOST,
+        sent in /setup). It may differ from LABEL_STUDIO_URL, the address this worker reaches it at (in
+        Docker: localhost vs the service name), so its /data/ URLs are fetched through LABEL_STUDIO_URL.
 
         Raises ImageFetchError naming `ref` and the cause; retryable for timeouts, connection errors,
         5xx, 408 and 429.
         """
+        ref = _strip_label_studio_origin(ref, label_studio_host)
         local_path = self._local_file(ref)
         if local_path is not None:
             return load_image_file(local_path, self._options.max_bytes, self._options.max_pixels)
@@ -175,6 +180,16 @@ def _auth_hint(auth: LabelStudioAuth | None, *, on_label_studio: bool) -> str:
     if on_label_studio:
         return "set LABEL_STUDIO_API_KEY (a legacy token or a personal access token) to read Label Studio's files"
     return "Label Studio credentials are only sent to LABEL_STUDIO_URL's host, not to this one"
+
+
+def _strip_label_studio_origin(ref: str, label_studio_host: str | None) -> str:
+    """`ref` without Label Studio's own origin when it names one of its /data/ files, else `ref`."""
+    if not label_studio_host or urlsplit(ref).scheme.lower() not in ("http", "https"):
+        return ref
+    parts = urlsplit(ref)
+    if _same_origin(ref, label_studio_host) and parts.path.startswith(LABEL_STUDIO_PATHS):
+        return parts.path + (f"?{parts.query}" if parts.query else "")
+    return ref
 
 
 def _same_origin(url: str, base: str) -> bool:

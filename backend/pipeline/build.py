@@ -25,7 +25,7 @@ from backend.errors import ModelLoadError
 from backend.pipeline.detector import GroundingDinoDetector
 from backend.pipeline.grounded_sam import GroundedSam
 from backend.pipeline.segmenter import HfSamSegmenter, SegmentAnythingSegmenter, Segmenter
-from backend.pipeline.types import DetectionThresholds, ModelSpec
+from backend.pipeline.types import DetectionThresholds, ModelSpec, PostprocessOptions
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -37,11 +37,13 @@ _HF_LOAD_ERRORS = (OSError, ValueError, RuntimeError, ImportError, SafetensorErr
 _OFFICIAL_SAM = {(768, 12): "vit_b", (1024, 24): "vit_l", (1280, 32): "vit_h"}
 
 
-def build_pipeline(spec: ModelSpec, thresholds: DetectionThresholds) -> GroundedSam:
+def build_pipeline(
+    spec: ModelSpec, thresholds: DetectionThresholds, postprocess: PostprocessOptions = PostprocessOptions()
+) -> GroundedSam:
     """Load both models on `spec.device` in eval mode; raises ModelLoadError saying what was tried."""
     model, processor = _load_hf(spec.detector, AutoModelForZeroShotObjectDetection, torch.float32, "detector")
     detector = GroundingDinoDetector(model.to(spec.device), processor)
-    return GroundedSam(detector, _build_segmenter(spec), thresholds)
+    return GroundedSam(detector, _build_segmenter(spec), thresholds, postprocess)
 
 
 def _build_segmenter(spec: ModelSpec) -> Segmenter:

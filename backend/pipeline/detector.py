@@ -34,13 +34,26 @@ class GroundingDinoDetector:
         """Tokenize the classes into prompt chunks that fit the model's text length."""
         return build_prompt_plan(classes, self._processor.tokenizer, self._model.config.max_text_len)
 
-    def detect(self, image: Image.Image, plan: PromptPlan, thresholds: DetectionThresholds) -> list[Detection]:
-        """Boxes in xyxy pixels of `image` (RGB), best score first; [] when none passes the thresholds."""
+    def detect(
+        self,
+        image: Image.Image,
+        plan: PromptPlan,
+        thresholds: DetectionThresholds,
+        class_box_thresholds: Sequence[float] | None = None,
+    ) -> list[Detection]:
+        """Boxes in xyxy pixels of `image` (RGB), best score first; [] when none passes the thresholds.
+
+        class_box_thresholds: one box threshold per class of `plan`, used instead of `thresholds.box`
+        for the boxes of that class (the text threshold applies to all).
+        """
         if plan.chunk_count == 0:
             return []
         logits, boxes = self._forward(image, plan)
         box_scores, class_scores, classes = _score(logits, plan)
-        keep = (box_scores > thresholds.box) & (class_scores > thresholds.text)
+        box_cut = thresholds.box
+        if class_box_thresholds is not None:
+            box_cut = box_scores.new_tensor(class_box_thresholds)[classes]
+        keep = (box_scores > box_cut) & (class_scores > thresholds.text)
         pixel_boxes = _to_pixels(boxes[keep].cpu(), image.width, image.height)
         scores, classes = class_scores[keep].cpu(), classes[keep].cpu()
         sized = (pixel_boxes[:, 2] > pixel_boxes[:, 0]) & (pixel_boxes[:, 3] > pixel_boxes[:, 1])
@@ -105,12 +118,12 @@ def _class_nms(
     while remaining.numel() and len(kept) < limit:
         best, rest = remaining[0], remaining[1:]
         kept.append(best)
-        overlap = _iou(boxes[best], boxes[rest]) > iou_threshold
+        overlap = box_iou(boxes[best], boxes[rest]) > iou_threshold
         remaining = rest[~(overlap & (classes[rest] == classes[best]))]
     return torch.stack(kept) if kept else torch.zeros(0, dtype=torch.int64)
 
 
-def _iou(box: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+def box_iou(box: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """IoU of one xyxy box (4,) with each of `boxes` (N, 4); (N,)."""
     top_left = torch.maximum(box[:2], boxes[:, :2])
     bottom_right = torch.minimum(box[2:], boxes[:, 2:])

@@ -1,4 +1,4 @@
-"""Grounding DINO boxes, then a SAM mask on every box."""
+"""Grounding DINO boxes, then a SAM mask on every box, then cleanup; and SAM alone for interactive prompts."""
 
 from __future__ import annotations
 
@@ -10,44 +10,86 @@ import torch
 from PIL import Image
 
 from backend.pipeline.detector import GroundingDinoDetector
-from backend.pipeline.prompts import PromptPlan
+from backend.pipeline.masks import clean_mask
+from backend.pipeline.negatives import ClassPlan, build_class_plan, suppress_negatives
+from backend.pipeline.postprocess import finish
 from backend.pipeline.segmenter import Segmenter
-from backend.pipeline.types import DetectionThresholds, Instance, TextClass
+from backend.pipeline.types import DetectionThresholds, Instance, PostprocessOptions, PromptedMask, TextClass
 
 
 class GroundedSam:
-    """The model pipeline: `prepare` once per class set, then `run` per image."""
+    """The model pipeline: `prepare` once per class set, then `run` per image; `segment_*` for SAM alone."""
 
-    def __init__(self, detector: GroundingDinoDetector, segmenter: Segmenter, thresholds: DetectionThresholds) -> None:
+    def __init__(
+        self,
+        detector: GroundingDinoDetector,
+        segmenter: Segmenter,
+        thresholds: DetectionThresholds,
+        postprocess: PostprocessOptions = PostprocessOptions(),
+    ) -> None:
         self._detector = detector
         self._segmenter = segmenter
         self._thresholds = thresholds
+        self._postprocess = postprocess
 
-    def prepare(self, classes: Sequence[TextClass]) -> PromptPlan:
-        """Prompt chunks for `classes`; reuse the plan for every image of that class set."""
-        return self._detector.prepare(classes)
+    def prepare(self, classes: Sequence[TextClass]) -> ClassPlan:
+        """Prompt chunks for `classes` and their negative phrases; reuse the plan for every image of that set."""
+        return build_class_plan(classes, self._detector.prepare, self._thresholds.box)
 
-    def run(self, image: Image.Image, plan: PromptPlan) -> list[Instance]:
+    def run(self, image: Image.Image, plan: ClassPlan) -> list[Instance]:
         """Instances on `image` (RGB, EXIF already applied), best detection score first.
 
-        Boxes are xyxy pixels of `image`; masks are (H, W) bool; class indexes point into the classes of
-        `plan`. SAM does not run when nothing is detected.
+        Order of work: detection with per-class box thresholds → negative suppression (box IoU) → SAM on
+        the remaining boxes → mask cleanup → per-class min_area → one label per object → per-class
+        max_instances. Boxes are xyxy pixels of `image`; masks are (H, W) bool; class indexes point into
+        `plan.classes`. SAM does not run when nothing is left to segment.
         """
         with torch.inference_mode():
-            detections = self._detector.detect(image, plan, self._thresholds)
+            detections = self._detector.detect(image, plan.plan, self._thresholds, plan.box_thresholds)
+            detections = suppress_negatives(detections, plan, self._postprocess.negative_iou)
             if not detections:
                 return []
             boxes = np.array([detection.box_xyxy for detection in detections], dtype=np.float32)
             masks, scores = self._segmenter.segment(np.asarray(image), boxes)
-        return [
-            Instance(detection=detection, mask=mask, mask_score=float(score))
+        instances = [
+            Instance(detection=detection, mask=clean_mask(mask, self._postprocess), mask_score=float(score))
             for detection, mask, score in zip(detections, masks, scores, strict=True)
         ]
+        return finish(instances, plan.classes, self._postprocess)
+
+    def segment_boxes(self, image: Image.Image, boxes_xyxy: np.ndarray) -> list[PromptedMask]:
+        """SAM alone, one cleaned mask per box: boxes_xyxy (N, 4) float, xyxy pixels of `image` (RGB)."""
+        with torch.inference_mode():
+            masks, scores = self._segmenter.segment(np.asarray(image), np.asarray(boxes_xyxy, dtype=np.float32))
+        return [self._cleaned(mask, score) for mask, score in zip(masks, scores, strict=True)]
+
+    def segment_points(
+        self,
+        image: Image.Image,
+        points_xy: np.ndarray,
+        positive: np.ndarray,
+        box_xyxy: tuple[float, float, float, float] | None = None,
+    ) -> PromptedMask:
+        """SAM alone, one cleaned mask for clicked points: points_xy (N, 2) float pixels of `image` (RGB),
+        positive (N,) bool (False: a background click), optionally one xyxy pixel box; N may be 0 with a box.
+
+        Raises ValueError for other shapes or an empty prompt.
+        """
+        points = np.asarray(points_xy, dtype=np.float32)
+        points = points.reshape(0, 2) if points.size == 0 else points
+        box = None if box_xyxy is None else np.asarray(box_xyxy, dtype=np.float32)
+        with torch.inference_mode():
+            mask, score = self._segmenter.segment_points(np.asarray(image), points, np.asarray(positive, bool), box)
+        return self._cleaned(mask, score)
 
     def describe(self) -> dict[str, object]:
-        """Plain values (str, float, int) that change whenever the models or thresholds change."""
+        """Plain values (str, float, int) that change whenever the models, thresholds or cleanup change."""
         return {
             "detector": self._detector.describe(),
             "segmenter": self._segmenter.describe(),
             "thresholds": asdict(self._thresholds),
+            "postprocess": asdict(self._postprocess),
         }
+
+    def _cleaned(self, mask: np.ndarray, score: float) -> PromptedMask:
+        return PromptedMask(mask=clean_mask(mask, self._postprocess), score=float(score))

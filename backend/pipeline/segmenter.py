@@ -1,8 +1,14 @@
-"""SAM masks for boxes: one image embedding per image, then all of that image's boxes decoded together."""
+"""SAM masks for boxes: one image embedding per image, then all of that image's boxes decoded together.
+
+Interactive prompts (`segment_points`): points labelled positive/negative, optionally with one box, give
+one mask. A single point with no box is ambiguous, so SAM proposes three masks and the one with the
+highest predicted IoU is returned (as segment-anything recommends); other prompts ask for one mask.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -10,6 +16,7 @@ import torch
 from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
 if TYPE_CHECKING:
+    from segment_anything import SamPredictor
     from segment_anything.modeling import Sam
 
 # Boxes decoded per call. Each box runs the 64x64 embedding through the decoder (~3.6 GFLOP), so very
@@ -27,6 +34,16 @@ class Segmenter(Protocol):
         """image: (H, W, 3) uint8 RGB; boxes_xyxy: (N, 4) float, xyxy pixels of that image.
 
         Returns masks (N, H, W) bool and predicted IoU scores (N,) float32 in [0, 1], in box order.
+        """
+        ...
+
+    def segment_points(
+        self, image: np.ndarray, points_xy: np.ndarray, positive: np.ndarray, box_xyxy: np.ndarray | None
+    ) -> tuple[np.ndarray, float]:
+        """One mask for one prompt: points_xy (N, 2) float pixels, positive (N,) bool (False: background),
+        box_xyxy (4,) pixels or None; at least one point or the box.
+
+        Returns the mask (H, W) bool and its predicted IoU in [0, 1].
         """
         ...
 
@@ -54,31 +71,54 @@ class HfSamSegmenter:
         """See `Segmenter.segment`."""
         if len(boxes_xyxy) == 0:
             return _no_masks(image)
-        device = self._model.device
-        inputs = self._processor(images=image, input_boxes=[boxes_xyxy.tolist()], return_tensors="pt")
-        embeddings = self._embed(inputs["pixel_values"].to(device, self._model.dtype))
-        # Boxes stay float32 (1, N, 4) in the model's 1024-px input frame; the processor gives float64.
-        boxes = inputs["input_boxes"].to(device, torch.float32)
+        inputs, embeddings, prompts = self._prepare(image, input_boxes=[boxes_xyxy.tolist()])
+        boxes = prompts["input_boxes"]
 
         def decode(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
             out = self._model(**embeddings, input_boxes=boxes[:, part], multimask_output=False)
-            return self._original_size_masks(out.pred_masks, inputs), out.iou_scores[0, :, 0]
+            return self._original_size_masks(out.pred_masks, inputs)[:, 0], out.iou_scores[0, :, 0]
 
         return _decode_all(decode, len(boxes_xyxy), self._box_batch)
 
-    def _embed(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-        """The image embedding, as keyword arguments of the model's forward."""
-        embeddings = self._model.get_image_embeddings(pixel_values)
+    def segment_points(
+        self, image: np.ndarray, points_xy: np.ndarray, positive: np.ndarray, box_xyxy: np.ndarray | None
+    ) -> tuple[np.ndarray, float]:
+        """See `Segmenter.segment_points`."""
+        multimask = _check_prompt(points_xy, positive, box_xyxy)
+        given = {}
+        if len(points_xy):
+            given |= {"input_points": [[points_xy.tolist()]], "input_labels": [[positive.astype(int).tolist()]]}
+        if box_xyxy is not None:
+            given["input_boxes"] = [[box_xyxy.tolist()]]
+        inputs, embeddings, prompts = self._prepare(image, **given)
+        out = self._model(**embeddings, **prompts, multimask_output=multimask)
+        return _best(self._original_size_masks(out.pred_masks, inputs)[0], out.iou_scores[0, 0])
+
+    def _prepare(
+        self, image: np.ndarray, **given: list
+    ) -> tuple[BatchFeature, dict[str, torch.Tensor | list[torch.Tensor]], dict[str, torch.Tensor]]:
+        """Processor inputs, the image embedding (forward kwargs) and the prompt tensors on the model's device.
+
+        Prompts are in the model's 1024-px input frame: coordinates float32 (the processor gives float64).
+        """
+        device = self._model.device
+        inputs = self._processor(images=image, **given, return_tensors="pt")
+        embeddings = self._model.get_image_embeddings(inputs["pixel_values"].to(device, self._model.dtype))
         if isinstance(embeddings, tuple):  # SamHQ also returns the ViT's intermediate features
-            return {"image_embeddings": embeddings[0], "intermediate_embeddings": embeddings[1]}
-        return {"image_embeddings": embeddings}
+            embeddings = {"image_embeddings": embeddings[0], "intermediate_embeddings": embeddings[1]}
+        else:
+            embeddings = {"image_embeddings": embeddings}
+        prompts = {
+            key: inputs[key].to(device, torch.int64 if key == "input_labels" else torch.float32) for key in given
+        }
+        return inputs, embeddings, prompts
 
     def _original_size_masks(self, pred_masks: torch.Tensor, inputs: BatchFeature) -> torch.Tensor:
-        """Low-res logits (1, n, 1, h, w) → (n, H, W) bool at the original size, on the model's device."""
+        """Low-res logits (1, n, k, h, w) → (n, k, H, W) bool at the original size, on the model's device."""
         # SAM 2 stretches to a square instead of padding, so its processor has no reshaped sizes.
         sizes = {key: inputs[key] for key in ("reshaped_input_sizes",) if key in inputs}
         masks = self._processor.post_process_masks(pred_masks.float(), inputs["original_sizes"], **sizes)
-        return masks[0][:, 0]
+        return masks[0]
 
 
 class SegmentAnythingSegmenter:
@@ -104,21 +144,47 @@ class SegmentAnythingSegmenter:
         """See `Segmenter.segment`."""
         if len(boxes_xyxy) == 0:
             return _no_masks(image)
-        predictor = self._predictor
-        device = predictor.device
-        with torch.autocast(device.type, dtype=self._dtype, enabled=self._dtype != torch.float32):
-            predictor.set_image(image)
-            boxes = predictor.transform.apply_boxes_torch(
-                torch.as_tensor(boxes_xyxy, dtype=torch.float32, device=device), image.shape[:2]
-            )
+        with self._image_set(image) as predictor:
+            boxes = self._boxes(boxes_xyxy, image)
 
             def decode(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
                 masks, iou, _ = predictor.predict_torch(None, None, boxes=boxes[part], multimask_output=False)
                 return masks[:, 0], iou[:, 0]
 
-            result = _decode_all(decode, len(boxes_xyxy), self._box_batch)
-        predictor.reset_image()  # drop the image's features until the next call
-        return result
+            return _decode_all(decode, len(boxes_xyxy), self._box_batch)
+
+    def segment_points(
+        self, image: np.ndarray, points_xy: np.ndarray, positive: np.ndarray, box_xyxy: np.ndarray | None
+    ) -> tuple[np.ndarray, float]:
+        """See `Segmenter.segment_points`."""
+        multimask = _check_prompt(points_xy, positive, box_xyxy)
+        with self._image_set(image) as predictor:
+            device = predictor.device
+            coords = labels = boxes = None
+            if len(points_xy):
+                points = torch.as_tensor(points_xy[None], dtype=torch.float32, device=device)
+                coords = predictor.transform.apply_coords_torch(points, image.shape[:2])
+                labels = torch.as_tensor(positive[None].astype(np.int64), device=device)
+            if box_xyxy is not None:
+                boxes = self._boxes(box_xyxy[None], image)
+            masks, iou, _ = predictor.predict_torch(coords, labels, boxes=boxes, multimask_output=multimask)
+            return _best(masks[0], iou[0])
+
+    @contextmanager
+    def _image_set(self, image: np.ndarray) -> Iterator[SamPredictor]:
+        """The predictor holding `image`'s embedding, under autocast when SAM runs in low precision."""
+        predictor = self._predictor
+        with torch.autocast(predictor.device.type, dtype=self._dtype, enabled=self._dtype != torch.float32):
+            predictor.set_image(image)
+            try:
+                yield predictor
+            finally:
+                predictor.reset_image()  # drop the image's features until the next call
+
+    def _boxes(self, boxes_xyxy: np.ndarray, image: np.ndarray) -> torch.Tensor:
+        """(N, 4) xyxy pixels → the model's input frame, float32 on its device."""
+        boxes = torch.as_tensor(boxes_xyxy, dtype=torch.float32, device=self._predictor.device)
+        return self._predictor.transform.apply_boxes_torch(boxes, image.shape[:2])
 
 
 def _decode_all(decode: Decode, count: int, box_batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,6 +194,23 @@ def _decode_all(decode: Decode, count: int, box_batch: int) -> tuple[np.ndarray,
     # The IoU head is an unbounded regression; clamp it to the range of an IoU.
     scores = torch.cat([scores for _, scores in parts]).float().clamp(0, 1).cpu().numpy()
     return masks, scores
+
+
+def _check_prompt(points_xy: np.ndarray, positive: np.ndarray, box_xyxy: np.ndarray | None) -> bool:
+    """Validate an interactive prompt's shapes; True when it is one lone point (ask for three masks)."""
+    if points_xy.ndim != 2 or points_xy.shape[1] != 2 or positive.shape != (len(points_xy),):
+        raise ValueError(f"points must be (N, 2) with (N,) labels, got {points_xy.shape} and {positive.shape}")
+    if box_xyxy is not None and box_xyxy.shape != (4,):
+        raise ValueError(f"the box must be (4,) xyxy, got shape {box_xyxy.shape}")
+    if len(points_xy) == 0 and box_xyxy is None:
+        raise ValueError("a SAM prompt needs at least one point or a box")
+    return len(points_xy) == 1 and box_xyxy is None
+
+
+def _best(masks: torch.Tensor, scores: torch.Tensor) -> tuple[np.ndarray, float]:
+    """Of k proposals — masks (k, H, W) bool, predicted IoU (k,) — the best, on the CPU, score clamped to [0, 1]."""
+    best = int(scores.argmax())
+    return masks[best].cpu().numpy(), float(scores[best].float().clamp(0, 1))
 
 
 def _no_masks(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

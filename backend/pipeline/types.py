@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class ClassOptions:
+    """Per-class settings; None: the pipeline-wide default applies.
+
+    negatives: phrases detected like classes whose boxes suppress this class's overlapping boxes
+        (see `PostprocessOptions.negative_iou`); never returned. A negative equal to one of the class's
+        own phrases is ignored (a class never suppresses itself).
+    threshold: minimum box score of this class's detections; replaces `DetectionThresholds.box`.
+    min_area: fewest mask pixels (after cleanup) of a kept instance; replaces `PostprocessOptions.min_area`.
+    max_instances: most instances of this class per image, best first; replaces `PostprocessOptions.max_instances`.
+    """
+
+    negatives: tuple[str, ...] = ()
+    threshold: float | None = None
+    min_area: int | None = None
+    max_instances: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +37,7 @@ class TextClass:
 
     name: str
     phrases: tuple[str, ...]
+    options: ClassOptions = ClassOptions()
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +75,48 @@ class Instance:
     detection: Detection
     mask: np.ndarray = field(repr=False)
     mask_score: float
+
+    @property
+    def score(self) -> float:
+        """Review score in [0, 1]: geometric mean of the detection score and SAM's predicted IoU.
+
+        Low when either model doubts; monotone in their product, on the scale of the detector's thresholds.
+        """
+        return math.sqrt(self.detection.score * self.mask_score)
+
+
+@dataclass(frozen=True, slots=True)
+class PromptedMask:
+    """SAM's answer to one prompt (a box, or points with an optional box), cleaned up.
+
+    mask: bool (H, W) of the image as given. score: SAM's predicted IoU in [0, 1].
+    """
+
+    mask: np.ndarray = field(repr=False)
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class PostprocessOptions:
+    """What happens between the models and the caller (see postprocess.py and masks.py).
+
+    negative_iou: a box of a negative phrase suppresses a box of its class when their IoU exceeds this.
+    dedup_iou: instances of different classes whose masks' IoU exceeds this are one object (1.0: off).
+    dedup_score_margin: detection scores at most this far apart are a near tie, won by SAM's predicted IoU.
+    fill_holes: holes of at most this many pixels are filled (0: off).
+    min_island: mask parts smaller than this many pixels are dropped, the largest part never (0: off).
+    smoothing: sigma in pixels of the Gaussian that smooths mask outlines (0: off).
+    min_area, max_instances: defaults for `ClassOptions` (max_instances None: no limit).
+    """
+
+    negative_iou: float = 0.5
+    dedup_iou: float = 0.5
+    dedup_score_margin: float = 0.02
+    fill_holes: int = 100
+    min_island: int = 100
+    smoothing: float = 0.0
+    min_area: int = 0
+    max_instances: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

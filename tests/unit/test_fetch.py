@@ -264,6 +264,17 @@ def test_credentials_go_to_label_studio_only(server: FakeLabelStudio) -> None:
         assert server.auth_seen["/echo-auth.png"] is None
 
 
+def test_absolute_urls_on_label_studio_host_go_through_label_studio_url(server: FakeLabelStudio) -> None:
+    """Label Studio writes LABEL_STUDIO_HOST into synced storage URLs (localhost); the worker reaches it elsewhere."""
+    host = f"http://localhost:{server.port}"
+    with _fetcher(server) as fetcher:
+        fetched = fetcher.fetch(f"{host}/data/upload/1/legacy.png", label_studio_host=host)
+        assert fetched.size == (64, 48)
+        assert server.auth_seen["/data/upload/1/legacy.png"] == f"Token {LEGACY}"
+        error = _error(_fetcher(server), f"{host}/data/upload/1/legacy.png")  # without the host: refused, no token
+        assert "only sent to LABEL_STUDIO_URL" in str(error)
+
+
 def test_rejected_legacy_token_hints_at_token_kinds(server: FakeLabelStudio) -> None:
     error = _error(_fetcher(server, api_key="f" * 40), "/data/upload/1/legacy.png")
     assert "HTTP 401" in str(error) and "legacy token" in str(error) and not error.retryable

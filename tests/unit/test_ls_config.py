@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
 from backend.errors import LabelConfigError
 from backend.labelstudio.config import ControlRef, LabelSpec, parse_label_config
+from backend.labelstudio.image_tags import ImageTagControl
+from backend.labelstudio.label_attrs import LabelOptions
 
 BOTH = """
 <View>
@@ -112,12 +115,12 @@ def test_parsing_is_cached_and_results_are_frozen() -> None:
         (
             "<View><Image name='i' value='$image'/><Choices name='c' toName='i'><Choice value='x'/></Choices>"
             "<Brush name='plain' toName='i'/><Rectangle name='r' toName='i'/></View>",
-            "no <BrushLabels> or <RectangleLabels>",
+            "no <BrushLabels>, <RectangleLabels> or <PolygonLabels>",
         ),
         (
             "<View><Image name='i' value='$image'/><Text name='t' value='$t'/>"
             "<RectangleLabels name='r' toName='t'><Label value='a'/></RectangleLabels></View>",
-            "no <BrushLabels> or <RectangleLabels>",
+            "no <BrushLabels>, <RectangleLabels> or <PolygonLabels>",
         ),
         ("<View><Image name='i' value='$image'/><BrushLabels name='b' toName='i'/></View>", "has no <Label>"),
         (
@@ -153,3 +156,109 @@ def test_external_entities_are_not_read(tmp_path) -> None:
     with pytest.raises(LabelConfigError) as info:
         parse_label_config(xml)
     assert "TOP-SECRET" not in str(info.value)
+
+
+# Per-label attributes, polygon, image tags, interactive controls.
+
+REPO_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "label_config").glob("*.xml"))
+IMG = '<Image name="i" value="$image"/>'
+
+
+def _one_label(attrs: str, control: str = "BrushLabels") -> LabelSpec:
+    xml = f'<View>{IMG}<{control} name="c" toName="i"><Label value="Car" {attrs}/></{control}></View>'
+    return parse_label_config(xml).labels[0]
+
+
+@pytest.mark.parametrize("path", REPO_CONFIGS, ids=lambda path: path.name)
+def test_every_shipped_config_parses(path: Path) -> None:
+    assert parse_label_config(path.read_text()).labels
+
+
+def test_label_attributes_become_phrases_and_options() -> None:
+    spec = _one_label(
+        'prompt="car, automobile" negative="toy car,, poster" threshold="0.4" min_area="50" max_instances="3"'
+    )
+    assert spec.phrases == ("car", "automobile")
+    assert spec.options == LabelOptions(negatives=("toy car", "poster"), threshold=0.4, min_area=50, max_instances=3)
+    assert _one_label("").options == LabelOptions()
+
+
+def test_prompt_wins_over_predicted_values() -> None:
+    assert _one_label('prompt="sedan" predicted_values="car,auto"').phrases == ("sedan",)
+    assert _one_label('predicted_values="car,auto"').phrases == ("car", "auto")
+
+
+@pytest.mark.parametrize(
+    ("attrs", "attribute"),
+    [
+        ('threshold="high"', "threshold"),
+        ('threshold="1.5"', "threshold"),
+        ('threshold="nan"', "threshold"),
+        ('min_area="-1"', "min_area"),
+        ('min_area="2.5"', "min_area"),
+        ('max_instances="0"', "max_instances"),
+        ('negative="CAR"', "negative"),
+    ],
+)
+def test_invalid_attributes_name_the_label_and_attribute(attrs: str, attribute: str) -> None:
+    with pytest.raises(LabelConfigError, match=rf'<Label value="Car">.*{attribute}='):
+        _one_label(attrs)
+
+
+def test_a_label_on_two_controls_merges_options_and_refuses_conflicts() -> None:
+    def config(brush: str, rect: str) -> LabelSpec:
+        return parse_label_config(
+            f'<View>{IMG}<BrushLabels name="b" toName="i"><Label value="Car" {brush}/></BrushLabels>'
+            f'<PolygonLabels name="p" toName="i"><Label value="Car" {rect}/></PolygonLabels></View>'
+        ).labels[0]
+
+    merged = config('negative="toy" threshold="0.4"', 'negative="poster" threshold="0.4" min_area="9"')
+    assert merged.controls == ("brush", "polygon")
+    assert merged.options == LabelOptions(negatives=("toy", "poster"), threshold=0.4, min_area=9)
+    with pytest.raises(LabelConfigError, match='Car.*threshold="0.4".*"0.5"'):
+        config('threshold="0.4"', 'threshold="0.5"')
+
+
+def test_polygon_only_config_is_served() -> None:
+    config = parse_label_config(
+        f'<View>{IMG}<PolygonLabels name="p" toName="i"><Label value="a"/></PolygonLabels></View>'
+    )
+    assert config.polygon == ControlRef("p", "i") and config.brush is None and config.rectangle is None
+    assert config.labels[0].controls == ("polygon",)
+
+
+def test_choices_map_labels_by_exact_value_and_unrelated_choices_are_not_served() -> None:
+    config = parse_label_config(
+        f'<View>{IMG}<Choices name="quality" toName="i"><Choice value="good"/></Choices>'
+        '<Choices name="seen" toName="i"><Choice value="cat"/><Choice value="Dog"/><Choice value="other"/></Choices>'
+        '<BrushLabels name="b" toName="i"><Label value="Cat"/><Label value="Dog"/></BrushLabels></View>'
+    )
+    assert config.image_tag == ImageTagControl("seen", "i", "choices", (("Dog", ("Dog",)),), single=True)
+    assert parse_label_config(BOTH).image_tag is None  # its Choices names no label
+
+
+def test_taxonomy_maps_labels_to_the_path_of_the_first_matching_node() -> None:
+    config = parse_label_config(
+        f'<View>{IMG}<BrushLabels name="b" toName="i"><Label value="Cat"/><Label value="Car"/>'
+        '<Label value="Animal"/></BrushLabels><Taxonomy name="t" toName="i">'
+        '<Choice value="Animal"><Choice value="Pet"><Choice value="Cat"/></Choice></Choice>'
+        '<Choice value="Cat"/><Choice value="Car"/></Taxonomy></View>'
+    )
+    tag = config.image_tag
+    assert tag is not None and (tag.kind, tag.single) == ("taxonomy", False)
+    assert dict(tag.paths) == {"Cat": ("Animal", "Pet", "Cat"), "Car": ("Car",), "Animal": ("Animal",)}
+
+
+def test_interactive_controls() -> None:
+    config = parse_label_config((REPO_CONFIGS[0].parent / "interactive.xml").read_text())
+    assert config.prompt == ControlRef("prompt", "image")
+    assert config.smart == (ControlRef("click", "image"), ControlRef("box", "image"))
+    assert parse_label_config(BOTH).prompt is None and parse_label_config(BOTH).smart == ()
+
+
+def test_smart_control_labels_must_be_served() -> None:
+    with pytest.raises(LabelConfigError, match=r'smart <KeyPointLabels name="k">.*\'Tree\''):
+        parse_label_config(
+            f'<View>{IMG}<BrushLabels name="b" toName="i"><Label value="Car"/></BrushLabels>'
+            '<KeyPointLabels name="k" toName="i" smart="true"><Label value="Tree"/></KeyPointLabels></View>'
+        )

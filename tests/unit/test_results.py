@@ -9,8 +9,9 @@ import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
 from backend.labelstudio.config import parse_label_config
-from backend.labelstudio.results import PredictedObject, build_prediction, empty_prediction
+from backend.labelstudio.results import OutputOptions, PredictedObject, build_prediction, empty_prediction, mask_box
 from backend.labelstudio.rle import rle_to_mask
+from tests.validation import assert_valid_prediction
 
 W, H = 64, 48
 LABELS = '<Label value="Traffic Light"/><Label value="a, b &amp; c?"/>'
@@ -40,12 +41,16 @@ def _assert_lossless_and_valid(prediction: dict, xml: str) -> None:
     json.dumps(prediction)  # plain JSON types only (no numpy scalars)
     assert LabelInterface(xml).validate_prediction(prediction, return_errors=True) == []
     for region in prediction["result"]:
-        assert (region["original_width"], region["original_height"], region["image_rotation"]) == (W, H, 0)
         assert region["readonly"] is False and 0.0 <= region["score"] <= 1.0
+        if region["type"] in ("choices", "taxonomy"):  # image-level: no geometry
+            continue
+        assert (region["original_width"], region["original_height"], region["image_rotation"]) == (W, H, 0)
         value = region["value"]
         if region["type"] == "rectanglelabels":
             assert all(0.0 <= value[k] <= 100.0 for k in ("x", "y", "width", "height"))
             assert value["x"] + value["width"] <= 100.0 and value["y"] + value["height"] <= 100.0
+        elif region["type"] == "polygonlabels":
+            assert len(value["points"]) >= 3 and all(0.0 <= c <= 100.0 for p in value["points"] for c in p)
         else:
             assert rle_to_mask(value["rle"], H, W).shape == (H, W)
 
@@ -65,7 +70,7 @@ def test_both_controls_give_a_brush_and_a_rectangle_per_object() -> None:
     assert result[3]["value"]["rectanglelabels"] == ["a, b & c?"]
     np.testing.assert_array_equal(rle_to_mask(result[2]["value"]["rle"], H, W), OBJECTS[1].mask)
     assert prediction["model_version"] == "gsam-x"
-    assert prediction["score"] == pytest.approx((0.9 + 0.9 + 0.5 + 0.5) / 4)
+    assert prediction["score"] == pytest.approx(0.5)  # the lowest region score
 
 
 def test_rectangle_is_percent_of_the_image_and_clamped() -> None:
@@ -130,3 +135,101 @@ def test_sdk_check_used_above_does_catch_a_wrong_label() -> None:
     prediction = build_prediction(OBJECTS[:1], parse_label_config(BOTH), W, H, "v")
     prediction["result"][1]["value"]["rectanglelabels"] = ["elephant"]
     assert LabelInterface(BOTH).validate_prediction(prediction, return_errors=True) != []
+
+
+# Polygons, rectangles from masks, image tags, task score.
+
+POLY = (
+    f'<View>{IMAGE}<PolygonLabels name="poly" toName="img">{LABELS}</PolygonLabels>'
+    f'<RectangleLabels name="box" toName="img">{LABELS}</RectangleLabels>'
+    '<Choices name="seen" toName="img" choice="multiple"><Choice value="Traffic Light"/><Choice value="a, b &amp; c?"/>'
+    "</Choices></View>"
+)
+
+
+def _two_parts() -> np.ndarray:
+    return _mask(2, 2, 10, 10) | _mask(40, 20, 60, 40)
+
+
+def test_polygons_one_region_per_part_with_valid_points() -> None:
+    objects = [PredictedObject("Traffic Light", 0.7, (2.0, 2.0, 60.0, 40.0), _two_parts())]
+    prediction = build_prediction(objects, parse_label_config(POLY), W, H, "v")
+    assert_valid_prediction(prediction, POLY, W, H)
+    _assert_lossless_and_valid(prediction, POLY)
+    polygons = [r for r in prediction["result"] if r["type"] == "polygonlabels"]
+    assert [r["id"] for r in polygons] == ["0-poly-0", "0-poly-1"]
+    assert all(r["value"]["polygonlabels"] == ["Traffic Light"] and r["value"]["closed"] for r in polygons)
+
+
+def test_polygon_labels_need_a_mask() -> None:
+    with pytest.raises(ValueError, match="has no mask"):
+        build_prediction([PredictedObject("Traffic Light", 0.5, (0, 0, 1, 1))], parse_label_config(POLY), W, H, "v")
+
+
+def test_rectangle_from_the_mask_or_from_the_detector() -> None:
+    obj = PredictedObject("Traffic Light", 0.5, (0.0, 0.0, 64.0, 48.0), _mask(8, 12, 24, 36))
+    config = parse_label_config(RECT)
+    from_mask = build_prediction([obj], config, W, H, "v", OutputOptions(rectangle_source="mask"))
+    value = from_mask["result"][0]["value"]
+    assert (value["x"], value["width"]) == pytest.approx((12.5, 25.0))
+    assert (value["y"], value["height"]) == pytest.approx((25.0, 50.0))
+    from_detector = build_prediction([obj], config, W, H, "v")["result"][0]["value"]
+    assert (from_detector["x"], from_detector["width"]) == (0.0, 100.0)
+    empty = PredictedObject("Traffic Light", 0.5, (0.0, 0.0, 32.0, 48.0), np.zeros((H, W), bool))
+    fallback = build_prediction([empty], config, W, H, "v", OutputOptions(rectangle_source="mask"))
+    assert fallback["result"][0]["value"]["width"] == 50.0
+
+
+def test_mask_box_covers_the_pixels() -> None:
+    assert mask_box(_mask(3, 4, 10, 20)) == (3.0, 4.0, 10.0, 20.0)
+    assert mask_box(np.zeros((H, W), bool)) is None
+
+
+def _tag(prediction: dict) -> dict:
+    (region,) = [r for r in prediction["result"] if r["id"] == "image-tag"]
+    return region
+
+
+def test_choices_name_the_present_labels_with_the_lowest_presence_score() -> None:
+    objects = [
+        PredictedObject("a, b & c?", 0.4, (0, 0, 5, 5), _mask(0, 0, 5, 5)),
+        PredictedObject("Traffic Light", 0.9, (0, 0, 5, 5), _mask(0, 0, 5, 5)),
+        PredictedObject("a, b & c?", 0.6, (0, 0, 5, 5), _mask(10, 10, 20, 20)),
+    ]
+    prediction = build_prediction(objects, parse_label_config(POLY), W, H, "v")
+    assert_valid_prediction(prediction, POLY, W, H)
+    _assert_lossless_and_valid(prediction, POLY)
+    tag = _tag(prediction)
+    assert (tag["type"], tag["from_name"], tag["to_name"]) == ("choices", "seen", "img")
+    assert tag["value"] == {"choices": ["Traffic Light", "a, b & c?"]}
+    assert tag["score"] == 0.6  # "a, b & c?" is present with its best object's score
+
+
+def test_single_choice_gets_the_best_label_and_no_objects_no_tag() -> None:
+    xml = POLY.replace(' choice="multiple"', "")
+    objects = [
+        PredictedObject("a, b & c?", 0.8, (0, 0, 5, 5), _mask(0, 0, 5, 5)),
+        PredictedObject("Traffic Light", 0.7, (0, 0, 5, 5), _mask(0, 0, 5, 5)),
+    ]
+    prediction = build_prediction(objects, parse_label_config(xml), W, H, "v")
+    assert _tag(prediction)["value"] == {"choices": ["a, b & c?"]}
+    assert build_prediction([], parse_label_config(xml), W, H, "v") == empty_prediction("v")
+
+
+def test_taxonomy_gets_paths() -> None:
+    xml = (
+        f'<View>{BRUSH[6:-7]}<Taxonomy name="tax" toName="img"><Choice value="Road">'
+        '<Choice value="Traffic Light"/></Choice><Choice value="Other"/></Taxonomy></View>'
+    )
+    objects = [PredictedObject("Traffic Light", 0.7, (0, 0, 5, 5), _mask(0, 0, 5, 5))]
+    prediction = build_prediction(objects, parse_label_config(xml), W, H, "v")
+    assert_valid_prediction(prediction, xml, W, H)
+    _assert_lossless_and_valid(prediction, xml)
+    assert _tag(prediction)["value"] == {"taxonomy": [["Road", "Traffic Light"]]}
+
+
+def test_task_score_is_the_lowest_region_score_so_doubtful_tasks_sort_first() -> None:
+    config = parse_label_config(BOTH)
+    confident = build_prediction([OBJECTS[0]] * 5, config, W, H, "v")
+    one_doubt = build_prediction([OBJECTS[0]] * 4 + [PredictedObject("Sign", 0.1, (0, 0, 5, 5))], config, W, H, "v")
+    assert one_doubt["score"] == 0.1 < confident["score"] == 0.9

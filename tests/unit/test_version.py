@@ -8,6 +8,7 @@ import pytest
 
 from backend.labelstudio.config import parse_label_config
 from backend.labelstudio.version import model_version
+from backend.settings import Settings
 
 FINGERPRINT = {"detector": "IDEA-Research/grounding-dino-tiny", "sam": "facebook/sam-vit-base", "box_threshold": 0.3}
 BASE = (
@@ -64,3 +65,56 @@ def test_model_changes_change_it(change: dict[str, object]) -> None:
 def test_fingerprint_must_be_json() -> None:
     with pytest.raises(TypeError):
         _version(device=object())
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    ['negative="toy dog"', 'threshold="0.4"', 'min_area="10"', 'max_instances="2"', 'prompt="hound"'],
+)
+def test_per_label_attributes_change_it(attrs: str) -> None:
+    assert _version(BASE.replace('<Label value="dog"', f'<Label value="dog" {attrs}')) != _version()
+
+
+@pytest.mark.parametrize(
+    "added",
+    [
+        '<PolygonLabels name="p" toName="i"><Label value="cat"/></PolygonLabels>',
+        '<Choices name="c" toName="i"><Choice value="cat"/></Choices>',
+        '<Taxonomy name="t" toName="i"><Choice value="cat"/></Taxonomy>',
+    ],
+    ids=["polygon", "choices", "taxonomy"],
+)
+def test_new_outputs_change_it(added: str) -> None:
+    assert _version(BASE.replace("</View>", f"{added}</View>")) != _version()
+
+
+def test_interactive_only_controls_do_not_change_it() -> None:
+    added = (
+        '<TextArea name="prompt" toName="i"/>'
+        '<KeyPointLabels name="k" toName="i" smart="true"><Label value="cat"/></KeyPointLabels>'
+    )
+    assert _version(BASE.replace("</View>", f"{added}</View>")) == _version()
+
+
+NEW_SETTINGS = {
+    "min_area": 5,
+    "max_instances": 3,
+    "negative_iou": 0.6,
+    "dedup_iou": 0.8,
+    "dedup_score_margin": 0.1,
+    "mask_fill_holes": 7,
+    "mask_min_island": 7,
+    "mask_smoothing": 1.5,
+    "rectangle_source": "mask",
+    "polygon_tolerance": 2.0,
+}
+
+
+def test_every_post_processing_and_output_setting_enters_the_fingerprint() -> None:
+    base = Settings()
+    for name, value in NEW_SETTINGS.items():
+        assert getattr(base, name) != value, name
+        changed = base.model_copy(update={name: value})
+        assert model_version(changed.model_fingerprint(), parse_label_config(BASE)) != model_version(
+            base.model_fingerprint(), parse_label_config(BASE)
+        ), name

@@ -1,0 +1,104 @@
+"""After SAM: per-class minimum area, one label per object, per-class instance caps. Pure numpy/OpenCV.
+
+One object, one label (`deduplicate`): two instances of different classes are the same object when the
+IoU of their masks exceeds `dedup_iou`. Instances are visited by detection score, best first (ties: input
+order); each is kept unless it is the same object as an instance kept before it. Then it loses, unless
+it wins every such conflict: a later instance wins only a near tie, when its detection score is at most
+`dedup_score_margin` below the kept one's and SAM's predicted IoU of its mask is strictly higher; the
+kept instances it beats are dropped. Dropped instances never come back. Instances of the same class are
+never compared here (the detector's NMS already merged them).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from backend.pipeline.types import Instance, PostprocessOptions, TextClass
+
+
+@dataclass(frozen=True, slots=True)
+class _Footprint:
+    """Where a mask lies: bounding box [x0, x1) x [y0, y1) in pixels, and its pixel count."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    area: int
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> _Footprint:
+        x, y, width, height = cv2.boundingRect(mask.astype(np.uint8))
+        return cls(x, y, x + width, y + height, int(np.count_nonzero(mask)))
+
+
+def drop_small(instances: Sequence[Instance], classes: Sequence[TextClass], default_min_area: int) -> list[Instance]:
+    """Instances whose mask has at least its class's min_area pixels (`default_min_area` when unset)."""
+    return [
+        instance
+        for instance in instances
+        if np.count_nonzero(instance.mask) >= _option(classes, instance, "min_area", default_min_area)
+    ]
+
+
+def cap_per_class(
+    instances: Sequence[Instance], classes: Sequence[TextClass], default_max: int | None
+) -> list[Instance]:
+    """The first max_instances instances of each class in the given order (`default_max`; None: all)."""
+    seen: Counter[int] = Counter()
+    kept = []
+    for instance in instances:
+        limit = _option(classes, instance, "max_instances", default_max)
+        seen[instance.detection.class_index] += 1
+        if limit is None or seen[instance.detection.class_index] <= limit:
+            kept.append(instance)
+    return kept
+
+
+def deduplicate(instances: Sequence[Instance], iou: float, margin: float) -> list[Instance]:
+    """One class per object, by the rule in this module's docstring; kept instances by detection score."""
+    order = sorted(range(len(instances)), key=lambda i: -instances[i].detection.score)
+    rank = {index: position for position, index in enumerate(order)}
+    footprints = [_Footprint.of(instance.mask) for instance in instances]
+    kept: list[int] = []
+    for candidate in order:
+        rivals = [
+            k
+            for k in kept
+            if instances[k].detection.class_index != instances[candidate].detection.class_index
+            and mask_iou(instances[k].mask, instances[candidate].mask, footprints[k], footprints[candidate]) > iou
+        ]
+        if all(_wins_near_tie(instances[candidate], instances[k], margin) for k in rivals):
+            kept = [k for k in kept if k not in rivals] + [candidate]
+    return [instances[k] for k in sorted(kept, key=rank.__getitem__)]
+
+
+def finish(instances: Sequence[Instance], classes: Sequence[TextClass], options: PostprocessOptions) -> list[Instance]:
+    """`drop_small`, then `deduplicate`, then `cap_per_class`, with the defaults of `options`."""
+    large = drop_small(instances, classes, options.min_area)
+    unique = deduplicate(large, options.dedup_iou, options.dedup_score_margin)
+    return cap_per_class(unique, classes, options.max_instances)
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray, fa: _Footprint | None = None, fb: _Footprint | None = None) -> float:
+    """IoU of two bool (H, W) masks; 0.0 when both are empty. Footprints, when given, save recomputing them."""
+    fa, fb = fa or _Footprint.of(a), fb or _Footprint.of(b)
+    x0, y0, x1, y1 = max(fa.x0, fb.x0), max(fa.y0, fb.y0), min(fa.x1, fb.x1), min(fa.y1, fb.y1)
+    inter = int(np.count_nonzero(a[y0:y1, x0:x1] & b[y0:y1, x0:x1])) if x0 < x1 and y0 < y1 else 0
+    union = fa.area + fb.area - inter
+    return inter / union if union else 0.0
+
+
+def _wins_near_tie(candidate: Instance, kept: Instance, margin: float) -> bool:
+    near = candidate.detection.score >= kept.detection.score - margin
+    return near and candidate.mask_score > kept.mask_score
+
+
+def _option(classes: Sequence[TextClass], instance: Instance, name: str, default: int | None) -> int | None:
+    value = getattr(classes[instance.detection.class_index].options, name)
+    return default if value is None else value

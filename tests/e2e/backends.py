@@ -1,0 +1,91 @@
+"""The backend as a user runs it for Label Studio: the real `serve` command, tiny random models, LS credentials."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import httpx
+import psutil
+
+from tests.integration.conftest import Proc, Processes
+
+# Variables of the developer's shell that would change what the backend does here.
+_DROPPED = ("REDIS_URL", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "LOCAL_FILES_DOCUMENT_ROOT")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def backend_environment(label_studio_url: str, api_key: str, detector: Path, sam: Path) -> dict[str, str]:
+    """Environment of one `serve`: embedded Redis and worker, tiny models on the CPU, offline.
+
+    LOCAL_FILES_DOCUMENT_ROOT stays unset so that Local Files images, like uploads, are fetched from
+    Label Studio with LABEL_STUDIO_API_KEY: the path a backend on another machine takes.
+    """
+    env = {key: value for key, value in os.environ.items()
+           if key not in _DROPPED and not key.startswith("LABEL_STUDIO_")}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        DETECTOR_MODEL=str(detector),
+        SAM_MODEL=str(sam),
+        DEVICE="cpu",
+        MAX_DETECTIONS="3",
+        BOX_THRESHOLD="0.05",
+        TEXT_THRESHOLD="0.05",
+        QUEUE_NAME=f"e2e-{uuid.uuid4().hex[:8]}",
+        WORKER_HEARTBEAT="0.5",
+        PREDICT_TIMEOUT="60",
+        LOG_LEVEL="INFO",
+        PYTHONPATH=str(REPO),
+        LABEL_STUDIO_URL=label_studio_url,
+        LABEL_STUDIO_API_KEY=api_key,
+    )
+    return env
+
+
+class BackendPool:
+    """`serve` processes keyed by API key kind ("legacy", "pat"): started on first use, stopped at the end."""
+
+    def __init__(
+        self, workdir: Path, label_studio_url: str, api_keys: dict[str, str], detector: Path, sam: Path
+    ) -> None:
+        self._processes = Processes(workdir)
+        self._label_studio_url = label_studio_url
+        self._api_keys = api_keys
+        self._models = (detector, sam)
+        self._running: dict[str, Proc] = {}
+        self._children: list[psutil.Process] = []
+
+    def get(self, key_kind: str) -> Proc:
+        """The shared backend using the `key_kind` API key."""
+        if key_kind not in self._running:
+            self._running[key_kind] = self.start(key_kind)
+        return self._running[key_kind]
+
+    def start(self, key_kind: str, label_studio_url: str | None = None) -> Proc:
+        """A new backend of its own (for a test that keeps its worker busy), healthy with one worker."""
+        env = backend_environment(label_studio_url or self._label_studio_url, self._api_keys[key_kind], *self._models)
+        proc = self._processes.serve(env)
+        self._children += psutil.Process(proc.popen.pid).children(recursive=True)
+        return proc
+
+    def stop_all(self) -> None:
+        """Stop every `serve`, then any of their children still running.
+
+        A `serve` stopped while its worker is busy can leave the worker and the embedded Redis behind
+        (reported to the backend's owners); the tests must not leave them running either way.
+        """
+        self._processes.stop_all()
+        survivors = [child for child in self._children if child.is_running()]
+        for child in survivors:
+            child.terminate()
+        _, alive = psutil.wait_procs(survivors, timeout=10)
+        for child in alive:
+            child.kill()
+
+
+def setup_model_version(backend: Proc, project: str, label_config: str) -> str:
+    """The model_version the backend reports from /setup for this labeling config."""
+    response = httpx.post(f"{backend.url}/setup", json={"project": project, "schema": label_config}, timeout=10)
+    response.raise_for_status()
+    return str(response.json()["model_version"])

@@ -1,0 +1,127 @@
+"""Generated test images (with the size Label Studio shows them at) and a loopback image server."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+EXIF_ORIENTATION = 0x0112
+ROTATE_90_CW = 6  # viewers (browsers, Label Studio) show a W x H file as H x W
+
+
+@dataclass(frozen=True)
+class TestImage:
+    """An image file and its size as displayed (EXIF orientation applied)."""
+
+    __test__ = False  # not a pytest test class
+
+    path: Path
+    width: int
+    height: int
+
+
+def draw_scene(width: int, height: int, background: tuple[int, int, int]) -> Image.Image:
+    """A flat background with a few shapes, so the image is not a single colour."""
+    image = Image.new("RGB", (width, height), background)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((width // 8, height // 6, width // 2, height // 2), fill=(220, 40, 40))
+    draw.ellipse((width // 2, height // 2, width - width // 8, height - height // 10), fill=(30, 60, 220))
+    return image
+
+
+def write_image(folder: Path, name: str, width: int, height: int,
+                background: tuple[int, int, int] = (120, 170, 90), *, exif_rotated: bool = False) -> TestImage:
+    """Write `name` (PNG or JPEG by suffix) of `width` x `height` pixels as stored; return it with its displayed size.
+
+    exif_rotated: a JPEG with EXIF Orientation=6, displayed `height` x `width`.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    image = draw_scene(width, height, background)
+    if exif_rotated:
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION] = ROTATE_90_CW
+        image.save(path, format="JPEG", exif=exif.tobytes(), quality=90)
+        return TestImage(path, height, width)
+    image.save(path, format="PNG" if path.suffix == ".png" else "JPEG")
+    return TestImage(path, width, height)
+
+
+SIZES = {  # kind -> (stored width, stored height, EXIF-rotated)
+    "landscape": (320, 240, False),
+    "portrait": (180, 300, False),
+    "wide": (400, 150, False),
+    "exif6": (200, 120, True),
+}
+
+
+def image_set(folder: Path, prefix: str, kinds: tuple[str, ...] = tuple(SIZES)) -> list[TestImage]:
+    """Images of the shapes users' images come in: landscape and portrait PNGs, a wide JPEG, an EXIF-rotated JPEG."""
+    images = []
+    for kind in kinds:
+        width, height, rotated = SIZES[kind]
+        suffix = ".jpg" if kind in ("wide", "exif6") else ".png"
+        images.append(write_image(folder, f"{prefix}-{kind}{suffix}", width, height, exif_rotated=rotated))
+    return images
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """GET /<name> serves root/<name>; GET /slow/<name> first waits `slow_s` (a slow image host)."""
+
+    def do_GET(self) -> None:
+        server: ImageServer = self.server.owner  # type: ignore[attr-defined]
+        name = self.path.rsplit("/", 1)[-1]
+        if self.path.startswith("/slow/"):
+            time.sleep(server.slow_s)
+        path = server.root / name
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png" if name.endswith(".png") else "image/jpeg")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up waiting, which is what the slow path is for
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@dataclass
+class ImageServer:
+    """Static images over HTTP on 127.0.0.1 (absolute image URLs in tasks)."""
+
+    root: Path
+    slow_s: float
+    url: str = ""
+
+    def url_for(self, name: str, *, slow: bool = False) -> str:
+        return f"{self.url}/slow/{name}" if slow else f"{self.url}/{name}"
+
+
+@contextmanager
+def serve_images(root: Path, slow_s: float) -> Iterator[ImageServer]:
+    """Serve `root` until the block ends."""
+    state = ImageServer(root, slow_s)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.owner = state  # type: ignore[attr-defined]
+    httpd.daemon_threads = True
+    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
