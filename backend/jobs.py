@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -158,6 +158,13 @@ def predict_image(runtime: Runtime, image: Image.Image, config: LabelConfig, ver
 def segment_image(runtime: Runtime, image: Image.Image, classes: tuple[TextClass, ...]) -> list[Instance]:
     """Grounding DINO boxes for `classes`, then a SAM mask per box (HxW of `image`)."""
     return runtime.pipeline.run(image, runtime.plan_for(classes))
+
+
+def segment_images(
+    runtime: Runtime, images: Sequence[Image.Image], classes: tuple[TextClass, ...]
+) -> list[list[Instance]]:
+    """`segment_image` for several images: one detector forward per group of same-size images."""
+    return runtime.pipeline.run_batch(images, runtime.plan_for(classes))
 
 
 def to_prediction(

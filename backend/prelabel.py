@@ -24,7 +24,15 @@ from PIL import Image
 from rq import get_current_job
 
 from backend.errors import BackendError
-from backend.jobs import Runtime, checked_config, current_runtime, fetch_image, predict_image
+from backend.jobs import (
+    Runtime,
+    checked_config,
+    current_runtime,
+    fetch_image,
+    segment_images,
+    text_classes,
+    to_prediction,
+)
 from backend.labelstudio.config import LabelConfig
 from backend.lsclient import LabelStudioApi
 from backend.queueing.bulk import META_FAILED
@@ -58,79 +66,96 @@ def prelabel_chunk(payload: dict[str, Any]) -> dict[str, Any]:
         raise StudioNotConfiguredError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY for workers doing bulk work")
     job = get_current_job()
     config, version = checked_config(runtime, payload)
-    claims = TaskClaims(job.connection, str(payload["project"]), version, busy_ttl=int(job.timeout or 600))
-    stats = WorkerStats(job.connection)
-    report = ChunkReport()
-    todo = _claim(payload["tasks"], claims, runtime.studio, job.worker_name or job.id, bool(payload.get("force")),
-                  report)
-    images = _fetch_all(runtime, todo, config, payload, stats)
-    for task, image in zip(todo, images, strict=True):
-        _predict_and_push(runtime, runtime.studio, task, image, config, version, claims, stats, report)
-    job.meta[META_FAILED] = sorted(report.failed)
-    job.save_meta()
-    if report.failed:
-        raise TasksFailedError("; ".join(f"task {t}: {reason}" for t, reason in sorted(report.failed.items())))
-    return {"pushed": report.pushed, "skipped": report.skipped}
-
-
-def _claim(
-    tasks: Sequence[dict[str, Any]], claims: TaskClaims, studio: LabelStudioApi, owner: str, force: bool,
-    report: ChunkReport,
-) -> list[dict[str, Any]]:
-    """The tasks this worker should compute now; the rest are done already or being done elsewhere."""
-    todo = []
-    for task in tasks:
-        tid = int(task["id"])
-        if (not force and claims.is_done(tid)) or not claims.claim(tid, owner, force=force):
-            report.skipped.append(tid)
-        elif not force and studio.prediction_ids(tid, claims.model_version):
-            claims.mark_done(tid)
-            report.skipped.append(tid)
-        else:
-            todo.append(task)
-    return todo
-
-
-def _fetch_all(
-    runtime: Runtime, tasks: Sequence[dict[str, Any]], config: LabelConfig, payload: dict[str, Any],
-    stats: WorkerStats,
-) -> list[Image.Image | BackendError]:
-    """Images of `tasks`, fetched concurrently (network-bound); an error stands in for a failed fetch."""
-
-    def fetch(task: dict[str, Any]) -> Image.Image | BackendError:
-        try:
-            with stats.stage("fetch"):
-                return fetch_image(runtime, task, config, payload)
-        except BackendError as exc:
-            stats.failure(type(exc).__name__)
-            return exc
-
-    with ThreadPoolExecutor(FETCH_THREADS) as pool:
-        return list(pool.map(fetch, tasks))
-
-
-def _predict_and_push(
-    runtime: Runtime, studio: LabelStudioApi, task: dict[str, Any], image: Image.Image | BackendError,
-    config: LabelConfig, version: str, claims: TaskClaims, stats: WorkerStats, report: ChunkReport,
-) -> None:
-    tid = int(task["id"])
+    chunk = _Chunk(
+        runtime, runtime.studio, payload, config, version,
+        TaskClaims(job.connection, str(payload["project"]), version, busy_ttl=int(job.timeout or 600)),
+        WorkerStats(job.connection),
+    )
+    todo = chunk.claim(payload["tasks"], owner=job.worker_name or job.id, force=bool(payload.get("force")))
     started = time.perf_counter()
-    try:
-        if isinstance(image, BackendError):
-            raise image
-        with stats.stage("model"):
-            prediction = predict_image(runtime, image, config, version)
-        with stats.stage("push"):
-            replaced = studio.prediction_ids(tid, version)  # non-empty only with force, or after a race
-            studio.create_prediction(tid, prediction)
-            for old in replaced:
-                studio.delete_prediction(old)
-    except BackendError as exc:
-        log.warning("task %s failed: %s", tid, exc)
-        stats.failure(type(exc).__name__)
-        claims.release(tid)
-        report.failed[tid] = str(exc)
-        return
-    claims.mark_done(tid)
-    report.pushed.append(tid)
-    stats.task_done(time.perf_counter() - started)
+    predictions = chunk.predict_all(todo, chunk.fetch_all(todo))
+    seconds_each = (time.perf_counter() - started) / max(1, len(todo))
+    for task, prediction in zip(todo, predictions, strict=True):
+        chunk.push(int(task["id"]), prediction, seconds_each)
+    job.meta[META_FAILED] = sorted(chunk.report.failed)
+    job.save_meta()
+    if chunk.report.failed:
+        failed = sorted(chunk.report.failed.items())
+        raise TasksFailedError("; ".join(f"task {t}: {reason}" for t, reason in failed))
+    return {"pushed": chunk.report.pushed, "skipped": chunk.report.skipped}
+
+
+@dataclass
+class _Chunk:
+    """One chunk's work and what it needs: models, Label Studio, the config, claims, stats, the report."""
+
+    runtime: Runtime
+    studio: LabelStudioApi
+    payload: dict[str, Any]
+    config: LabelConfig
+    version: str
+    claims: TaskClaims
+    stats: WorkerStats
+    report: ChunkReport = field(default_factory=ChunkReport)
+
+    def claim(self, tasks: Sequence[dict[str, Any]], owner: str, force: bool) -> list[dict[str, Any]]:
+        """The tasks this worker should compute now; the rest are done already or being done elsewhere."""
+        todo = []
+        for task in tasks:
+            tid = int(task["id"])
+            if (not force and self.claims.is_done(tid)) or not self.claims.claim(tid, owner, force=force):
+                self.report.skipped.append(tid)
+            elif not force and self.studio.prediction_ids(tid, self.version):
+                self.claims.mark_done(tid)
+                self.report.skipped.append(tid)
+            else:
+                todo.append(task)
+        return todo
+
+    def fetch_all(self, tasks: Sequence[dict[str, Any]]) -> list[Image.Image | BackendError]:
+        """Images of `tasks`, fetched concurrently (network-bound); an error stands in for a failed fetch."""
+
+        def fetch(task: dict[str, Any]) -> Image.Image | BackendError:
+            try:
+                with self.stats.stage("fetch"):
+                    return fetch_image(self.runtime, task, self.config, self.payload)
+            except BackendError as exc:
+                return exc
+
+        with ThreadPoolExecutor(FETCH_THREADS) as pool:
+            return list(pool.map(fetch, tasks))
+
+    def predict_all(
+        self, tasks: Sequence[dict[str, Any]], images: Sequence[Image.Image | BackendError]
+    ) -> list[dict[str, Any] | BackendError]:
+        """Predictions of the fetched images, through the models in one batch; errors pass through."""
+        good = [i for i, image in enumerate(images) if isinstance(image, Image.Image)]
+        classes = text_classes(self.config)
+        started = time.perf_counter()
+        batch = segment_images(self.runtime, [images[i] for i in good], classes)
+        for _ in good:
+            self.stats.observe("model", (time.perf_counter() - started) / len(good))
+        results: list[dict[str, Any] | BackendError] = list(images)  # errors stay where they are
+        for i, instances in zip(good, batch, strict=True):
+            results[i] = to_prediction(self.runtime, instances, classes, self.config, images[i], self.version)
+        return results
+
+    def push(self, tid: int, prediction: dict[str, Any] | BackendError, seconds: float) -> None:
+        """Store the task's prediction in Label Studio (replacing one of this version), or record its failure."""
+        try:
+            if isinstance(prediction, BackendError):
+                raise prediction
+            with self.stats.stage("push"):
+                replaced = self.studio.prediction_ids(tid, self.version)  # non-empty only with force, or a race
+                self.studio.create_prediction(tid, prediction)
+                for old in replaced:
+                    self.studio.delete_prediction(old)
+        except BackendError as exc:
+            log.warning("task %s failed: %s", tid, exc)
+            self.stats.failure(type(exc).__name__)
+            self.claims.release(tid)
+            self.report.failed[tid] = str(exc)
+            return
+        self.claims.mark_done(tid)
+        self.report.pushed.append(tid)
+        self.stats.task_done(seconds)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -46,9 +46,45 @@ class GroundingDinoDetector:
         class_box_thresholds: one box threshold per class of `plan`, used instead of `thresholds.box`
         for the boxes of that class (the text threshold applies to all).
         """
-        if plan.chunk_count == 0:
-            return []
-        logits, boxes = self._forward(image, plan)
+        return self.detect_batch([image], plan, thresholds, class_box_thresholds)[0]
+
+    def detect_batch(
+        self,
+        images: Sequence[Image.Image],
+        plan: PromptPlan,
+        thresholds: DetectionThresholds,
+        class_box_thresholds: Sequence[float] | None = None,
+    ) -> list[list[Detection]]:
+        """`detect` for several images, a list per image: one forward per group of same-size inputs.
+
+        Only images whose preprocessed size is equal share a forward (rows: image x prompt chunk). Padding
+        smaller images to the largest would change what the Swin backbone sees near the padding, so a
+        batch would no longer give each image its single-image detections.
+        """
+        if plan.chunk_count == 0 or not images:
+            return [[] for _ in images]
+        pixels = [self._processor.image_processor(images=image, return_tensors="pt") for image in images]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, item in enumerate(pixels):
+            groups.setdefault(tuple(item["pixel_values"].shape), []).append(index)
+        results: list[list[Detection]] = [[] for _ in images]
+        for members in groups.values():
+            logits, boxes = self._forward([pixels[i] for i in members], plan)
+            for row, index in enumerate(members):
+                results[index] = self._select(logits[row], boxes[row], images[index], plan, thresholds,
+                                              class_box_thresholds)
+        return results
+
+    def _select(
+        self,
+        logits: torch.Tensor,
+        boxes: torch.Tensor,
+        image: Image.Image,
+        plan: PromptPlan,
+        thresholds: DetectionThresholds,
+        class_box_thresholds: Sequence[float] | None,
+    ) -> list[Detection]:
+        """One image's detections from its logits (C, Q, L) and normalised cxcywh boxes (C, Q, 4)."""
         box_scores, class_scores, classes = _score(logits, plan)
         box_cut = thresholds.box
         if class_box_thresholds is not None:
@@ -64,21 +100,23 @@ class GroundingDinoDetector:
             for i in kept.tolist()
         ]
 
-    def _forward(self, image: Image.Image, plan: PromptPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batched forward, the image repeated once per chunk.
+    def _forward(self, pixels: Sequence[Mapping[str, torch.Tensor]], plan: PromptPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward for same-size preprocessed images, each repeated once per prompt chunk (image-major).
 
-        Returns logits (C, Q, L) over the plan's L tokens and boxes (C, Q, 4) as normalised cxcywh.
+        Returns logits (B, C, Q, L) over the plan's L tokens and boxes (B, C, Q, 4) as normalised cxcywh.
         """
         device = self._model.device
-        pixels = self._processor.image_processor(images=image, return_tensors="pt").to(device)
-        chunks = plan.chunk_count
+        batch, chunks = len(pixels), plan.chunk_count
+        pixel_values = torch.cat([p["pixel_values"] for p in pixels]).to(device)
+        pixel_mask = torch.cat([p["pixel_mask"] for p in pixels]).to(device)
         outputs = self._model(
-            pixel_values=pixels["pixel_values"].expand(chunks, -1, -1, -1),
-            pixel_mask=pixels["pixel_mask"].expand(chunks, -1, -1),
-            input_ids=plan.input_ids.to(device),
-            attention_mask=plan.attention_mask.to(device),
+            pixel_values=pixel_values.repeat_interleave(chunks, dim=0),
+            pixel_mask=pixel_mask.repeat_interleave(chunks, dim=0),
+            input_ids=plan.input_ids.to(device).repeat(batch, 1),
+            attention_mask=plan.attention_mask.to(device).repeat(batch, 1),
         )
-        return outputs.logits[..., : plan.input_ids.shape[1]], outputs.pred_boxes
+        logits = outputs.logits[..., : plan.input_ids.shape[1]]
+        return logits.unflatten(0, (batch, chunks)), outputs.pred_boxes.unflatten(0, (batch, chunks))
 
 
 def _score(logits: torch.Tensor, plan: PromptPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -14,7 +14,14 @@ from backend.pipeline.masks import clean_mask
 from backend.pipeline.negatives import ClassPlan, build_class_plan, suppress_negatives
 from backend.pipeline.postprocess import finish
 from backend.pipeline.segmenter import Segmenter
-from backend.pipeline.types import DetectionThresholds, Instance, PostprocessOptions, PromptedMask, TextClass
+from backend.pipeline.types import (
+    Detection,
+    DetectionThresholds,
+    Instance,
+    PostprocessOptions,
+    PromptedMask,
+    TextClass,
+)
 
 
 class GroundedSam:
@@ -44,12 +51,21 @@ class GroundedSam:
         max_instances. Boxes are xyxy pixels of `image`; masks are (H, W) bool; class indexes point into
         `plan.classes`. SAM does not run when nothing is left to segment.
         """
+        return self.run_batch([image], plan)[0]
+
+    def run_batch(self, images: Sequence[Image.Image], plan: ClassPlan) -> list[list[Instance]]:
+        """`run` for several images: one detector forward for all of them, then SAM image by image
+        (one embedding per image, all its boxes in one decoder call). A list of instances per image."""
         with torch.inference_mode():
-            detections = self._detector.detect(image, plan.plan, self._thresholds, plan.box_thresholds)
-            detections = suppress_negatives(detections, plan, self._postprocess.negative_iou)
-            if not detections:
-                return []
-            boxes = np.array([detection.box_xyxy for detection in detections], dtype=np.float32)
+            batch = self._detector.detect_batch(images, plan.plan, self._thresholds, plan.box_thresholds)
+        return [self._segment(image, detections, plan) for image, detections in zip(images, batch, strict=True)]
+
+    def _segment(self, image: Image.Image, detections: list[Detection], plan: ClassPlan) -> list[Instance]:
+        detections = suppress_negatives(detections, plan, self._postprocess.negative_iou)
+        if not detections:
+            return []
+        boxes = np.array([detection.box_xyxy for detection in detections], dtype=np.float32)
+        with torch.inference_mode():
             masks, scores = self._segmenter.segment(np.asarray(image), boxes)
         instances = [
             Instance(detection=detection, mask=clean_mask(mask, self._postprocess), mask_score=float(score))

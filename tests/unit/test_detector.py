@@ -140,3 +140,23 @@ def test_nms_is_per_class_and_keeps_the_best_first() -> None:
     assert _class_nms(boxes, scores, classes, iou_threshold=0.5, limit=10).tolist() == [1, 2, 3]
     assert _class_nms(boxes, scores, classes, iou_threshold=0.5, limit=2).tolist() == [1, 2]
     assert _class_nms(boxes[:0], scores[:0], classes[:0], iou_threshold=0.5, limit=10).tolist() == []
+
+
+def test_a_batch_of_images_gives_each_image_its_single_image_detections(
+    detector: GroundingDinoDetector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batched detection finds what one forward per image finds; same-size images share one forward."""
+    images = [random_image(96, 64, seed=1), random_image(48, 80, seed=2), random_image(96, 64, seed=3)]
+    thresholds = DetectionThresholds(box=0.0, text=0.0, max_detections=10, nms_iou=0.5)
+    plan = detector.prepare(CLASSES)
+    forwards: list[int] = []
+    forward = detector._forward
+    monkeypatch.setattr(detector, "_forward", lambda pixels, p: (forwards.append(len(pixels)), forward(pixels, p))[1])
+    with torch.inference_mode():
+        batched = detector.detect_batch(images, plan, thresholds)
+        assert sorted(forwards) == [1, 2]  # the two 96x64 images in one forward, the portrait alone
+        single = [detector.detect(image, plan, thresholds) for image in images]
+    for image, got, expected in zip(images, batched, single, strict=True):
+        assert [d.class_index for d in got] == [d.class_index for d in expected]
+        np.testing.assert_allclose([d.score for d in got], [d.score for d in expected], atol=1e-4)
+        np.testing.assert_allclose([d.box_xyxy for d in got], [d.box_xyxy for d in expected], atol=1e-2)
