@@ -74,29 +74,27 @@ def _basic_auth_header(credentials: tuple[str, str]) -> str:
     return f"Basic {token}"
 
 
+# Known failures → status code, message prefix, log level. Everything else is a logged 500.
+_ERROR_ANSWERS: tuple[tuple[type[Exception], int, str, int], ...] = (
+    (LabelConfigError, 400, "labeling config not supported: ", logging.INFO),
+    (InteractiveContextError, 400, "interactive request not understood: ", logging.INFO),
+    (QueueUnavailableError, 503, "", logging.ERROR),
+    (RedisError, 503, "Redis is unreachable: ", logging.ERROR),
+    (PredictTimeoutError, 504, "", logging.WARNING),
+)
+
+
+def _answer(status: int, prefix: str, level: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        log.log(level, "%s %s → %d: %s", request.method, request.url.path, status, exc)
+        return JSONResponse({"detail": f"{prefix}{exc}"}, status_code=status)
+
+    return handler
+
+
 def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(LabelConfigError)
-    async def bad_config(_: Request, exc: LabelConfigError) -> JSONResponse:
-        return JSONResponse({"detail": f"labeling config not supported: {exc}"}, status_code=400)
-
-    @app.exception_handler(InteractiveContextError)
-    async def bad_context(_: Request, exc: InteractiveContextError) -> JSONResponse:
-        return JSONResponse({"detail": f"interactive request not understood: {exc}"}, status_code=400)
-
-    @app.exception_handler(QueueUnavailableError)
-    async def no_queue(_: Request, exc: QueueUnavailableError) -> JSONResponse:
-        log.error("queue unavailable: %s", exc)
-        return JSONResponse({"detail": str(exc)}, status_code=503)
-
-    @app.exception_handler(RedisError)
-    async def redis_error(_: Request, exc: RedisError) -> JSONResponse:
-        log.error("Redis error: %s", exc)
-        return JSONResponse({"detail": f"Redis is unreachable: {exc}"}, status_code=503)
-
-    @app.exception_handler(PredictTimeoutError)
-    async def too_slow(_: Request, exc: PredictTimeoutError) -> JSONResponse:
-        log.warning("predict timed out: %s", exc)
-        return JSONResponse({"detail": str(exc)}, status_code=504)
+    for kind, status, prefix, level in _ERROR_ANSWERS:
+        app.add_exception_handler(kind, _answer(status, prefix, level))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import httpx
 import psutil
 
-from tests.integration.conftest import Proc, Processes
+from tests.integration.conftest import Proc, Processes, tiny_backend_env
 
-# Variables of the developer's shell that would change what the backend does here.
-_DROPPED = ("REDIS_URL", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "LOCAL_FILES_DOCUMENT_ROOT")
-REPO = Path(__file__).resolve().parents[2]
 
 
 def backend_environment(label_studio_url: str, api_key: str, detector: Path, sam: Path) -> dict[str, str]:
@@ -22,24 +18,9 @@ def backend_environment(label_studio_url: str, api_key: str, detector: Path, sam
     LOCAL_FILES_DOCUMENT_ROOT stays unset so that Local Files images, like uploads, are fetched from
     Label Studio with LABEL_STUDIO_API_KEY: the path a backend on another machine takes.
     """
-    env = {key: value for key, value in os.environ.items()
-           if key not in _DROPPED and not key.startswith("LABEL_STUDIO_")}
-    env.update(
-        HF_HUB_OFFLINE="1",
-        DETECTOR_MODEL=str(detector),
-        SAM_MODEL=str(sam),
-        DEVICE="cpu",
-        MAX_DETECTIONS="3",
-        BOX_THRESHOLD="0.05",
-        TEXT_THRESHOLD="0.05",
-        QUEUE_NAME=f"e2e-{uuid.uuid4().hex[:8]}",
-        WORKER_HEARTBEAT="0.5",
-        PREDICT_TIMEOUT="60",
-        LOG_LEVEL="INFO",
-        PYTHONPATH=str(REPO),
-        LABEL_STUDIO_URL=label_studio_url,
-        LABEL_STUDIO_API_KEY=api_key,
-    )
+    shell_label_studio = tuple(key for key in os.environ if key.startswith("LABEL_STUDIO_"))
+    env = tiny_backend_env(detector, sam, drop=("LOCAL_FILES_DOCUMENT_ROOT", *shell_label_studio))
+    env.update(LABEL_STUDIO_URL=label_studio_url, LABEL_STUDIO_API_KEY=api_key)
     return env
 
 

@@ -49,11 +49,18 @@ def redis_url() -> Iterator[str]:
 @pytest.fixture()
 def model_env(tiny_detector_dir: Path, tiny_hf_sam_dir: Path) -> dict[str, str]:
     """Environment for backend processes: tiny random models, CPU, offline, a fresh queue per test."""
-    env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "BASIC_AUTH_USER", "BASIC_AUTH_PASS"}}
+    return tiny_backend_env(tiny_detector_dir, tiny_hf_sam_dir)
+
+
+def tiny_backend_env(detector: Path, sam: Path, drop: tuple[str, ...] = ()) -> dict[str, str]:
+    """This process's environment minus settings that would change the backend (and `drop`), plus tiny
+    random models on the CPU, offline, a fresh queue name, fast heartbeats."""
+    dropped = {"REDIS_URL", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", *drop}
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env.update(
         HF_HUB_OFFLINE="1",
-        DETECTOR_MODEL=str(tiny_detector_dir),
-        SAM_MODEL=str(tiny_hf_sam_dir),
+        DETECTOR_MODEL=str(detector),
+        SAM_MODEL=str(sam),
         DEVICE="cpu",
         MAX_DETECTIONS="3",
         BOX_THRESHOLD="0.05",
