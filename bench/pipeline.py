@@ -1,0 +1,776 @@
+"""Benchmark of the worker's model pipeline: generated images through decode → Grounding DINO → SAM → cleanup →
+Label Studio prediction (RLE) → JSON, the batched path and the one-image-at-a-time path side by side in one run.
+
+    python bench/pipeline.py --images 16 --size 1920x1080 --objects 5 --models tiny --sam hf --device cpu \
+        --batch 8 --out bench/results/cpu_tiny.json
+
+Models are built from configs with random weights (tiny: the tests' builders; full: grounding-dino-tiny's and
+SAM ViT-H/L/B's architectures), saved to a folder and loaded back through `build_pipeline`, the code production
+runs. Random weights cost what trained weights cost, except where the cost depends on what the model outputs:
+the detector's box count (capped here, see `thresholds`) and the masks' shapes (cleanup, RLE, JSON).
+
+Per-stage times come from wrapping the loaded objects' methods inside this script (production code is not
+changed); on CUDA every stage boundary synchronises, so the stage breakdown comes from its own pass and the
+images/s from a pass with the timers switched off. See bench/README.md for what every number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib.metadata
+import io
+import json
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: every model is built here
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+import backend.jobs as jobs  # noqa: E402
+import backend.labelstudio.results as results_module  # noqa: E402
+import backend.pipeline.grounded_sam as grounded_sam_module  # noqa: E402
+from backend.images.fetch import decode_image  # noqa: E402
+from backend.labelstudio.config import parse_label_config  # noqa: E402
+from backend.labelstudio.results import OutputOptions  # noqa: E402
+from backend.labelstudio.version import model_version  # noqa: E402
+from backend.pipeline.build import build_pipeline  # noqa: E402
+from backend.pipeline.grounded_sam import GroundedSam  # noqa: E402
+from backend.pipeline.segmenter import HfSamSegmenter, SegmentAnythingSegmenter  # noqa: E402
+from backend.pipeline.types import DetectionThresholds, ModelSpec, PostprocessOptions  # noqa: E402
+
+# SAM image encoders by name: transformers SamVisionConfig sizes and segment-anything registry names.
+SAM_SIZES = {
+    "vit_b": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, global_attn_indexes=[2, 5, 8, 11]),
+    "vit_l": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, global_attn_indexes=[5, 11, 17, 23]),
+    "vit_h": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, global_attn_indexes=[7, 15, 23, 31]),
+}
+MAX_PIXELS = 100_000_000  # decode_image's cap; generous, the bench's images are known
+
+# Stage rows of the table, in pipeline order: (key, description). "other" rows are the remainder of a timed
+# call after its timed parts; "unattributed" is the wall time of a pass minus every stage.
+STAGES = [
+    ("decode", "decode PNG bytes (backend.images.decode_image)"),
+    ("dino_preprocess", "DINO image processor (resize+normalise, CPU)"),
+    ("dino_forward", "DINO model forward (Swin+BERT+fusion+decoder)"),
+    ("dino_other", "detector rest: host->device, scoring, NMS"),
+    ("sam_preprocess", "SAM processor / transform (resize to 1024, CPU)"),
+    ("sam_encoder", "SAM image encoder (get_image_embeddings / image_encoder)"),
+    ("sam_decoder", "SAM prompt encoder + mask decoder"),
+    ("sam_upsample", "SAM masks to original size (post_process_masks)"),
+    ("sam_other", "segmenter rest: masks device->host, numpy"),
+    ("postprocess", "cleanup: fill holes, islands, dedup, caps"),
+    ("rle", "brush RLE (label-studio-sdk mask2rle)"),
+    ("prediction_other", "build_prediction rest (regions, rectangles)"),
+    ("json", "json.dumps of the prediction"),
+    ("unattributed", "wall time of the pass not inside any stage"),
+]
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def build_models(directory: Path, models: str, sam: str, sam_size: str, device: str) -> dict[str, str]:
+    """Save the detector and SAM with random weights under `directory`; return ModelSpec paths and a description."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if models == "tiny":
+        from tests.tiny_models import build_tiny_grounding_dino, build_tiny_hf_sam, build_tiny_sam_checkpoint
+
+        detector = build_tiny_grounding_dino(directory / "dino")
+        if sam == "hf":
+            return {"detector": str(detector), "sam": str(build_tiny_hf_sam(directory / "sam")), "sam_type": "vit_h"}
+        checkpoint = build_tiny_sam_checkpoint(directory / "sam.pth")
+        return {"detector": str(detector), "sam": str(checkpoint), "sam_checkpoint": str(checkpoint), "sam_type": "vit_b"}
+    return _build_full(directory, sam, sam_size, device)
+
+
+def _bert_vocab() -> dict[str, int]:
+    """A bert-base-uncased-sized vocabulary (30522 ids) with its special ids where Grounding DINO hard-codes them
+    ([CLS] 101, [SEP] 102, '.' 1012, '?' 1029); lower-case ASCII text tokenizes into words or single characters."""
+    import string
+
+    fixed = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103, ".": 1012, "?": 1029}
+    words = ("a an the of and with on in cat dog car person traffic light bicycle bus truck bird tree sign road "
+             "automobile cone label object thing red green blue small large").split()
+    chars = [c for c in string.ascii_lowercase + string.digits + string.punctuation if c not in ".?"]
+    pieces = [*chars, *(f"##{c}" for c in string.ascii_lowercase + string.digits), *words]
+    free = (i for i in range(30522) if i not in fixed.values())
+    vocab = dict(fixed)
+    vocab.update(zip(pieces, free))
+    vocab.update((f"[unused{i}]", i) for i in free)
+    return vocab
+
+
+def _build_full(directory: Path, sam: str, sam_size: str, device: str) -> dict[str, str]:
+    """grounding-dino-tiny's architecture (GroundingDinoConfig() defaults) and SAM `sam_size`, random weights.
+
+    The image processors are the classes a hub checkpoint's `*ImageProcessor` config names (AutoProcessor
+    resolves them on loading, as it would for the hub's files). The tokenizer's vocabulary is made up (no
+    download) but bert-base-sized; the prompt tokenizes into about as many tokens as with the real one.
+    """
+    from transformers import (
+        BertTokenizer,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+        SamConfig,
+        SamImageProcessor,
+        SamModel,
+        SamProcessor,
+        SamVisionConfig,
+    )
+
+    def create(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        """Random init on the GPU when there is one (much faster for ~800 M parameters), else on the CPU."""
+        torch.manual_seed(0)
+        if device.startswith("cuda") and torch.cuda.is_available():
+            try:
+                with torch.device(device):
+                    return factory()
+            except Exception as error:  # noqa: BLE001 - any failure: the CPU build below is the fallback
+                print(f"building on {device} failed ({error}); building on the CPU", flush=True)
+        return factory()
+
+    detector = create(lambda: GroundingDinoForObjectDetection(GroundingDinoConfig()).eval())
+    processor = GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessor(), tokenizer=BertTokenizer(vocab=_bert_vocab())
+    )
+    detector.save_pretrained(directory / "dino")
+    processor.save_pretrained(directory / "dino")
+    del detector
+    paths = {"detector": str(directory / "dino"), "sam_type": sam_size}
+    if sam == "hf":
+        model = create(lambda: SamModel(SamConfig(vision_config=SamVisionConfig(**SAM_SIZES[sam_size]))).eval())
+        model.save_pretrained(directory / "sam")
+        SamProcessor(image_processor=SamImageProcessor()).save_pretrained(directory / "sam")
+        paths["sam"] = str(directory / "sam")
+    else:
+        from segment_anything import sam_model_registry
+
+        model = create(lambda: sam_model_registry[sam_size]())
+        torch.save({key: value.cpu() for key, value in model.state_dict().items()}, directory / "sam.pth")
+        paths["sam"] = paths["sam_checkpoint"] = str(directory / "sam.pth")
+    return paths
+
+
+def ensure_models(args: argparse.Namespace) -> tuple[dict[str, str], float, tempfile.TemporaryDirectory | None]:
+    """Model folder for `args` (built in a child process, so this process's peak RSS is loading and running only).
+
+    With --model-dir an earlier build of the same kind is reused. Returns paths, build seconds, temp dir holder.
+    """
+    key = {"models": args.models, "sam": args.sam, "sam_size": args.sam_size}
+    holder = None
+    if args.model_dir:
+        directory = Path(args.model_dir) / f"{args.models}-{args.sam}-{args.sam_size}"
+    else:
+        holder = tempfile.TemporaryDirectory(prefix="bench-models-")
+        directory = Path(holder.name)
+    marker = directory / "bench_models.json"
+    if marker.is_file() and json.loads(marker.read_text())["key"] == key:
+        return json.loads(marker.read_text())["paths"], 0.0, holder
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, __file__, "--build-into", str(directory), "--models", args.models, "--sam", args.sam,
+         "--sam-size", args.sam_size, "--device", args.device],
+        check=True,
+    )
+    return json.loads(marker.read_text())["paths"], time.perf_counter() - started, holder
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for part in text.split(","):
+        width, height = part.lower().split("x")
+        sizes.append((int(width), int(height)))
+    return sizes
+
+
+def generate_images(count: int, sizes: Sequence[tuple[int, int]], objects: int, noise: float, seed: int) -> list[bytes]:
+    """PNG bytes of `count` images (sizes in turn): a gradient, `objects` filled shapes, Gaussian pixel noise.
+
+    The noise (sigma `noise` grey levels) gives the PNGs a photo-like size, so decoding costs what it would.
+    Image i depends only on (seed, i); they are made in threads (numpy and zlib release the GIL).
+    """
+
+    def one(index: int) -> bytes:
+        rng = np.random.default_rng([seed, index])
+        shapes = random.Random(seed * 1_000_003 + index)
+        width, height = sizes[index % len(sizes)]
+        ramp_x = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
+        ramp_y = np.linspace(0, 1, height, dtype=np.float32)[:, None, None]
+        base = rng.uniform(40, 200, size=3).astype(np.float32)
+        pixels = base + 50 * ramp_x * rng.uniform(-1, 1, size=3) + 50 * ramp_y * rng.uniform(-1, 1, size=3)
+        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(objects):
+            w = shapes.randint(width // 10, width // 3)
+            h = shapes.randint(height // 10, height // 3)
+            x, y = shapes.randint(0, width - w), shapes.randint(0, height - h)
+            colour = tuple(shapes.randint(0, 255) for _ in range(3))
+            kind = shapes.choice(("rectangle", "ellipse", "triangle"))
+            if kind == "rectangle":
+                draw.rectangle((x, y, x + w, y + h), fill=colour)
+            elif kind == "ellipse":
+                draw.ellipse((x, y, x + w, y + h), fill=colour)
+            else:
+                draw.polygon([(x, y + h), (x + w // 2, y), (x + w, y + h)], fill=colour)
+        array = np.asarray(image, dtype=np.int16)
+        if noise > 0:
+            array = array + rng.normal(0, noise, size=array.shape).astype(np.int16)
+        buffer = io.BytesIO()
+        # Level 1: fast to write; inflating costs about the same at any level, so decoding is unaffected.
+        Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).save(buffer, format="PNG", compress_level=1)
+        return buffer.getvalue()
+
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def images_for(args: argparse.Namespace, count: int, seed: int) -> list[bytes]:
+    """`generate_images` for `args`, read from / written to --image-cache when given."""
+    sizes = parse_sizes(args.size)
+    if not args.image_cache:
+        return generate_images(count, sizes, args.objects, args.noise, seed)
+    key = f"{count}-{args.size.replace(',', '_')}-{args.objects}-{args.noise:g}-{seed}"
+    folder = Path(args.image_cache) / key
+    if folder.is_dir() and len(list(folder.glob("*.png"))) == count:
+        return [(folder / f"{index:05d}.png").read_bytes() for index in range(count)]
+    encoded = generate_images(count, sizes, args.objects, args.noise, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, data in enumerate(encoded):
+        (folder / f"{index:05d}.png").write_bytes(data)
+    return encoded
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+class Stages:
+    """Inclusive seconds per stage name, with a device synchronisation at every boundary while enabled."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.enabled = False
+        self._cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self._cuda:
+            torch.cuda.synchronize()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        self.sync()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.seconds[name] += time.perf_counter() - started
+            self.counts[name] += 1
+
+    def wrap(self, name: str, function: Callable) -> Callable:
+        @functools.wraps(function)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            with self(name):
+                return function(*args, **kwargs)
+
+        return timed
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.counts.clear()
+
+
+class TimedProxy:
+    """Stands in for an object (a processor): calling it, or the named methods, is timed; the rest passes through."""
+
+    def __init__(self, inner: Any, stages: Stages, call: str | None, methods: dict[str, str] | None = None) -> None:
+        self._inner, self._stages, self._call, self._methods = inner, stages, call, methods or {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._call is None:
+            return self._inner(*args, **kwargs)
+        with self._stages(self._call):
+            return self._inner(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._inner, name)
+        if name in self._methods:
+            return self._stages.wrap(self._methods[name], value)
+        return value
+
+
+class Counters:
+    """What went through SAM and into the predictions (to show both paths did the same work)."""
+
+    def __init__(self) -> None:
+        self.sam_boxes: list[int] = []
+        self.bench_s = 0.0  # time of the bench's own work inside a timed path (--masks ellipse), not production's
+        self.rle_ints: list[int] = []
+        self.mask_fill: list[float] = []
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+def ellipse_masks(masks: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """For --masks ellipse: each mask replaced by the filled ellipse inscribed in its box (same shape, bool)."""
+    import cv2
+
+    out = np.zeros(masks.shape, dtype=np.uint8)
+    for plane, (x0, y0, x1, y1) in zip(out, boxes, strict=True):
+        centre = (int(round((x0 + x1) / 2)), int(round((y0 + y1) / 2)))
+        axes = (max(int(round((x1 - x0) / 2)), 1), max(int(round((y1 - y0) / 2)), 1))
+        cv2.ellipse(plane, centre, axes, 0, 0, 360, 1, -1)
+    return out.astype(bool)
+
+
+def instrument(pipeline: GroundedSam, stages: Stages, counters: Counters, masks: str) -> None:
+    """Wrap the loaded pipeline's objects (instance attributes and this process's module globals only).
+
+    masks "ellipse": after SAM has run in full, its masks are swapped for ellipses in their boxes, so that
+    cleanup, RLE and JSON see object-like shapes instead of random weights' noisy masks. The swap's own time is
+    kept in `counters.bench_s` and taken out of every wall time.
+    """
+    detector = pipeline._detector
+    detector._processor.image_processor = TimedProxy(detector._processor.image_processor, stages, "dino_preprocess")
+    detector._model.forward = stages.wrap("dino_forward", detector._model.forward)
+    detector.detect_batch = stages.wrap("detector_total", detector.detect_batch)
+
+    segmenter = pipeline._segmenter
+    if isinstance(segmenter, HfSamSegmenter):
+        segmenter._processor = TimedProxy(
+            segmenter._processor, stages, "sam_preprocess", {"post_process_masks": "sam_upsample"}
+        )
+        segmenter._model.get_image_embeddings = stages.wrap("sam_encoder", segmenter._model.get_image_embeddings)
+        segmenter._model.forward = stages.wrap("sam_decoder", segmenter._model.forward)  # embeddings given: no ViT
+    elif isinstance(segmenter, SegmentAnythingSegmenter):
+        predictor = segmenter._predictor
+        sam = predictor.model
+        predictor.transform.apply_image = stages.wrap("sam_preprocess", predictor.transform.apply_image)
+        sam.preprocess = stages.wrap("sam_preprocess", sam.preprocess)  # normalise + pad, on the device
+        sam.image_encoder.forward = stages.wrap("sam_encoder", sam.image_encoder.forward)
+        sam.prompt_encoder.forward = stages.wrap("sam_decoder", sam.prompt_encoder.forward)
+        sam.mask_decoder.forward = stages.wrap("sam_decoder", sam.mask_decoder.forward)
+        sam.postprocess_masks = stages.wrap("sam_upsample", sam.postprocess_masks)
+    else:
+        raise TypeError(f"unknown segmenter {type(segmenter).__name__}")
+    segment = segmenter.segment
+
+    def counted_segment(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        counters.sam_boxes.append(len(boxes))
+        return segment(image, boxes)
+
+    timed_segment = stages.wrap("segmenter_total", counted_segment)
+
+    def swapped_segment(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        found, scores = timed_segment(image, boxes)
+        started = time.perf_counter()
+        found = ellipse_masks(found, boxes)  # numpy on the host: nothing on the GPU to wait for
+        counters.bench_s += time.perf_counter() - started
+        return found, scores
+
+    segmenter.segment = swapped_segment if masks == "ellipse" else timed_segment
+
+    # Module globals that grounded_sam / results call by name.
+    for name in ("clean_mask", "finish", "suppress_negatives"):
+        setattr(grounded_sam_module, name, stages.wrap("postprocess", getattr(grounded_sam_module, name)))
+    mask_to_rle = results_module.mask_to_rle
+
+    def counted_rle(mask: np.ndarray) -> list[int]:
+        rle = mask_to_rle(mask)
+        counters.rle_ints.append(len(rle))
+        counters.mask_fill.append(float(mask.mean()))
+        return rle
+
+    results_module.mask_to_rle = stages.wrap("rle", counted_rle)
+
+
+def stage_table(stages: Stages, wall: float, images: int) -> dict[str, float]:
+    """ms per image of every row of STAGES (exclusive times: 'other' rows are remainders)."""
+    s = stages.seconds
+    rows = {
+        "decode": s["decode"],
+        "dino_preprocess": s["dino_preprocess"],
+        "dino_forward": s["dino_forward"],
+        "dino_other": s["detector_total"] - s["dino_preprocess"] - s["dino_forward"],
+        "sam_preprocess": s["sam_preprocess"],
+        "sam_encoder": s["sam_encoder"],
+        "sam_decoder": s["sam_decoder"],
+        "sam_upsample": s["sam_upsample"],
+        "sam_other": s["segmenter_total"] - s["sam_preprocess"] - s["sam_encoder"] - s["sam_decoder"]
+        - s["sam_upsample"],
+        "postprocess": s["postprocess"],
+        "rle": s["rle"],
+        "prediction_other": s["prediction_total"] - s["rle"],
+        "json": s["json"],
+    }
+    rows["unattributed"] = wall - sum(rows.values())
+    return {key: 1000 * value / images for key, value in rows.items()}
+
+
+# ---------------------------------------------------------------------------------------------- the two paths
+
+
+class Bench:
+    def __init__(self, pipeline: GroundedSam, args: argparse.Namespace, device: torch.device) -> None:
+        self.pipeline = pipeline
+        self.device = device
+        self.config = parse_label_config(Path(args.label_config).read_text())
+        self.classes = jobs.text_classes(self.config)
+        self.runtime = jobs.Runtime(pipeline=pipeline, fetcher=None, fingerprint={}, output=OutputOptions())
+        self.version = model_version({"bench": pipeline.describe()}, self.config)
+        self.batch = args.batch
+        self.stages = Stages(device)
+        self.counters = Counters()
+
+    def _finish(self, image: Image.Image, instances: list) -> str:
+        """to_prediction (RLE inside) and json.dumps, as the worker hands a prediction on."""
+        with self.stages("prediction_total"):
+            prediction = jobs.to_prediction(self.runtime, instances, self.classes, self.config, image, self.version)
+        with self.stages("json"):
+            return json.dumps(prediction)
+
+    def _decode(self, data: bytes) -> Image.Image:
+        with self.stages("decode"):
+            return decode_image(data, MAX_PIXELS, source="bench image")
+
+    def single(self, encoded: Sequence[bytes]) -> list[str]:
+        """The straightforward path: each image alone through GroundedSam.run (jobs.segment_image)."""
+        out = []
+        for data in encoded:
+            image = self._decode(data)
+            out.append(self._finish(image, jobs.segment_image(self.runtime, image, self.classes)))
+        return out
+
+    def batched(self, encoded: Sequence[bytes]) -> list[str]:
+        """The fast path: groups of --batch images through GroundedSam.run_batch (jobs.segment_images)."""
+        out = []
+        for start in range(0, len(encoded), self.batch):
+            images = [self._decode(data) for data in encoded[start : start + self.batch]]
+            for image, instances in zip(images, jobs.segment_images(self.runtime, images, self.classes), strict=True):
+                out.append(self._finish(image, instances))
+        return out
+
+    def measure_pass(self, encoded: Sequence[bytes], staged: bool) -> tuple[dict[str, Any], dict[str, list[str]]]:
+        """Both paths over `encoded`, interleaved in rounds of --batch images (orders alternate: AB BA AB ...),
+        so that load from other processes and clock drift fall on both alike. Returns results and outputs per path.
+        """
+        paths = {"single": self.single, "batched": self.batched}
+        wall = dict.fromkeys(paths, 0.0)
+        seconds: dict[str, dict[str, float]] = {path: defaultdict(float) for path in paths}
+        counts: dict[str, dict[str, int]] = {path: defaultdict(int) for path in paths}
+        counters = {path: Counters() for path in paths}
+        cuda_peak = dict.fromkeys(paths, 0)
+        bench_s = dict.fromkeys(paths, 0.0)
+        outputs: dict[str, list[str]] = {path: [] for path in paths}
+        self.stages.enabled = staged
+        for round_index, start in enumerate(range(0, len(encoded), self.batch)):
+            chunk = encoded[start : start + self.batch]
+            order = ("single", "batched") if round_index % 2 == 0 else ("batched", "single")
+            for path in order:
+                self.stages.reset()
+                self.counters.reset()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                started = time.perf_counter()
+                outputs[path].extend(paths[path](chunk))
+                self.stages.sync()
+                wall[path] += time.perf_counter() - started - self.counters.bench_s
+                bench_s[path] += self.counters.bench_s
+                if self.device.type == "cuda":
+                    cuda_peak[path] = max(cuda_peak[path], torch.cuda.max_memory_allocated())
+                for key, value in self.stages.seconds.items():
+                    seconds[path][key] += value
+                for key, value in self.stages.counts.items():
+                    counts[path][key] += value
+                for name in ("sam_boxes", "rle_ints", "mask_fill"):
+                    getattr(counters[path], name).extend(getattr(self.counters, name))
+        self.stages.enabled = False
+        results = {}
+        for path in paths:
+            result: dict[str, Any] = {
+                "wall_s": wall[path],
+                "images_per_s": len(encoded) / wall[path],
+                "ms_per_image": 1000 * wall[path] / len(encoded),
+                "bench_overhead_excluded_s": bench_s[path],
+            }
+            if self.device.type == "cuda":
+                result["cuda_max_allocated_mb"] = cuda_peak[path] / 2**20
+            if staged:
+                self.stages.seconds = seconds[path]
+                result["stages_ms_per_image"] = stage_table(self.stages, wall[path], len(encoded))
+                result["calls"] = dict(counts[path])
+                c = counters[path]
+                result["sam_boxes_per_image"] = sum(c.sam_boxes) / len(encoded)
+                result["sam_calls"] = len(c.sam_boxes)
+                result["regions_per_image"] = len(c.rle_ints) / len(encoded)
+                result["rle_ints_per_mask"] = float(np.mean(c.rle_ints)) if c.rle_ints else 0.0
+                result["mask_fill_mean"] = float(np.mean(c.mask_fill)) if c.mask_fill else 0.0
+            results[path] = result
+        self.stages.seconds = defaultdict(float)
+        return results, outputs
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def compare(single: Sequence[str], batched: Sequence[str]) -> dict[str, Any]:
+    """How far the two paths' predictions agree (random weights: batch float noise may reorder near ties)."""
+    same_json = sum(a == b for a, b in zip(single, batched, strict=True))
+    same_regions = sum(
+        len(json.loads(a)["result"]) == len(json.loads(b)["result"]) for a, b in zip(single, batched, strict=True)
+    )
+    return {"identical_json": same_json, "same_region_count": same_regions, "images": len(single),
+            "json_bytes_per_image": float(np.mean([len(text) for text in batched]))}
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],  # 1/5/15 min: other work on this machine
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info |= {
+            "gpu": props.name,
+            "gpu_memory_gb": round(props.total_memory / 2**30, 1),
+            "gpu_capability": f"{props.major}.{props.minor}",
+            "gpu_multiprocessors": props.multi_processor_count,
+            "cuda": torch.version.cuda,
+        }
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            info["gpu_driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20,
+            ).stdout.strip()
+    return info
+
+
+def versions() -> dict[str, str | None]:
+    names = ["torch", "transformers", "torchvision", "numpy", "pillow", "opencv-python-headless", "label-studio-sdk",
+             "segment-anything", "safetensors", "tokenizers"]
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "backend"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        out["repo_commit"] = commit + ("+dirty backend/" if dirty else "")
+    return out
+
+
+def print_report(report: dict[str, Any]) -> None:
+    p = report["parameters"]
+    m = report["machine"]
+    hardware = m.get("gpu") or m["cpu"]
+    print()
+    print(f"pipeline bench: {p['images']} images {p['size']}, {p['objects']} objects, models {p['models']} "
+          f"(SAM {p['sam']} {report['models']['sam_type']} {p['sam_dtype']}), {p['device']}, batch {p['batch']}, "
+          f"masks {p['masks']}")
+    print(f"hardware: {hardware}; {m['cpus_usable']} CPUs usable, torch threads {m['torch_threads']}")
+    print(f"thresholds: {report['thresholds']} -- random weights pass almost every query, so box/text thresholds "
+          f"are 0 and max_detections = --objects: SAM gets the same box count on both paths")
+    runs = report["runs"]
+    throughput = report["throughput_pass"]
+    single, batched = runs[throughput]["single"], runs[throughput]["batched"]
+    print(f"\nthroughput ({throughput} pass): straightforward {single['images_per_s']:.3f} img/s, "
+          f"batched {batched['images_per_s']:.3f} img/s, ratio batched/straightforward {report['ratio']:.3f}")
+    if "staged" in runs:
+        s_rows, b_rows = runs["staged"]["single"], runs["staged"]["batched"]
+        print(f"\nper stage, ms/img ('staged' pass{', synchronised at every stage' if p['device'] == 'cuda' else ''})")
+        print(f"{'stage':<18}{'straight':>11}{'batched':>11}  what")
+        for key, what in STAGES:
+            print(f"{key:<18}{s_rows['stages_ms_per_image'][key]:>11.2f}{b_rows['stages_ms_per_image'][key]:>11.2f}  {what}")
+        print(f"{'total':<18}{s_rows['ms_per_image']:>11.2f}{b_rows['ms_per_image']:>11.2f}")
+        print(f"SAM boxes/img {s_rows['sam_boxes_per_image']:.2f} / {b_rows['sam_boxes_per_image']:.2f}, "
+              f"regions/img {s_rows['regions_per_image']:.2f} / {b_rows['regions_per_image']:.2f}, "
+              f"RLE ints/mask {s_rows['rle_ints_per_mask']:.0f}, mask fill {s_rows['mask_fill_mean']:.2f}")
+    memory = f"\npeak RSS {report['memory']['peak_rss_mb']:.0f} MB (after load {report['memory']['rss_after_load_mb']:.0f} MB)"
+    if "cuda_max_allocated_mb" in single:
+        memory += (f"; CUDA max allocated straightforward {single['cuda_max_allocated_mb']:.0f} MB, "
+                   f"batched {batched['cuda_max_allocated_mb']:.0f} MB (weights {report['memory']['cuda_weights_mb']:.0f} MB)")
+    print(memory)
+    print(f"agreement: {report['agreement']}")
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=16, help="images per path")
+    parser.add_argument("--size", default="1920x1080", help="WxH, or several comma-separated (images take them in turn)")
+    parser.add_argument("--objects", type=int, default=5, help="shapes drawn per image = max detections (SAM boxes)")
+    parser.add_argument("--models", choices=("tiny", "full"), default="tiny")
+    parser.add_argument("--sam", choices=("hf", "pth"), default="hf", help="transformers SamModel or segment-anything .pth")
+    parser.add_argument("--sam-size", choices=tuple(SAM_SIZES), default="vit_h", help="SAM encoder of --models full")
+    parser.add_argument("--sam-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--batch", type=int, default=8, help="images per run_batch call on the batched path")
+    parser.add_argument("--label-config", default=str(ROOT / "label_config" / "brush.xml"))
+    parser.add_argument("--masks", choices=("model", "ellipse"), default="model",
+                        help="model: the random-weight SAM masks as they come; ellipse: after SAM has run, each "
+                             "mask is replaced by the ellipse in its box so that cleanup/RLE/JSON cost what "
+                             "object-like masks cost (the swap's time is excluded)")
+    parser.add_argument("--noise", type=float, default=8.0, help="pixel noise sigma of the generated images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls of each path (one batch each)")
+    parser.add_argument("--passes", choices=("auto", "staged", "both"), default="auto",
+                        help="staged: one pass with stage timers; both: also a pass without them for images/s "
+                             "(auto: both on CUDA, where stage timers synchronise; staged on CPU)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice). On a shared "
+                        "CPU, 1 avoids OpenMP threads waiting on each other, which slows many small ops (tiny models)")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions (production does not)")
+    parser.add_argument("--image-cache", help="keep generated PNGs here and reuse them (default: generate each run)")
+    parser.add_argument("--model-dir", help="keep built models here and reuse them (default: a temporary folder)")
+    parser.add_argument("--out", help="write the JSON report here")
+    parser.add_argument("--build-into", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.build_into:
+        directory = Path(args.build_into)
+        paths = build_models(directory, args.models, args.sam, args.sam_size, args.device)
+        key = {"models": args.models, "sam": args.sam, "sam_size": args.sam_size}
+        (directory / "bench_models.json").write_text(json.dumps({"key": key, "paths": paths}))
+        return {}
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    paths, build_s, holder = ensure_models(args)
+    spec = ModelSpec(
+        detector=paths["detector"],
+        sam=paths["sam"],
+        sam_checkpoint=paths.get("sam_checkpoint"),
+        sam_model_type=paths["sam_type"],
+        device=args.device,
+        sam_dtype=args.sam_dtype,
+    )
+    thresholds = DetectionThresholds(box=0.0, text=0.0, max_detections=args.objects)
+    started = time.perf_counter()
+    pipeline = build_pipeline(spec, thresholds, PostprocessOptions())
+    load_s = time.perf_counter() - started
+    memory: dict[str, float] = {"rss_after_load_mb": peak_rss_mb()}
+    if device.type == "cuda":
+        memory["cuda_weights_mb"] = torch.cuda.memory_allocated() / 2**20
+
+    sizes = parse_sizes(args.size)
+    started = time.perf_counter()
+    encoded = images_for(args, args.images, args.seed)
+    warm = images_for(args, max(args.batch, len(sizes)), args.seed + 1)
+    images_s = time.perf_counter() - started
+
+    processors = {"detector": type(pipeline._detector._processor.image_processor).__name__}
+    if isinstance(pipeline._segmenter, HfSamSegmenter):
+        processors["sam"] = type(pipeline._segmenter._processor.image_processor).__name__
+    bench = Bench(pipeline, args, device)
+    instrument(pipeline, bench.stages, bench.counters, args.masks)
+    for _ in range(args.warmup):
+        bench.single(warm[: len(sizes)])
+        bench.batched(warm)
+
+    passes = ["staged"] if args.passes == "staged" or (args.passes == "auto" and device.type != "cuda") else ["clean", "staged"]
+    runs: dict[str, dict[str, Any]] = {}
+    for name in passes:
+        runs[name], outputs = bench.measure_pass(encoded, staged=name == "staged")
+        memory[f"peak_rss_mb_after_{name}_pass"] = peak_rss_mb()
+        print(f"{name} pass: straightforward {runs[name]['single']['images_per_s']:.3f} img/s, "
+              f"batched {runs[name]['batched']['images_per_s']:.3f} img/s", flush=True)
+    throughput = passes[0]
+    memory["peak_rss_mb"] = peak_rss_mb()
+
+    report = {
+        "bench": "pipeline",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "parameters": {k: v for k, v in vars(args).items() if k not in ("build_into",)},
+        "machine": machine(device) | {"load_average_at_start": load_at_start},
+        "versions": versions(),
+        "models": {**paths, "build_s": build_s, "load_s": load_s, "image_processors": processors, "describe": pipeline.describe()},
+        "thresholds": asdict(thresholds),
+        "note": "random weights: box/text thresholds 0 and max_detections = --objects, so SAM decodes the same "
+                "number of boxes per image on both paths. "
+                + ("Masks after SAM replaced by the ellipse in each box (--masks ellipse; swap time excluded), so "
+                   "cleanup, RLE and JSON see object-like shapes."
+                   if args.masks == "ellipse" else
+                   "Masks as the random-weight SAM gives them: cleanup, RLE and JSON cost differs from trained "
+                   "weights' masks."),
+        "image_bytes_mean": float(np.mean([len(data) for data in encoded])),
+        "images_s": images_s,
+        "throughput_pass": throughput,
+        "ratio": runs[throughput]["batched"]["images_per_s"] / runs[throughput]["single"]["images_per_s"],
+        "ratio_per_pass": {name: run["batched"]["images_per_s"] / run["single"]["images_per_s"] for name, run in runs.items()},
+        "runs": runs,
+        "memory": memory,
+        "agreement": compare(outputs["single"], outputs["batched"]),
+        "stage_keys": dict(STAGES),
+    }
+    print_report(report)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    if holder is not None:
+        holder.cleanup()
+    return report
+
+
+if __name__ == "__main__":
+    main()
