@@ -167,7 +167,11 @@ class PredictionQueue:
         except NoSuchJobError:  # expired between the two calls
             self._enqueue(queue, func, job_id, payload)
             return
-        if job.get_status() in _RETRYABLE_STATUSES:
+        status = job.get_status()
+        if status == JobStatus.FAILED:
+            # rq's own requeue: deleting a job abandoned by a dead worker fails (its execution is gone).
+            job.requeue()
+        elif status in _RETRYABLE_STATUSES:  # stopped or canceled: never ran to the end, safe to replace
             job.delete()
             self._enqueue(queue, func, job_id, payload)
 

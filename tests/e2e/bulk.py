@@ -1,0 +1,157 @@
+"""Whole-project pre-labelling as a user runs it at scale: `serve` (API only) on a Redis, separate `worker`s,
+the `prelabel` command, and a project of many small images on the loopback image host.
+
+Shared by tests/e2e/test_bulk_prelabel.py and bench/bulk_workers.py.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from redis import Redis
+from rq import Queue, Worker
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from backend.queueing.claims import TaskClaims
+from backend.queueing.client import queue_names
+from tests.e2e.backends import backend_environment
+from tests.e2e.flows import Project, match_tasks
+from tests.e2e.images import ImageServer, TestImage, write_image
+from tests.e2e.labelstudio import LabelStudio
+from tests.integration.conftest import Proc, Processes, wait_healthy
+
+REPO = Path(__file__).resolve().parents[2]
+WAIT_S = 300.0
+
+
+def bulk_images(image_host: ImageServer, prefix: str, count: int) -> list[TestImage]:
+    """`count` small images in the image host's folder, sizes varying a little (64..118 x 48..96), PNG and JPEG."""
+    images = []
+    for index in range(count):
+        width, height = 64 + (index % 7) * 9, 48 + (index % 5) * 12
+        suffix = ".jpg" if index % 3 == 0 else ".png"
+        background = (40 + index % 200, 170, 90 + (index * 7) % 150)
+        images.append(write_image(image_host.root, f"{prefix}-{index:04d}{suffix}", width, height, background))
+    return images
+
+
+def url_project(ls: LabelStudio, title: str, config_path: Path, image_host: ImageServer,
+                images: list[TestImage]) -> Project:
+    """A project whose tasks name `images` as absolute http URLs on the image host (one import call)."""
+    label_config = config_path.read_text()
+    project = ls.create_project(title, label_config)
+    tasks = [{"data": {"image": image_host.url_for(image.path.name)}} for image in images]
+    assert ls.import_tasks(project, tasks) == len(images)
+    stored = ls.tasks(project)
+    assert len(stored) == len(images)
+    return Project(project, label_config, match_tasks(stored, images))
+
+
+def scaled_environment(label_studio_url: str, api_key: str, detector: Path, sam: Path, redis_url: str,
+                       chunk_size: int) -> dict[str, str]:
+    """Environment shared by `serve` (API only, since REDIS_URL is set), the workers and `prelabel`."""
+    env = backend_environment(label_studio_url, api_key, detector, sam)
+    env.update(REDIS_URL=redis_url, BULK_CHUNK_SIZE=str(chunk_size))
+    return env
+
+
+@dataclass
+class ScaledBackend:
+    """One API and its workers on a shared Redis, each a real process whose log stays in `processes`' folder."""
+
+    processes: Processes
+    env: dict[str, str]
+    api: Proc | None = None
+    workers: list[Proc] = field(default_factory=list)
+    _redis: Redis | None = field(default=None, repr=False)
+
+    def start(self, workers: int) -> None:
+        self.api = self.processes.serve(self.env, wait_workers=0)
+        for _ in range(workers):
+            self.add_worker()
+
+    def add_worker(self) -> Proc:
+        """A new `worker` process; returns once the API counts it (models loaded, listening)."""
+        assert self.api is not None
+        worker = self.processes.start(["worker"], self.env)
+        self.workers.append(worker)
+        deadline = time.monotonic() + WAIT_S
+        # By pid: a SIGKILLed worker stays in rq's worker count until its registration expires.
+        while not self.registered(worker):
+            if worker.popen.poll() is not None:
+                raise AssertionError(f"worker exited with {worker.popen.returncode}:\n{worker.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"worker not registered within {WAIT_S:.0f} s:\n{worker.log()}")
+            time.sleep(0.2)
+        return worker
+
+    def worker_count(self) -> int:
+        """Workers as /health counts them."""
+        assert self.api is not None
+        return int(wait_healthy(self.api, 0)["workers"])
+
+    def registered(self, worker: Proc) -> bool:
+        return any(record.pid == worker.popen.pid for record in self._worker_records())
+
+    @property
+    def url(self) -> str:
+        assert self.api is not None
+        return self.api.url
+
+    def jobs(self, project: int) -> dict[str, Any]:
+        """GET /jobs?project=ID: the project's bulk task counts."""
+        response = httpx.get(f"{self.url}/jobs", params={"project": project}, timeout=10)
+        response.raise_for_status()
+        return dict(response.json())
+
+    def redis(self) -> Redis:
+        if self._redis is None:
+            self._redis = Redis.from_url(self.env["REDIS_URL"])
+        return self._redis
+
+    def busy_job(self, worker: Proc) -> str | None:
+        """The id of the job `worker` is running now (rq's own record of the worker, matched by pid)."""
+        for record in self._worker_records():
+            if record.pid == worker.popen.pid:
+                return record.get_current_job_id()
+        return None
+
+    def _worker_records(self) -> list[Worker]:
+        redis = self.redis()
+        interactive, _ = queue_names(self.env["QUEUE_NAME"])
+        return list(Worker.all(connection=redis, queue=Queue(interactive, connection=redis)))
+
+    def job_tasks(self, job_id: str) -> list[int]:
+        """Task ids of a bulk chunk job (from its payload)."""
+        job = Job.fetch(job_id, connection=self.redis(), serializer=JSONSerializer)
+        return [int(task["id"]) for task in job.args[0]["tasks"]]
+
+    def claims(self, project: int, version: str, tasks: list[int]) -> dict[int, str]:
+        """For diagnostics: each task's claim in Redis (owner worker or "done") and its time to live."""
+        claims = TaskClaims(self.redis(), str(project), version, busy_ttl=0)
+        found = {}
+        for task in tasks:
+            key = claims._key(task)  # the backend's key layout, read only to explain a failure
+            value = self.redis().get(key)
+            found[task] = f"{value.decode() if value else None} (ttl {self.redis().ttl(key)} s)"
+        return found
+
+    def command(self, args: list[str]) -> Proc:
+        """A bulk CLI command (`prelabel`, `status`, `retry`) against this API, started in the background."""
+        return self.processes.start([*args, "--backend", self.url], self.env)
+
+
+def finish(proc: Proc, timeout: float = WAIT_S) -> int:
+    """Wait for a command; its exit code (the test fails with its log if it hangs)."""
+    try:
+        return proc.popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.stop(signal.SIGKILL)
+        raise AssertionError(f"command did not finish within {timeout:.0f} s:\n{proc.log()}") from None
