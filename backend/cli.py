@@ -37,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"invalid settings:\n{exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # httpx logs every request at INFO: one line per image and per push, and per poll under a progress bar.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     # SIGTERM (docker stop, systemd) shuts down like Ctrl-C: the finally blocks stop children in order.
     signal.signal(signal.SIGTERM, _interrupt)
     try:

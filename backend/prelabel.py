@@ -7,8 +7,10 @@ rq calls `prelabel_chunk` (bulk queue) with a JSON payload:
 
 Tasks of a chunk share one prompt plan; their images are fetched concurrently. A task already holding a
 prediction of this model version (in Label Studio, or marked done by another worker) is skipped unless
-`force`, which replaces it. Failed tasks are listed in the job's meta and in the error that fails the job,
-so rq's failed registry says which task failed and why; a retry recomputes only those.
+`force`, which replaces it. A task another worker holds is waited for (it finishes it, or dies and its
+claim lapses within seconds and this chunk takes it), so a finished chunk leaves no task undone. Failed
+tasks are listed in the job's meta and in the error that fails the job, so rq's failed registry says which
+task failed and why; a retry recomputes only those.
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ from backend.jobs import (
 from backend.labelstudio.config import LabelConfig
 from backend.lsclient import LabelStudioApi
 from backend.queueing.bulk import META_FAILED
-from backend.queueing.claims import TaskClaims
+from backend.queueing.claims import Claimant, TaskClaims
 from backend.queueing.stats import WorkerStats
 
 log = logging.getLogger(__name__)
 
 FETCH_THREADS = 4
+# How often a chunk looks again at tasks another worker holds.
+HELD_ELSEWHERE_POLL_S = 1.0
 
 
 class StudioNotConfiguredError(BackendError):
@@ -66,17 +70,10 @@ def prelabel_chunk(payload: dict[str, Any]) -> dict[str, Any]:
         raise StudioNotConfiguredError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY for workers doing bulk work")
     job = get_current_job()
     config, version = checked_config(runtime, payload)
-    chunk = _Chunk(
-        runtime, runtime.studio, payload, config, version,
-        TaskClaims(job.connection, str(payload["project"]), version, busy_ttl=int(job.timeout or 600)),
-        WorkerStats(job.connection),
-    )
-    todo = chunk.claim(payload["tasks"], owner=job.worker_name or job.id, force=bool(payload.get("force")))
-    started = time.perf_counter()
-    predictions = chunk.predict_all(todo, chunk.fetch_all(todo))
-    seconds_each = (time.perf_counter() - started) / max(1, len(todo))
-    for task, prediction in zip(todo, predictions, strict=True):
-        chunk.push(int(task["id"]), prediction, seconds_each)
+    claims = TaskClaims(job.connection, str(payload["project"]), version)
+    with Claimant(claims, owner=f"{job.worker_name or 'worker'}:{job.id}") as claimant:
+        chunk = _Chunk(runtime, runtime.studio, payload, config, version, claimant, WorkerStats(job.connection))
+        chunk.run(payload["tasks"], force=bool(payload.get("force")))
     job.meta[META_FAILED] = sorted(chunk.report.failed)
     job.save_meta()
     if chunk.report.failed:
@@ -94,23 +91,52 @@ class _Chunk:
     payload: dict[str, Any]
     config: LabelConfig
     version: str
-    claims: TaskClaims
+    claimant: Claimant
     stats: WorkerStats
     report: ChunkReport = field(default_factory=ChunkReport)
 
-    def claim(self, tasks: Sequence[dict[str, Any]], owner: str, force: bool) -> list[dict[str, Any]]:
-        """The tasks this worker should compute now; the rest are done already or being done elsewhere."""
-        todo = []
+    def run(self, tasks: Sequence[dict[str, Any]], force: bool) -> None:
+        """Push a prediction for every task, or record its failure, before returning.
+
+        Tasks another worker holds are waited for: it finishes them, or it died and its claims lapse
+        (CLAIM_TTL_S) and this chunk computes them. So a finished chunk means all its tasks are done.
+        """
+        pending = list(tasks)
+        while True:
+            todo, pending = self.claim(pending, force)
+            if todo:
+                self.compute(todo)
+            if not pending:
+                return
+            log.info("waiting for %d tasks held by other workers", len(pending))
+            force = False  # what another worker finished meanwhile is already this version, fresh
+            time.sleep(HELD_ELSEWHERE_POLL_S)
+
+    def claim(
+        self, tasks: Sequence[dict[str, Any]], force: bool
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Split `tasks` into those to compute now and those another worker holds; done ones are skipped."""
+        todo, held_elsewhere = [], []
         for task in tasks:
             tid = int(task["id"])
-            if (not force and self.claims.is_done(tid)) or not self.claims.claim(tid, owner, force=force):
+            if not force and self.claimant.claims.is_done(tid):
                 self.report.skipped.append(tid)
+            elif not self.claimant.take(tid, force=force):
+                held_elsewhere.append(task)
             elif not force and self.studio.prediction_ids(tid, self.version):
-                self.claims.mark_done(tid)
+                self.claimant.mark_done(tid)
                 self.report.skipped.append(tid)
             else:
                 todo.append(task)
-        return todo
+        return todo, held_elsewhere
+
+    def compute(self, tasks: Sequence[dict[str, Any]]) -> None:
+        """Fetch, predict (one batch) and push `tasks`, which this chunk holds."""
+        started = time.perf_counter()
+        predictions = self.predict_all(tasks, self.fetch_all(tasks))
+        seconds_each = (time.perf_counter() - started) / len(tasks)
+        for task, prediction in zip(tasks, predictions, strict=True):
+            self.push(int(task["id"]), prediction, seconds_each)
 
     def fetch_all(self, tasks: Sequence[dict[str, Any]]) -> list[Image.Image | BackendError]:
         """Images of `tasks`, fetched concurrently (network-bound); an error stands in for a failed fetch."""
@@ -153,9 +179,9 @@ class _Chunk:
         except BackendError as exc:
             log.warning("task %s failed: %s", tid, exc)
             self.stats.failure(type(exc).__name__)
-            self.claims.release(tid)
+            self.claimant.release(tid)
             self.report.failed[tid] = str(exc)
             return
-        self.claims.mark_done(tid)
+        self.claimant.mark_done(tid)
         self.report.pushed.append(tid)
         self.stats.task_done(seconds)

@@ -135,13 +135,8 @@ class ScaledBackend:
 
     def claims(self, project: int, version: str, tasks: list[int]) -> dict[int, str]:
         """For diagnostics: each task's claim in Redis (owner worker or "done") and its time to live."""
-        claims = TaskClaims(self.redis(), str(project), version, busy_ttl=0)
-        found = {}
-        for task in tasks:
-            key = claims._key(task)  # the backend's key layout, read only to explain a failure
-            value = self.redis().get(key)
-            found[task] = f"{value.decode() if value else None} (ttl {self.redis().ttl(key)} s)"
-        return found
+        claims = TaskClaims(self.redis(), str(project), version)
+        return {task: f"{claims.holder(task)} (ttl {self.redis().ttl(claims.key(task))} s)" for task in tasks}
 
     def command(self, args: list[str]) -> Proc:
         """A bulk CLI command (`prelabel`, `status`, `retry`) against this API, started in the background."""
