@@ -5,6 +5,7 @@ asynchronous, someone in the editor goes ahead of bulk work, failures are counte
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -144,7 +145,7 @@ def test_editor_request_goes_ahead_of_bulk_work_and_failures_are_counted_and_ret
     assert len(label_studio.predictions(project.id)) == 48
 
 
-def test_two_prelabel_runs_at_once_store_one_prediction_per_task(
+def test_two_prelabel_runs_at_once_and_a_forced_rerun_keep_one_prediction_per_task(
     label_studio: LabelStudio, image_host: ImageServer, scaled: Callable[..., ScaledBackend]
 ) -> None:
     project = new_project(label_studio, image_host, 32)
@@ -154,4 +155,18 @@ def test_two_prelabel_runs_at_once_store_one_prediction_per_task(
     assert [finish(run) for run in runs] == [0, 0], "\n".join(run.log() for run in runs)
     assert len(predictions_by_task(label_studio, project.id)) == 32  # fails on a second prediction of a task
     assert len(label_studio.predictions(project.id)) == 32
+    assert_predictions_valid(label_studio, project, version)
+
+    # --force with a Data Manager filter recomputes just those tasks and replaces their predictions.
+    chosen = sorted(project.images)[:8]
+    query = {"filters": {"conjunction": "and", "items": [
+        {"filter": "filter:tasks:id", "operator": "less_or_equal", "type": "Number", "value": chosen[-1]}]}}
+    before = {p["task"]: p["id"] for p in label_studio.predictions(project.id)}
+    forced = backend.command(["prelabel", "--project", str(project.id), "--force", "--filter", json.dumps(query)])
+    assert finish(forced) == 0, forced.log()
+    assert "project" in forced.log() and "8 tasks, 0 already have" in forced.log(), forced.log()
+    after = {p["task"]: p["id"] for p in label_studio.predictions(project.id)}
+    assert len(after) == 32 and len(label_studio.predictions(project.id)) == 32
+    replaced = sorted(task for task in after if after[task] != before[task])
+    assert replaced == chosen, f"--force --filter replaced the predictions of {replaced}, not of {chosen}"
     assert_predictions_valid(label_studio, project, version)
