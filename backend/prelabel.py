@@ -37,6 +37,8 @@ from backend.jobs import (
 )
 from backend.labelstudio.config import LabelConfig
 from backend.lsclient import LabelStudioApi
+from backend.pipeline.memory import DeviceOutOfMemoryError
+from backend.pipeline.types import Instance, TextClass
 from backend.queueing.bulk import META_FAILED
 from backend.queueing.claims import Claimant, TaskClaims
 from backend.queueing.stats import WorkerStats
@@ -133,7 +135,7 @@ class _Chunk:
     def compute(self, tasks: Sequence[dict[str, Any]]) -> None:
         """Fetch, predict (one batch) and push `tasks`, which this chunk holds."""
         started = time.perf_counter()
-        predictions = self.predict_all(tasks, self.fetch_all(tasks))
+        predictions = self.predict_all(self.fetch_all(tasks))
         seconds_each = (time.perf_counter() - started) / len(tasks)
         for task, prediction in zip(tasks, predictions, strict=True):
             self.push(int(task["id"]), prediction, seconds_each)
@@ -151,20 +153,37 @@ class _Chunk:
         with ThreadPoolExecutor(FETCH_THREADS) as pool:
             return list(pool.map(fetch, tasks))
 
-    def predict_all(
-        self, tasks: Sequence[dict[str, Any]], images: Sequence[Image.Image | BackendError]
-    ) -> list[dict[str, Any] | BackendError]:
+    def predict_all(self, images: Sequence[Image.Image | BackendError]) -> list[dict[str, Any] | BackendError]:
         """Predictions of the fetched images, through the models in one batch; errors pass through."""
-        good = [i for i, image in enumerate(images) if isinstance(image, Image.Image)]
+        good = {i: image for i, image in enumerate(images) if isinstance(image, Image.Image)}
         classes = text_classes(self.config)
         started = time.perf_counter()
-        batch = segment_images(self.runtime, [images[i] for i in good], classes)
+        batch = self._segment(list(good.values()), classes)
         for _ in good:
             self.stats.observe("model", (time.perf_counter() - started) / len(good))
-        results: list[dict[str, Any] | BackendError] = list(images)  # errors stay where they are
-        for i, instances in zip(good, batch, strict=True):
-            results[i] = to_prediction(self.runtime, instances, classes, self.config, images[i], self.version)
+        results: list[dict[str, Any] | BackendError] = list(images)  # type: ignore[arg-type]  # errors stay; images are replaced
+        for (i, image), instances in zip(good.items(), batch, strict=True):
+            if isinstance(instances, BackendError):
+                results[i] = instances
+            else:
+                results[i] = to_prediction(self.runtime, instances, classes, self.config, image, self.version)
         return results
+
+    def _segment(
+        self, images: Sequence[Image.Image], classes: tuple[TextClass, ...]
+    ) -> list[list[Instance] | BackendError]:
+        """Instances per image, all in one batch; when one image does not fit in device memory even alone,
+        image by image, so that only that image's task fails."""
+        try:
+            return list(segment_images(self.runtime, images, classes))
+        except DeviceOutOfMemoryError:
+            return [self._segment_alone(image, classes) for image in images]
+
+    def _segment_alone(self, image: Image.Image, classes: tuple[TextClass, ...]) -> list[Instance] | BackendError:
+        try:
+            return segment_images(self.runtime, [image], classes)[0]
+        except DeviceOutOfMemoryError as exc:
+            return exc
 
     def push(self, tid: int, prediction: dict[str, Any] | BackendError, seconds: float) -> None:
         """Store the task's prediction in Label Studio (replacing one of this version), or record its failure."""

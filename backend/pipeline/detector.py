@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
+from backend.pipeline.memory import run_halving
 from backend.pipeline.prompts import PromptPlan, build_prompt_plan
 from backend.pipeline.types import Detection, DetectionThresholds, TextClass
 
@@ -59,7 +60,8 @@ class GroundingDinoDetector:
 
         Only images whose preprocessed size is equal share a forward (rows: image x prompt chunk). Padding
         smaller images to the largest would change what the Swin backbone sees near the padding, so a
-        batch would no longer give each image its single-image detections.
+        batch would no longer give each image its single-image detections. A group that does not fit in
+        device memory is split in halves (DeviceOutOfMemoryError when one image alone does not fit).
         """
         if plan.chunk_count == 0 or not images:
             return [[] for _ in images]
@@ -67,12 +69,17 @@ class GroundingDinoDetector:
         groups: dict[tuple[int, ...], list[int]] = {}
         for index, item in enumerate(pixels):
             groups.setdefault(tuple(item["pixel_values"].shape), []).append(index)
+        def detect_group(members: Sequence[int]) -> list[list[Detection]]:
+            logits, boxes = self._forward([pixels[i] for i in members], plan)
+            return [
+                self._select(logits[row], boxes[row], images[index], plan, thresholds, class_box_thresholds)
+                for row, index in enumerate(members)
+            ]
+
         results: list[list[Detection]] = [[] for _ in images]
         for members in groups.values():
-            logits, boxes = self._forward([pixels[i] for i in members], plan)
-            for row, index in enumerate(members):
-                results[index] = self._select(logits[row], boxes[row], images[index], plan, thresholds,
-                                              class_box_thresholds)
+            for index, detections in zip(members, run_halving(detect_group, members, "image"), strict=True):
+                results[index] = detections
         return results
 
     def _select(
@@ -100,7 +107,9 @@ class GroundingDinoDetector:
             for i in kept.tolist()
         ]
 
-    def _forward(self, pixels: Sequence[Mapping[str, torch.Tensor]], plan: PromptPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(
+        self, pixels: Sequence[Mapping[str, torch.Tensor]], plan: PromptPlan
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward for same-size preprocessed images, each repeated once per prompt chunk (image-major).
 
         Returns logits (B, C, Q, L) over the plan's L tokens and boxes (B, C, Q, 4) as normalised cxcywh.

@@ -54,19 +54,26 @@ class GroundedSam:
         return self.run_batch([image], plan)[0]
 
     def run_batch(self, images: Sequence[Image.Image], plan: ClassPlan) -> list[list[Instance]]:
-        """`run` for several images: one detector forward for all of them, then SAM image by image
-        (one embedding per image, all its boxes in one decoder call). A list of instances per image."""
+        """`run` for several images: one detector forward per group of same-size images, then the images
+        that have boxes through SAM together (one encoder forward, each image's boxes decoded together).
+        A list of instances per image."""
         with torch.inference_mode():
             batch = self._detector.detect_batch(images, plan.plan, self._thresholds, plan.box_thresholds)
-        return [self._segment(image, detections, plan) for image, detections in zip(images, batch, strict=True)]
+            kept = [suppress_negatives(detections, plan, self._postprocess.negative_iou) for detections in batch]
+            todo = [i for i, detections in enumerate(kept) if detections]
+            boxes = [np.array([d.box_xyxy for d in kept[i]], dtype=np.float32) for i in todo]
+            # Writable copies: the processor turns them into tensors, which torch refuses to share read-only.
+            pixels = [np.array(images[i]) for i in todo]
+            segmented = self._segmenter.segment_batch(pixels, boxes) if todo else []
+        results: list[list[Instance]] = [[] for _ in images]
+        for index, (masks, scores) in zip(todo, segmented, strict=True):
+            results[index] = self._instances(kept[index], masks, scores, plan)
+        return results
 
-    def _segment(self, image: Image.Image, detections: list[Detection], plan: ClassPlan) -> list[Instance]:
-        detections = suppress_negatives(detections, plan, self._postprocess.negative_iou)
-        if not detections:
-            return []
-        boxes = np.array([detection.box_xyxy for detection in detections], dtype=np.float32)
-        with torch.inference_mode():
-            masks, scores = self._segmenter.segment(np.asarray(image), boxes)
+    def _instances(
+        self, detections: list[Detection], masks: np.ndarray, scores: np.ndarray, plan: ClassPlan
+    ) -> list[Instance]:
+        """Detections with their SAM masks (N, H, W) bool and scores (N,), cleaned up and filtered."""
         instances = [
             Instance(detection=detection, mask=clean_mask(mask, self._postprocess), mask_score=float(score))
             for detection, mask, score in zip(detections, masks, scores, strict=True)
@@ -76,7 +83,7 @@ class GroundedSam:
     def segment_boxes(self, image: Image.Image, boxes_xyxy: np.ndarray) -> list[PromptedMask]:
         """SAM alone, one cleaned mask per box: boxes_xyxy (N, 4) float, xyxy pixels of `image` (RGB)."""
         with torch.inference_mode():
-            masks, scores = self._segmenter.segment(np.asarray(image), np.asarray(boxes_xyxy, dtype=np.float32))
+            masks, scores = self._segmenter.segment(np.array(image), np.asarray(boxes_xyxy, dtype=np.float32))
         return [self._cleaned(mask, score) for mask, score in zip(masks, scores, strict=True)]
 
     def segment_points(
@@ -95,7 +102,7 @@ class GroundedSam:
         points = points.reshape(0, 2) if points.size == 0 else points
         box = None if box_xyxy is None else np.asarray(box_xyxy, dtype=np.float32)
         with torch.inference_mode():
-            mask, score = self._segmenter.segment_points(np.asarray(image), points, np.asarray(positive, bool), box)
+            mask, score = self._segmenter.segment_points(np.array(image), points, np.asarray(positive, bool), box)
         return self._cleaned(mask, score)
 
     def describe(self) -> dict[str, object]:

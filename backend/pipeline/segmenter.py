@@ -7,13 +7,15 @@ highest predicted IoU is returned (as segment-anything recommends); other prompt
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
-from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
+from transformers import PreTrainedModel, ProcessorMixin
+
+from backend.pipeline.memory import run_halving
 
 if TYPE_CHECKING:
     from segment_anything import SamPredictor
@@ -22,6 +24,9 @@ if TYPE_CHECKING:
 # Boxes decoded per call. Each box runs the 64x64 embedding through the decoder (~3.6 GFLOP), so very
 # many boxes are split to bound memory; below this count every box goes in one call.
 BOX_BATCH = 64
+
+# The processor's per-image sizes; SAM 2 stretches to a square instead of padding, so it has no reshaped sizes.
+_SIZE_KEYS = ("original_sizes", "reshaped_input_sizes")
 
 # decode(boxes slice) -> masks (n, H, W) bool, predicted IoU (n,), both on the model's device.
 Decode = Callable[[slice], tuple[torch.Tensor, torch.Tensor]]
@@ -35,6 +40,12 @@ class Segmenter(Protocol):
 
         Returns masks (N, H, W) bool and predicted IoU scores (N,) float32 in [0, 1], in box order.
         """
+        ...
+
+    def segment_batch(
+        self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`segment` for several images, each with its own boxes; one (masks, scores) pair per image."""
         ...
 
     def segment_points(
@@ -69,16 +80,22 @@ class HfSamSegmenter:
 
     def segment(self, image: np.ndarray, boxes_xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """See `Segmenter.segment`."""
-        if len(boxes_xyxy) == 0:
-            return _no_masks(image)
-        inputs, embeddings, prompts = self._prepare(image, input_boxes=[boxes_xyxy.tolist()])
-        boxes = prompts["input_boxes"]
+        return self.segment_batch([image], [boxes_xyxy])[0]
 
-        def decode(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
-            out = self._model(**embeddings, input_boxes=boxes[:, part], multimask_output=False)
-            return self._original_size_masks(out.pred_masks, inputs)[:, 0], out.iou_scores[0, :, 0]
+    def segment_batch(
+        self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """See `Segmenter.segment_batch`. The images that have boxes go through the image encoder together
+        (halved where the device runs out of memory); each image's boxes are decoded on its own embedding."""
+        results = [_no_masks(image) for image in images]
+        todo = [i for i, boxes in enumerate(boxes_xyxy) if len(boxes)]
 
-        return _decode_all(decode, len(boxes_xyxy), self._box_batch)
+        def encode_and_decode(indices: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+            return self._segment_together([images[i] for i in indices], [boxes_xyxy[i] for i in indices])
+
+        for index, result in zip(todo, run_halving(encode_and_decode, todo, "image"), strict=True):
+            results[index] = result
+        return results
 
     def segment_points(
         self, image: np.ndarray, points_xy: np.ndarray, positive: np.ndarray, box_xyxy: np.ndarray | None
@@ -90,36 +107,58 @@ class HfSamSegmenter:
             given |= {"input_points": [[points_xy.tolist()]], "input_labels": [[positive.astype(int).tolist()]]}
         if box_xyxy is not None:
             given["input_boxes"] = [[box_xyxy.tolist()]]
-        inputs, embeddings, prompts = self._prepare(image, **given)
-        out = self._model(**embeddings, **prompts, multimask_output=multimask)
+        inputs = self._processor(images=image, **given, return_tensors="pt")
+        prompts = {
+            key: inputs[key].to(self._model.device, torch.int64 if key == "input_labels" else torch.float32)
+            for key in given
+        }
+        out = self._model(**self._embed(inputs), **prompts, multimask_output=multimask)
         return _best(self._original_size_masks(out.pred_masks, inputs)[0], out.iou_scores[0, 0])
 
-    def _prepare(
-        self, image: np.ndarray, **given: list
-    ) -> tuple[BatchFeature, dict[str, torch.Tensor | list[torch.Tensor]], dict[str, torch.Tensor]]:
-        """Processor inputs, the image embedding (forward kwargs) and the prompt tensors on the model's device.
+    def _segment_together(
+        self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One encoder forward for `images`, then each image's boxes (N_i, 4) decoded on its embedding."""
+        # The processor wants as many boxes for every image: shorter lists are padded with their last box.
+        most = max(len(boxes) for boxes in boxes_xyxy)
+        padded = [boxes.tolist() + [boxes[-1].tolist()] * (most - len(boxes)) for boxes in boxes_xyxy]
+        inputs = self._processor(images=list(images), input_boxes=padded, return_tensors="pt")
+        embeddings = self._embed(inputs)
+        # Prompts are in the model's 1024-px input frame, float32 (the processor gives float64).
+        all_boxes = inputs["input_boxes"].to(self._model.device, torch.float32)
+        results = []
+        for row, boxes in enumerate(boxes_xyxy):
+            own = {key: value[row : row + 1] for key, value in embeddings.items()}
+            sizes = {key: inputs[key][row : row + 1] for key in _SIZE_KEYS if key in inputs}
+            results.append(self._decode_boxes(own, all_boxes[row : row + 1, : len(boxes)], sizes))
+        return results
 
-        Prompts are in the model's 1024-px input frame: coordinates float32 (the processor gives float64).
-        """
-        device = self._model.device
-        inputs = self._processor(images=image, **given, return_tensors="pt")
-        embeddings = self._model.get_image_embeddings(inputs["pixel_values"].to(device, self._model.dtype))
+    def _decode_boxes(
+        self, embeddings: Mapping[str, torch.Tensor], boxes: torch.Tensor, sizes: Mapping[str, torch.Tensor]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One image's boxes (1, N, 4), in the model's input frame, decoded on its embedding (1, ...)."""
+
+        def decode(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            out = self._model(**embeddings, input_boxes=boxes[:, part], multimask_output=False)
+            return self._original_size_masks(out.pred_masks, sizes)[:, 0], out.iou_scores[0, :, 0]
+
+        return _decode_all(decode, boxes.shape[1], self._box_batch)
+
+    def _embed(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The image encoder's output for the processed images (B, ...), as forward kwargs."""
+        embeddings = self._model.get_image_embeddings(inputs["pixel_values"].to(self._model.device, self._model.dtype))
         if isinstance(embeddings, tuple):  # SamHQ also returns the ViT's intermediate features
-            embeddings = {"image_embeddings": embeddings[0], "intermediate_embeddings": embeddings[1]}
-        else:
-            embeddings = {"image_embeddings": embeddings}
-        prompts = {
-            key: inputs[key].to(device, torch.int64 if key == "input_labels" else torch.float32) for key in given
-        }
-        return inputs, embeddings, prompts
+            return {"image_embeddings": embeddings[0], "intermediate_embeddings": embeddings[1]}
+        return {"image_embeddings": embeddings}
 
-    def _original_size_masks(self, pred_masks: torch.Tensor, inputs: BatchFeature) -> torch.Tensor:
-        """Low-res logits (1, n, k, h, w) → (n, k, H, W) bool at the original size, on the model's device."""
-        # SAM 2 stretches to a square instead of padding, so its processor has no reshaped sizes.
-        sizes = {key: inputs[key] for key in ("reshaped_input_sizes",) if key in inputs}
-        masks = self._processor.post_process_masks(pred_masks.float(), inputs["original_sizes"], **sizes)
+    def _original_size_masks(self, pred_masks: torch.Tensor, sizes: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Low-res logits (1, n, k, h, w) → (n, k, H, W) bool at the original size, on the model's device.
+
+        sizes: the processor's original_sizes (and reshaped_input_sizes) of that one image, (1, 2) each.
+        """
+        reshaped = {key: sizes[key] for key in _SIZE_KEYS[1:] if key in sizes}
+        masks = self._processor.post_process_masks(pred_masks.float(), sizes["original_sizes"], **reshaped)
         return masks[0]
-
 
 class SegmentAnythingSegmenter:
     """Meta's segment-anything `Sam` (official .pth weights) behind `SamPredictor`.
@@ -152,6 +191,12 @@ class SegmentAnythingSegmenter:
                 return masks[:, 0], iou[:, 0]
 
             return _decode_all(decode, len(boxes_xyxy), self._box_batch)
+
+    def segment_batch(
+        self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """See `Segmenter.segment_batch`: image by image, since SamPredictor holds one image's embedding."""
+        return [self.segment(image, boxes) for image, boxes in zip(images, boxes_xyxy, strict=True)]
 
     def segment_points(
         self, image: np.ndarray, points_xy: np.ndarray, positive: np.ndarray, box_xyxy: np.ndarray | None
@@ -188,8 +233,14 @@ class SegmentAnythingSegmenter:
 
 
 def _decode_all(decode: Decode, count: int, box_batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Run `decode` over boxes in slices of `box_batch`; masks (count, H, W) bool, scores (count,) float32."""
-    parts = [decode(slice(start, start + box_batch)) for start in range(0, count, box_batch)]
+    """Run `decode` over boxes in slices of `box_batch` (halved where the device runs out of memory);
+    masks (count, H, W) bool, scores (count,) float32."""
+
+    def decode_part(boxes: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [decode(slice(boxes[0], boxes[-1] + 1))]
+
+    slices = [range(start, min(start + box_batch, count)) for start in range(0, count, box_batch)]
+    parts = [part for boxes in slices for part in run_halving(decode_part, boxes, "box")]
     masks = torch.cat([masks for masks, _ in parts]).cpu().numpy()
     # The IoU head is an unbounded regression; clamp it to the range of an IoU.
     scores = torch.cat([scores for _, scores in parts]).float().clamp(0, 1).cpu().numpy()

@@ -74,6 +74,11 @@ class RecordingSegmenter:
         self.box_counts.append(len(boxes_xyxy))
         return np.ones((len(boxes_xyxy), *image.shape[:2]), bool), np.ones(len(boxes_xyxy), np.float32)
 
+    def segment_batch(
+        self, images: list[np.ndarray], boxes_xyxy: list[np.ndarray]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [self.segment(image, boxes) for image, boxes in zip(images, boxes_xyxy, strict=True)]
+
     def describe(self) -> dict[str, str]:
         return {"source": "recording"}
 

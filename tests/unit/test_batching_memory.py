@@ -1,0 +1,184 @@
+"""Batches through the models: SAM's encoder on several images gives each image its own masks, and a batch
+that runs out of device memory is split in halves and still gives every result (one item that never fits
+is a named error)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+from backend.jobs import Runtime
+from backend.pipeline.detector import GroundingDinoDetector
+from backend.pipeline.grounded_sam import GroundedSam
+from backend.pipeline.memory import DeviceOutOfMemoryError, run_halving
+from backend.pipeline.types import DetectionThresholds, TextClass
+from backend.prelabel import _Chunk
+from tests.unit.test_segmenter import hf_segmenter
+
+EVERYTHING = DetectionThresholds(box=0.0, text=0.0, max_detections=5, nms_iou=1.0)
+CLASSES = (TextClass("Cat", ("cat",)), TextClass("Dog", ("dog",)))
+
+
+def rgb(height: int, width: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def boxes_for(height: int, width: int, count: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    corners = rng.uniform(0, 1, (count, 2, 2)) * [width, height]
+    return np.concatenate([corners.min(axis=1), corners.max(axis=1) + 1], axis=1).astype(np.float32)
+
+
+def oom_above(limit: int, size_of: Callable[..., int], sizes: list[int]) -> Callable[[Callable[..., Any]], Any]:
+    """Wrap a model call so that it raises CUDA's out-of-memory error when its batch exceeds `limit`;
+    `sizes` records every attempted batch size. Stands in for a GPU running out of memory."""
+
+    def wrap(call: Callable[..., Any]) -> Callable[..., Any]:
+        def limited(*args: Any, **kwargs: Any) -> Any:
+            size = size_of(*args, **kwargs)
+            sizes.append(size)
+            if size > limit:
+                raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate for {size}")
+            return call(*args, **kwargs)
+
+        return limited
+
+    return wrap
+
+
+# run_halving itself
+
+
+def test_halving_keeps_order_and_every_result() -> None:
+    attempts: list[int] = []
+
+    def doubled(items: Sequence[int]) -> list[int]:
+        attempts.append(len(items))
+        if len(items) > 2:
+            raise torch.OutOfMemoryError("out of memory")
+        return [2 * item for item in items]
+
+    assert run_halving(doubled, list(range(7)), "item") == [0, 2, 4, 6, 8, 10, 12]
+    assert attempts == [7, 3, 1, 2, 4, 2, 2]
+
+
+def test_one_item_that_never_fits_is_a_named_error_and_nothing_runs_for_no_items() -> None:
+    def never(items: Sequence[int]) -> list[int]:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    with pytest.raises(DeviceOutOfMemoryError, match="one image does not fit.*Tried to allocate 20.00 GiB"):
+        run_halving(never, [1, 2], "image")
+    assert run_halving(never, [], "image") == []
+
+
+def test_other_errors_are_not_taken_for_memory() -> None:
+    def broken(items: Sequence[int]) -> list[int]:
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_halving(broken, [1, 2, 3], "image")
+
+
+# SAM: several images through the encoder at once
+
+
+def test_sam_batch_gives_each_image_its_single_image_masks(tiny_hf_sam_dir: Path) -> None:
+    segmenter = hf_segmenter(tiny_hf_sam_dir)
+    images = [rgb(48, 64, 1), rgb(90, 40, 2), rgb(30, 30, 3), rgb(64, 64, 4)]
+    boxes = [boxes_for(48, 64, 3, 1), boxes_for(90, 40, 1, 2), np.zeros((0, 4), np.float32), boxes_for(64, 64, 5, 4)]
+    with torch.inference_mode():
+        together = segmenter.segment_batch(images, boxes)
+        alone = [segmenter.segment(image, image_boxes) for image, image_boxes in zip(images, boxes, strict=True)]
+    for (masks, scores), (masks_1, scores_1), image, image_boxes in zip(together, alone, images, boxes, strict=True):
+        assert masks.shape == (len(image_boxes), *image.shape[:2]) and scores.shape == (len(image_boxes),)
+        np.testing.assert_allclose(scores, scores_1, atol=1e-5)
+        assert np.count_nonzero(masks != masks_1) <= 1e-3 * masks.size  # rounding may flip a pixel at logit ~0
+
+
+def test_sam_out_of_memory_splits_images_then_boxes(tiny_hf_sam_dir: Path) -> None:
+    segmenter = hf_segmenter(tiny_hf_sam_dir, box_batch=8)
+    images = [rgb(48, 64, seed) for seed in range(4)]
+    boxes = [boxes_for(48, 64, 6, seed) for seed in range(4)]
+    with torch.inference_mode():
+        expected = segmenter.segment_batch(images, boxes)
+    model = segmenter._model  # the transformers SamModel, limited as a small GPU would be
+    encoded: list[int] = []
+    decoded: list[int] = []
+    model.get_image_embeddings = oom_above(1, lambda pixels: len(pixels), encoded)(model.get_image_embeddings)
+    model.forward = oom_above(2, lambda **kw: kw["input_boxes"].shape[1], decoded)(model.forward)
+    with torch.inference_mode():
+        split = segmenter.segment_batch(images, boxes)
+    assert encoded == [4, 2, 1, 1, 2, 1, 1]
+    assert decoded == [6, 3, 1, 2, 3, 1, 2] * 4  # per image: 6 boxes fail, then halves of halves
+    for (masks, scores), (masks_1, scores_1) in zip(split, expected, strict=True):
+        np.testing.assert_allclose(scores, scores_1, atol=1e-5)
+        assert np.count_nonzero(masks != masks_1) <= 1e-3 * masks.size
+
+
+# Grounding DINO: a same-size group that does not fit
+
+
+@pytest.fixture(scope="module")
+def detector(tiny_detector_dir: Path) -> GroundingDinoDetector:
+    model = AutoModelForZeroShotObjectDetection.from_pretrained(tiny_detector_dir).eval()
+    return GroundingDinoDetector(model, AutoProcessor.from_pretrained(tiny_detector_dir))
+
+
+def test_detector_out_of_memory_splits_the_group_and_gives_the_same_detections(
+    detector: GroundingDinoDetector,
+) -> None:
+    images = [Image.fromarray(rgb(48, 64, seed)) for seed in range(5)]
+    plan = detector.prepare(CLASSES)
+    with torch.inference_mode():
+        expected = detector.detect_batch(images, plan, EVERYTHING)
+        rows: list[int] = []
+        detector._forward = oom_above(2, lambda pixels, _plan: len(pixels), rows)(detector._forward)  # type: ignore[method-assign]
+        split = detector.detect_batch(images, plan, EVERYTHING)
+    assert rows == [5, 2, 3, 1, 2]
+    assert [[d.class_index for d in found] for found in split] == [[d.class_index for d in e] for e in expected]
+    for found, wanted in zip(split, expected, strict=True):
+        np.testing.assert_allclose([d.box_xyxy for d in found], [d.box_xyxy for d in wanted], atol=1e-3)
+        np.testing.assert_allclose([d.score for d in found], [d.score for d in wanted], atol=1e-5)
+
+
+def test_detector_image_that_never_fits_is_a_named_error(detector: GroundingDinoDetector) -> None:
+    plan = detector.prepare(CLASSES)
+    rows: list[int] = []
+    detector_call = detector._forward
+    detector._forward = oom_above(0, lambda pixels, _plan: len(pixels), rows)(detector_call)  # type: ignore[method-assign]
+    try:
+        with torch.inference_mode(), pytest.raises(DeviceOutOfMemoryError, match="one image does not fit"):
+            detector.detect_batch([Image.fromarray(rgb(48, 64, 0))] * 2, plan, EVERYTHING)
+    finally:
+        del detector._forward  # back to the class's method for the module's other tests
+    assert rows == [2, 1]
+
+
+def test_a_chunk_image_that_never_fits_fails_alone(detector: GroundingDinoDetector, tiny_hf_sam_dir: Path) -> None:
+    """One image too large for the device even alone: its task gets the error, its chunk-mates their instances."""
+    segmenter = hf_segmenter(tiny_hf_sam_dir)
+    model = segmenter._model
+
+    def with_the_flat_image(pixels: torch.Tensor) -> int:
+        # The flat (one-colour) image stands in for one that does not fit: any batch holding it fails.
+        flat = pixels[:, 0, :512, :512].flatten(1).std(dim=1) == 0
+        return 1000 if bool(flat.any()) else len(pixels)
+
+    model.get_image_embeddings = oom_above(999, with_the_flat_image, [])(model.get_image_embeddings)
+    runtime = Runtime(pipeline=GroundedSam(detector, segmenter, EVERYTHING), fetcher=None, fingerprint={})  # type: ignore[arg-type]
+    chunk = _Chunk(runtime, None, {}, None, "v", None, None)  # type: ignore[arg-type]
+    flat = Image.new("RGB", (64, 48), (200, 200, 200))
+    images = [Image.fromarray(rgb(48, 64, 0)), flat, Image.fromarray(rgb(48, 64, 2))]
+
+    with torch.inference_mode():
+        results = chunk._segment(images, CLASSES)
+
+    assert isinstance(results[1], DeviceOutOfMemoryError)
+    assert all(isinstance(found, list) and found for found in (results[0], results[2])), results
