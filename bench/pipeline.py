@@ -79,7 +79,7 @@ STAGES = [
     ("sam_upsample", "SAM masks to original size (post_process_masks)"),
     ("sam_other", "segmenter rest: masks device->host, numpy"),
     ("postprocess", "cleanup: fill holes, islands, dedup, caps"),
-    ("rle", "brush RLE (label-studio-sdk mask2rle)"),
+    ("rle", "brush RLE (backend.labelstudio.rle.mask_to_rle)"),
     ("prediction_other", "build_prediction rest (regions, rectangles)"),
     ("json", "json.dumps of the prediction"),
     ("unattributed", "wall time of the pass not inside any stage"),
@@ -335,9 +335,16 @@ class Counters:
         self.bench_s = 0.0  # time of the bench's own work inside a timed path (--masks ellipse), not production's
         self.rle_ints: list[int] = []
         self.mask_fill: list[float] = []
+        self.brush_masks: list[np.ndarray] = []  # RLE-encoded masks of the round, measured by `settle`
 
     def reset(self) -> None:
         self.__init__()
+
+    def settle(self) -> None:
+        """`mask_fill` of the round's brush masks, computed once its timing has stopped (a full-frame pass
+        per mask costs as much as the RLE encoding itself)."""
+        self.mask_fill.extend(float(mask.mean()) for mask in self.brush_masks)
+        self.brush_masks.clear()
 
 
 def ellipse_masks(masks: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -407,7 +414,7 @@ def instrument(pipeline: GroundedSam, stages: Stages, counters: Counters, masks:
     def counted_rle(mask: np.ndarray) -> list[int]:
         rle = mask_to_rle(mask)
         counters.rle_ints.append(len(rle))
-        counters.mask_fill.append(float(mask.mean()))
+        counters.brush_masks.append(mask)
         return rle
 
     results_module.mask_to_rle = stages.wrap("rle", counted_rle)
@@ -506,6 +513,7 @@ class Bench:
                 self.stages.sync()
                 wall[path] += time.perf_counter() - started - self.counters.bench_s
                 bench_s[path] += self.counters.bench_s
+                self.counters.settle()
                 if self.device.type == "cuda":
                     cuda_peak[path] = max(cuda_peak[path], torch.cuda.max_memory_allocated())
                 for key, value in self.stages.seconds.items():
