@@ -389,22 +389,23 @@ def instrument(pipeline: GroundedSam, stages: Stages, counters: Counters, masks:
         sam.postprocess_masks = stages.wrap("sam_upsample", sam.postprocess_masks)
     else:
         raise TypeError(f"unknown segmenter {type(segmenter).__name__}")
-    segment = segmenter.segment
+    segment_batch = segmenter.segment_batch
 
-    def counted_segment(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        counters.sam_boxes.append(len(boxes))
-        return segment(image, boxes)
+    def counted_segment(images: list[np.ndarray], boxes: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        counters.sam_boxes.extend(len(image_boxes) for image_boxes in boxes)
+        return segment_batch(images, boxes)
 
     timed_segment = stages.wrap("segmenter_total", counted_segment)
 
-    def swapped_segment(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        found, scores = timed_segment(image, boxes)
+    def swapped_segment(images: list[np.ndarray], boxes: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        found = timed_segment(images, boxes)
         started = time.perf_counter()
-        found = ellipse_masks(found, boxes)  # numpy on the host: nothing on the GPU to wait for
+        # numpy on the host: nothing on the GPU to wait for
+        swapped = [(ellipse_masks(masks, b), scores) for (masks, scores), b in zip(found, boxes, strict=True)]
         counters.bench_s += time.perf_counter() - started
-        return found, scores
+        return swapped
 
-    segmenter.segment = swapped_segment if masks == "ellipse" else timed_segment
+    segmenter.segment_batch = swapped_segment if masks == "ellipse" else timed_segment
 
     # Module globals that grounded_sam / results call by name.
     for name in ("clean_mask", "finish", "suppress_negatives"):
@@ -663,6 +664,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sam", choices=("hf", "pth"), default="hf", help="transformers SamModel or segment-anything .pth")
     parser.add_argument("--sam-size", choices=tuple(SAM_SIZES), default="vit_h", help="SAM encoder of --models full")
     parser.add_argument("--sam-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--sam-image-batch", type=int, default=1,
+                        help="images per SAM encoder forward on the batched path (SAM_IMAGE_BATCH)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--batch", type=int, default=8, help="images per run_batch call on the batched path")
     parser.add_argument("--label-config", default=str(ROOT / "label_config" / "brush.xml"))
@@ -710,6 +713,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         sam_model_type=paths["sam_type"],
         device=args.device,
         sam_dtype=args.sam_dtype,
+        sam_image_batch=args.sam_image_batch,
     )
     thresholds = DetectionThresholds(box=0.0, text=0.0, max_detections=args.objects)
     started = time.perf_counter()

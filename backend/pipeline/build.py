@@ -52,7 +52,7 @@ def _build_segmenter(spec: ModelSpec) -> Segmenter:
         sam = _load_sam_checkpoint(Path(spec.sam_checkpoint), spec.sam_model_type)
         return SegmentAnythingSegmenter(sam.to(spec.device), spec.sam_checkpoint, dtype)
     model, processor = _load_hf(spec.sam, AutoModelForMaskGeneration, dtype, "SAM model")
-    return HfSamSegmenter(model.to(spec.device), processor)
+    return HfSamSegmenter(model.to(spec.device), processor, image_batch=spec.sam_image_batch)
 
 
 def _load_hf(source: str, auto_model: type, dtype: torch.dtype, what: str) -> tuple[PreTrainedModel, ProcessorMixin]:

@@ -66,10 +66,13 @@ class Segmenter(Protocol):
 class HfSamSegmenter:
     """transformers SamModel (also SamHQModel, Sam2Model) with its processor; any dtype the model was loaded in."""
 
-    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, box_batch: int = BOX_BATCH) -> None:
+    def __init__(
+        self, model: PreTrainedModel, processor: ProcessorMixin, box_batch: int = BOX_BATCH, image_batch: int = 1
+    ) -> None:
         self._model = model
         self._processor = processor
         self._box_batch = box_batch
+        self._image_batch = image_batch
 
     def describe(self) -> dict[str, str]:
         return {
@@ -85,16 +88,19 @@ class HfSamSegmenter:
     def segment_batch(
         self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray]
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """See `Segmenter.segment_batch`. The images that have boxes go through the image encoder together
-        (halved where the device runs out of memory); each image's boxes are decoded on its own embedding."""
+        """See `Segmenter.segment_batch`. The images that have boxes go through the image encoder
+        `image_batch` at a time (halved where the device runs out of memory); each image's boxes are decoded
+        on its own embedding."""
         results = [_no_masks(image) for image in images]
         todo = [i for i, boxes in enumerate(boxes_xyxy) if len(boxes)]
 
         def encode_and_decode(indices: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
             return self._segment_together([images[i] for i in indices], [boxes_xyxy[i] for i in indices])
 
-        for index, result in zip(todo, run_halving(encode_and_decode, todo, "image"), strict=True):
-            results[index] = result
+        for start in range(0, len(todo), self._image_batch):
+            group = todo[start : start + self._image_batch]
+            for index, result in zip(group, run_halving(encode_and_decode, group, "image"), strict=True):
+                results[index] = result
         return results
 
     def segment_points(

@@ -128,6 +128,8 @@ class ModelSpec:
     sam_checkpoint: path to an official segment-anything `.pth` state dict; `sam_model_type` names its architecture.
     device: "cpu", "cuda", "cuda:N" (resolved by the caller, never "auto").
     sam_dtype: dtype for SAM ("float32", "bfloat16", "float16"); the detector always runs in float32.
+    sam_image_batch: images per SAM image-encoder forward when several come at once (transformers SAM only);
+        how fast, not what is computed.
     """
 
     detector: str
@@ -136,3 +138,4 @@ class ModelSpec:
     sam_model_type: Literal["vit_h", "vit_l", "vit_b"] = "vit_h"
     device: str = "cpu"
     sam_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    sam_image_batch: int = 1

@@ -90,7 +90,7 @@ def test_other_errors_are_not_taken_for_memory() -> None:
 
 
 def test_sam_batch_gives_each_image_its_single_image_masks(tiny_hf_sam_dir: Path) -> None:
-    segmenter = hf_segmenter(tiny_hf_sam_dir)
+    segmenter = hf_segmenter(tiny_hf_sam_dir, image_batch=8)
     images = [rgb(48, 64, 1), rgb(90, 40, 2), rgb(30, 30, 3), rgb(64, 64, 4)]
     boxes = [boxes_for(48, 64, 3, 1), boxes_for(90, 40, 1, 2), np.zeros((0, 4), np.float32), boxes_for(64, 64, 5, 4)]
     with torch.inference_mode():
@@ -102,8 +102,21 @@ def test_sam_batch_gives_each_image_its_single_image_masks(tiny_hf_sam_dir: Path
         assert np.count_nonzero(masks != masks_1) <= 1e-3 * masks.size  # rounding may flip a pixel at logit ~0
 
 
+@pytest.mark.parametrize(("image_batch", "forwards"), [(1, [1, 1, 1, 1, 1]), (2, [2, 2, 1]), (8, [5])])
+def test_sam_encoder_takes_image_batch_images_at_a_time(
+    tiny_hf_sam_dir: Path, image_batch: int, forwards: list[int]
+) -> None:
+    segmenter = hf_segmenter(tiny_hf_sam_dir, image_batch=image_batch)
+    encoded: list[int] = []
+    model = segmenter._model
+    model.get_image_embeddings = oom_above(99, lambda pixels: len(pixels), encoded)(model.get_image_embeddings)
+    with torch.inference_mode():
+        segmenter.segment_batch([rgb(48, 64, seed) for seed in range(5)], [boxes_for(48, 64, 2, 0)] * 5)
+    assert encoded == forwards
+
+
 def test_sam_out_of_memory_splits_images_then_boxes(tiny_hf_sam_dir: Path) -> None:
-    segmenter = hf_segmenter(tiny_hf_sam_dir, box_batch=8)
+    segmenter = hf_segmenter(tiny_hf_sam_dir, box_batch=8, image_batch=8)
     images = [rgb(48, 64, seed) for seed in range(4)]
     boxes = [boxes_for(48, 64, 6, seed) for seed in range(4)]
     with torch.inference_mode():
@@ -163,7 +176,7 @@ def test_detector_image_that_never_fits_is_a_named_error(detector: GroundingDino
 
 def test_a_chunk_image_that_never_fits_fails_alone(detector: GroundingDinoDetector, tiny_hf_sam_dir: Path) -> None:
     """One image too large for the device even alone: its task gets the error, its chunk-mates their instances."""
-    segmenter = hf_segmenter(tiny_hf_sam_dir)
+    segmenter = hf_segmenter(tiny_hf_sam_dir, image_batch=8)
     model = segmenter._model
 
     def with_the_flat_image(pixels: torch.Tensor) -> int:

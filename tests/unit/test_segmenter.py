@@ -29,9 +29,11 @@ def image() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
 
 
-def hf_segmenter(directory: Path, dtype: torch.dtype = torch.float32, box_batch: int = 64) -> HfSamSegmenter:
+def hf_segmenter(
+    directory: Path, dtype: torch.dtype = torch.float32, box_batch: int = 64, image_batch: int = 1
+) -> HfSamSegmenter:
     model = AutoModelForMaskGeneration.from_pretrained(directory, dtype=dtype).eval()
-    return HfSamSegmenter(model, AutoProcessor.from_pretrained(directory), box_batch=box_batch)
+    return HfSamSegmenter(model, AutoProcessor.from_pretrained(directory), box_batch=box_batch, image_batch=image_batch)
 
 
 def count_calls(module: torch.nn.Module) -> list[int]:
