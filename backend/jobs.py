@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,7 +31,7 @@ from backend.lsclient import LabelStudioApi
 from backend.pipeline.build import build_pipeline
 from backend.pipeline.grounded_sam import GroundedSam
 from backend.pipeline.negatives import ClassPlan
-from backend.pipeline.types import ClassOptions, Instance, TextClass
+from backend.pipeline.types import ClassOptions, Instance, Segmented, TextClass
 from backend.queueing.stats import WorkerStats
 from backend.settings import Settings
 
@@ -160,11 +160,16 @@ def segment_image(runtime: Runtime, image: Image.Image, classes: tuple[TextClass
     return runtime.pipeline.run(image, runtime.plan_for(classes))
 
 
-def segment_images(
+def stream_images(
     runtime: Runtime, images: Sequence[Image.Image], classes: tuple[TextClass, ...]
-) -> list[list[Instance]]:
-    """`segment_image` for several images: one detector forward per group of same-size images."""
-    return runtime.pipeline.run_batch(images, runtime.plan_for(classes))
+) -> Iterator[Segmented]:
+    """The models' output for each image, in order, as soon as it is ready (GroundedSam.stream)."""
+    return runtime.pipeline.stream(images, runtime.plan_for(classes))
+
+
+def finish_image(runtime: Runtime, segmented: Segmented, classes: tuple[TextClass, ...]) -> list[Instance]:
+    """One image's instances from its model output: cleanup and filters, CPU only (GroundedSam.finish)."""
+    return runtime.pipeline.finish(segmented, runtime.plan_for(classes))
 
 
 def to_prediction(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,14 +31,15 @@ from backend.jobs import (
     checked_config,
     current_runtime,
     fetch_image,
-    segment_images,
+    finish_image,
+    stream_images,
     text_classes,
     to_prediction,
 )
 from backend.labelstudio.config import LabelConfig
 from backend.lsclient import LabelStudioApi
 from backend.pipeline.memory import DeviceOutOfMemoryError
-from backend.pipeline.types import Instance, TextClass
+from backend.pipeline.types import Segmented, TextClass
 from backend.queueing.bulk import META_FAILED
 from backend.queueing.claims import Claimant, TaskClaims
 from backend.queueing.stats import WorkerStats
@@ -46,6 +47,8 @@ from backend.queueing.stats import WorkerStats
 log = logging.getLogger(__name__)
 
 FETCH_THREADS = 4
+# Threads for each image's cleanup, RLE and push while the models go on with the next image.
+FINISH_THREADS = 4
 # How often a chunk looks again at tasks another worker holds.
 HELD_ELSEWHERE_POLL_S = 1.0
 
@@ -133,12 +136,24 @@ class _Chunk:
         return todo, held_elsewhere
 
     def compute(self, tasks: Sequence[dict[str, Any]]) -> None:
-        """Fetch, predict (one batch) and push `tasks`, which this chunk holds."""
+        """Fetch, predict and push `tasks`, which this chunk holds.
+
+        The models run on this thread, image after image as `stream` yields them; each image's cleanup, RLE
+        and push run on FINISH_THREADS threads meanwhile, so the device does not wait for the CPU or for
+        Label Studio.
+        """
         started = time.perf_counter()
-        predictions = self.predict_all(self.fetch_all(tasks))
+        images = self.fetch_all(tasks)
+        classes = text_classes(self.config)
+        with ThreadPoolExecutor(FINISH_THREADS) as finishers:
+            outcomes = [
+                finishers.submit(self.finish, int(task["id"]), image, segmented, classes)
+                for task, image, segmented in zip(tasks, images, self.segment_all(images, classes), strict=True)
+            ]
+            pushed = sum(outcome.result() for outcome in outcomes)
         seconds_each = (time.perf_counter() - started) / len(tasks)
-        for task, prediction in zip(tasks, predictions, strict=True):
-            self.push(int(task["id"]), prediction, seconds_each)
+        for _ in range(pushed):
+            self.stats.task_done(seconds_each)
 
     def fetch_all(self, tasks: Sequence[dict[str, Any]]) -> list[Image.Image | BackendError]:
         """Images of `tasks`, fetched concurrently (network-bound); an error stands in for a failed fetch."""
@@ -153,54 +168,62 @@ class _Chunk:
         with ThreadPoolExecutor(FETCH_THREADS) as pool:
             return list(pool.map(fetch, tasks))
 
-    def predict_all(self, images: Sequence[Image.Image | BackendError]) -> list[dict[str, Any] | BackendError]:
-        """Predictions of the fetched images, through the models in one batch; errors pass through."""
-        good = {i: image for i, image in enumerate(images) if isinstance(image, Image.Image)}
-        classes = text_classes(self.config)
-        started = time.perf_counter()
-        batch = self._segment(list(good.values()), classes)
-        for _ in good:
-            self.stats.observe("model", (time.perf_counter() - started) / len(good))
-        results: list[dict[str, Any] | BackendError] = list(images)  # type: ignore[arg-type]  # errors stay; images are replaced
-        for (i, image), instances in zip(good.items(), batch, strict=True):
-            if isinstance(instances, BackendError):
-                results[i] = instances
-            else:
-                results[i] = to_prediction(self.runtime, instances, classes, self.config, image, self.version)
-        return results
+    def segment_all(
+        self, images: Sequence[Image.Image | BackendError], classes: tuple[TextClass, ...]
+    ) -> Iterator[Segmented | BackendError]:
+        """The models' output for each image, in order, each as soon as it is ready; fetch errors pass through."""
+        outputs = self._model_outputs([image for image in images if isinstance(image, Image.Image)], classes)
+        for image in images:
+            yield image if isinstance(image, BackendError) else next(outputs)
 
-    def _segment(
+    def _model_outputs(
         self, images: Sequence[Image.Image], classes: tuple[TextClass, ...]
-    ) -> list[list[Instance] | BackendError]:
-        """Instances per image, all in one batch; when one image does not fit in device memory even alone,
-        image by image, so that only that image's task fails."""
-        try:
-            return list(segment_images(self.runtime, images, classes))
-        except DeviceOutOfMemoryError:
-            return [self._segment_alone(image, classes) for image in images]
+    ) -> Iterator[Segmented | BackendError]:
+        """All images through the models in one stream; when one image does not fit in device memory even
+        alone, the images not yet done go one by one, so that only that image's task fails."""
+        stream = stream_images(self.runtime, images, classes)
+        for done in range(len(images)):
+            started = time.perf_counter()
+            try:
+                segmented = next(stream)
+            except DeviceOutOfMemoryError:
+                yield from (self._alone(image, classes) for image in images[done:])
+                return
+            self.stats.observe("model", time.perf_counter() - started)
+            yield segmented
 
-    def _segment_alone(self, image: Image.Image, classes: tuple[TextClass, ...]) -> list[Instance] | BackendError:
+    def _alone(self, image: Image.Image, classes: tuple[TextClass, ...]) -> Segmented | BackendError:
         try:
-            return segment_images(self.runtime, [image], classes)[0]
+            return next(stream_images(self.runtime, [image], classes))
         except DeviceOutOfMemoryError as exc:
             return exc
 
-    def push(self, tid: int, prediction: dict[str, Any] | BackendError, seconds: float) -> None:
-        """Store the task's prediction in Label Studio (replacing one of this version), or record its failure."""
+    def finish(
+        self, tid: int, image: Image.Image, segmented: Segmented | BackendError, classes: tuple[TextClass, ...]
+    ) -> bool:
+        """Clean up, encode and push one task's result, or record its failure; True when pushed.
+        Runs on a finisher thread."""
         try:
-            if isinstance(prediction, BackendError):
-                raise prediction
-            with self.stats.stage("push"):
-                replaced = self.studio.prediction_ids(tid, self.version)  # non-empty only with force, or a race
-                self.studio.create_prediction(tid, prediction)
-                for old in replaced:
-                    self.studio.delete_prediction(old)
+            if isinstance(segmented, BackendError):
+                raise segmented
+            with self.stats.stage("postprocess"):
+                instances = finish_image(self.runtime, segmented, classes)
+                prediction = to_prediction(self.runtime, instances, classes, self.config, image, self.version)
+            self.push(tid, prediction)
         except BackendError as exc:
             log.warning("task %s failed: %s", tid, exc)
             self.stats.failure(type(exc).__name__)
             self.claimant.release(tid)
             self.report.failed[tid] = str(exc)
-            return
+            return False
         self.claimant.mark_done(tid)
         self.report.pushed.append(tid)
-        self.stats.task_done(seconds)
+        return True
+
+    def push(self, tid: int, prediction: dict[str, Any]) -> None:
+        """Store the task's prediction in Label Studio, replacing one of this version (with force, or a race)."""
+        with self.stats.stage("push"):
+            replaced = self.studio.prediction_ids(tid, self.version)
+            self.studio.create_prediction(tid, prediction)
+            for old in replaced:
+                self.studio.delete_prediction(old)

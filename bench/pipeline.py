@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -49,6 +49,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 import backend.jobs as jobs  # noqa: E402
 import backend.labelstudio.results as results_module  # noqa: E402
 import backend.pipeline.grounded_sam as grounded_sam_module  # noqa: E402
+import backend.prelabel as prelabel  # noqa: E402
 from backend.images.fetch import decode_image  # noqa: E402
 from backend.labelstudio.config import parse_label_config  # noqa: E402
 from backend.labelstudio.results import OutputOptions  # noqa: E402
@@ -56,7 +57,7 @@ from backend.labelstudio.version import model_version  # noqa: E402
 from backend.pipeline.build import build_pipeline  # noqa: E402
 from backend.pipeline.grounded_sam import GroundedSam  # noqa: E402
 from backend.pipeline.segmenter import HfSamSegmenter, SegmentAnythingSegmenter  # noqa: E402
-from backend.pipeline.types import DetectionThresholds, ModelSpec, PostprocessOptions  # noqa: E402
+from backend.pipeline.types import DetectionThresholds, ModelSpec, PostprocessOptions, Segmented  # noqa: E402
 
 # SAM image encoders by name: transformers SamVisionConfig sizes and segment-anything registry names.
 SAM_SIZES = {
@@ -479,13 +480,27 @@ class Bench:
         return out
 
     def batched(self, encoded: Sequence[bytes]) -> list[str]:
-        """The fast path: groups of --batch images through GroundedSam.run_batch (jobs.segment_images)."""
-        out = []
+        """The worker's bulk path: groups of --batch images decoded on FETCH_THREADS threads, through the
+        models as a stream (jobs.stream_images: detector batches, then SAM image_batch at a time), each image's
+        cleanup + RLE + JSON on FINISH_THREADS threads while the models go on. With stage timers on (they
+        are per thread) the same work runs in order on this thread."""
+        if self.stages.enabled:
+            return [self._finish_segmented(image, segmented) for image, segmented in self._stream(encoded, map)]
+        with ThreadPoolExecutor(prelabel.FETCH_THREADS) as decoders, ThreadPoolExecutor(prelabel.FINISH_THREADS) as pool:
+            futures = [pool.submit(self._finish_segmented, image, segmented)
+                       for image, segmented in self._stream(encoded, decoders.map)]
+            return [future.result() for future in futures]
+
+    def _stream(
+        self, encoded: Sequence[bytes], mapper: Callable[..., Iterable[Image.Image]]
+    ) -> Iterator[tuple[Image.Image, Segmented]]:
+        """(image, model output) pairs, --batch images at a time, decoded by `mapper` (map or a pool's map)."""
         for start in range(0, len(encoded), self.batch):
-            images = [self._decode(data) for data in encoded[start : start + self.batch]]
-            for image, instances in zip(images, jobs.segment_images(self.runtime, images, self.classes), strict=True):
-                out.append(self._finish(image, instances))
-        return out
+            images = list(mapper(self._decode, encoded[start : start + self.batch]))
+            yield from zip(images, jobs.stream_images(self.runtime, images, self.classes), strict=True)
+
+    def _finish_segmented(self, image: Image.Image, segmented: Segmented) -> str:
+        return self._finish(image, jobs.finish_image(self.runtime, segmented, self.classes))
 
     def measure_pass(self, encoded: Sequence[bytes], staged: bool) -> tuple[dict[str, Any], dict[str, list[str]]]:
         """Both paths over `encoded`, interleaved in rounds of --batch images (orders alternate: AB BA AB ...),
@@ -676,9 +691,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--noise", type=float, default=8.0, help="pixel noise sigma of the generated images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls of each path (one batch each)")
-    parser.add_argument("--passes", choices=("auto", "staged", "both"), default="auto",
-                        help="staged: one pass with stage timers; both: also a pass without them for images/s "
-                             "(auto: both on CUDA, where stage timers synchronise; staged on CPU)")
+    parser.add_argument("--passes", choices=("both", "staged"), default="both",
+                        help="both: a pass without stage timers for images/s (the batched path overlapping CPU "
+                             "work with the models as the worker does), then one with them; staged: only that one")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice). On a shared "
                         "CPU, 1 avoids OpenMP threads waiting on each other, which slows many small ops (tiny models)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions (production does not)")
@@ -738,7 +753,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         bench.single(warm[: len(sizes)])
         bench.batched(warm)
 
-    passes = ["staged"] if args.passes == "staged" or (args.passes == "auto" and device.type != "cuda") else ["clean", "staged"]
+    passes = ["staged"] if args.passes == "staged" else ["clean", "staged"]
     runs: dict[str, dict[str, Any]] = {}
     for name in passes:
         runs[name], outputs = bench.measure_pass(encoded, staged=name == "staged")

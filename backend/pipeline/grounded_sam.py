@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 
 import numpy as np
@@ -15,11 +15,11 @@ from backend.pipeline.negatives import ClassPlan, build_class_plan, suppress_neg
 from backend.pipeline.postprocess import finish
 from backend.pipeline.segmenter import Segmenter
 from backend.pipeline.types import (
-    Detection,
     DetectionThresholds,
     Instance,
     PostprocessOptions,
     PromptedMask,
+    Segmented,
     TextClass,
 )
 
@@ -54,29 +54,40 @@ class GroundedSam:
         return self.run_batch([image], plan)[0]
 
     def run_batch(self, images: Sequence[Image.Image], plan: ClassPlan) -> list[list[Instance]]:
-        """`run` for several images: one detector forward per group of same-size images, then the images
-        that have boxes through SAM together (one encoder forward, each image's boxes decoded together).
-        A list of instances per image."""
+        """`run` for several images: `stream` then `finish` for each. A list of instances per image."""
+        return [self.finish(segmented, plan) for segmented in self.stream(images, plan)]
+
+    def stream(self, images: Sequence[Image.Image], plan: ClassPlan) -> Iterator[Segmented]:
+        """The model work for `images` (RGB), one Segmented per image in order, each as soon as SAM has it.
+
+        One detector forward per group of same-size images first; then the images that have boxes go
+        through SAM `image_batch` at a time (one encoder forward, each image's boxes decoded together).
+        `finish` (CPU only) may run on another thread while this goes on with the next images.
+        """
         with torch.inference_mode():
             batch = self._detector.detect_batch(images, plan.plan, self._thresholds, plan.box_thresholds)
-            kept = [suppress_negatives(detections, plan, self._postprocess.negative_iou) for detections in batch]
-            todo = [i for i, detections in enumerate(kept) if detections]
-            boxes = [np.array([d.box_xyxy for d in kept[i]], dtype=np.float32) for i in todo]
+        kept = [suppress_negatives(detections, plan, self._postprocess.negative_iou) for detections in batch]
+        step = self._segmenter.image_batch
+        for start in range(0, len(images), step):
+            group = range(start, min(start + step, len(images)))
+            todo = [i for i in group if kept[i]]
             # Writable copies: the processor turns them into tensors, which torch refuses to share read-only.
             pixels = [np.array(images[i]) for i in todo]
-            segmented = self._segmenter.segment_batch(pixels, boxes) if todo else []
-        results: list[list[Instance]] = [[] for _ in images]
-        for index, (masks, scores) in zip(todo, segmented, strict=True):
-            results[index] = self._instances(kept[index], masks, scores, plan)
-        return results
+            boxes = [np.array([d.box_xyxy for d in kept[i]], dtype=np.float32) for i in todo]
+            with torch.inference_mode():
+                found = dict(zip(todo, self._segmenter.segment_batch(pixels, boxes), strict=True)) if todo else {}
+            for i in group:
+                masks, scores = found.get(i, (None, None))
+                yield Segmented(tuple(kept[i]), masks, scores)
 
-    def _instances(
-        self, detections: list[Detection], masks: np.ndarray, scores: np.ndarray, plan: ClassPlan
-    ) -> list[Instance]:
-        """Detections with their SAM masks (N, H, W) bool and scores (N,), cleaned up and filtered."""
+    def finish(self, segmented: Segmented, plan: ClassPlan) -> list[Instance]:
+        """One image's instances from its Segmented: masks cleaned, then per-class min_area, one label per
+        object, per-class max_instances; best detection score first. CPU only (numpy/OpenCV)."""
+        if not segmented.detections:
+            return []
         instances = [
             Instance(detection=detection, mask=clean_mask(mask, self._postprocess), mask_score=float(score))
-            for detection, mask, score in zip(detections, masks, scores, strict=True)
+            for detection, mask, score in zip(segmented.detections, segmented.masks, segmented.scores, strict=True)
         ]
         return finish(instances, plan.classes, self._postprocess)
 

@@ -35,6 +35,8 @@ Decode = Callable[[slice], tuple[torch.Tensor, torch.Tensor]]
 class Segmenter(Protocol):
     """Anything that turns boxes on an image into one mask per box."""
 
+    image_batch: int  # images `segment_batch` sends through the image encoder at once
+
     def segment(self, image: np.ndarray, boxes_xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """image: (H, W, 3) uint8 RGB; boxes_xyxy: (N, 4) float, xyxy pixels of that image.
 
@@ -72,7 +74,7 @@ class HfSamSegmenter:
         self._model = model
         self._processor = processor
         self._box_batch = box_batch
-        self._image_batch = image_batch
+        self.image_batch = image_batch
 
     def describe(self) -> dict[str, str]:
         return {
@@ -97,8 +99,8 @@ class HfSamSegmenter:
         def encode_and_decode(indices: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
             return self._segment_together([images[i] for i in indices], [boxes_xyxy[i] for i in indices])
 
-        for start in range(0, len(todo), self._image_batch):
-            group = todo[start : start + self._image_batch]
+        for start in range(0, len(todo), self.image_batch):
+            group = todo[start : start + self.image_batch]
             for index, result in zip(group, run_halving(encode_and_decode, group, "image"), strict=True):
                 results[index] = result
         return results
@@ -178,6 +180,7 @@ class SegmentAnythingSegmenter:
         from segment_anything import SamPredictor
 
         self._predictor = SamPredictor(sam)
+        self.image_batch = 1  # SamPredictor holds one image's embedding
         self._source = source
         self._dtype = dtype
         self._box_batch = box_batch

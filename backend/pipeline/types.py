@@ -65,6 +65,19 @@ class Detection:
 
 
 @dataclass(frozen=True, slots=True)
+class Segmented:
+    """One image after the models, before cleanup: its detections and SAM's mask for each.
+
+    masks: (N, H, W) bool of the image as given; scores: (N,) float32 SAM predicted IoU in [0, 1];
+    both None when there are no detections (SAM did not run).
+    """
+
+    detections: tuple[Detection, ...]
+    masks: np.ndarray | None = field(repr=False)
+    scores: np.ndarray | None = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Instance:
     """A detection with its SAM mask.
 

@@ -66,7 +66,7 @@ def seconds_per_task(redis: Redis) -> float | None:
 def metric_families(redis: Redis) -> Iterator[HistogramMetricFamily | CounterMetricFamily]:
     """Prometheus families of everything workers recorded."""
     latency = HistogramMetricFamily(
-        "grounded_sam_worker_stage_seconds", "Worker latency per stage (fetch, model, push, task)", labels=["stage"]
+        "grounded_sam_worker_stage_seconds", "Worker latency per stage (fetch, model, postprocess, push, task)", labels=["stage"]
     )
     for stage in STAGES:
         raw = {k.decode(): v.decode() for k, v in redis.hgetall(f"{PREFIX}:stage:{stage}").items()}

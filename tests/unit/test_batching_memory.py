@@ -14,11 +14,12 @@ import torch
 from PIL import Image
 from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
+from backend.errors import ImageFetchError
 from backend.jobs import Runtime
 from backend.pipeline.detector import GroundingDinoDetector
 from backend.pipeline.grounded_sam import GroundedSam
 from backend.pipeline.memory import DeviceOutOfMemoryError, run_halving
-from backend.pipeline.types import DetectionThresholds, TextClass
+from backend.pipeline.types import DetectionThresholds, Segmented, TextClass
 from backend.prelabel import _Chunk
 from tests.unit.test_segmenter import hf_segmenter
 
@@ -186,12 +187,20 @@ def test_a_chunk_image_that_never_fits_fails_alone(detector: GroundingDinoDetect
 
     model.get_image_embeddings = oom_above(999, with_the_flat_image, [])(model.get_image_embeddings)
     runtime = Runtime(pipeline=GroundedSam(detector, segmenter, EVERYTHING), fetcher=None, fingerprint={})  # type: ignore[arg-type]
-    chunk = _Chunk(runtime, None, {}, None, "v", None, None)  # type: ignore[arg-type]
+    chunk = _Chunk(runtime, None, {}, None, "v", None, Unrecorded())  # type: ignore[arg-type]
     flat = Image.new("RGB", (64, 48), (200, 200, 200))
-    images = [Image.fromarray(rgb(48, 64, 0)), flat, Image.fromarray(rgb(48, 64, 2))]
+    fetch_failed = ImageFetchError("HTTP 404")
+    images = [Image.fromarray(rgb(48, 64, 0)), fetch_failed, flat, Image.fromarray(rgb(48, 64, 2))]
 
-    with torch.inference_mode():
-        results = chunk._segment(images, CLASSES)
+    results = list(chunk.segment_all(images, CLASSES))
 
-    assert isinstance(results[1], DeviceOutOfMemoryError)
-    assert all(isinstance(found, list) and found for found in (results[0], results[2])), results
+    assert results[1] is fetch_failed and isinstance(results[2], DeviceOutOfMemoryError)
+    for found in (results[0], results[3]):
+        assert isinstance(found, Segmented) and found.detections and len(found.masks) == len(found.detections)
+
+
+class Unrecorded:
+    """Worker stats that go nowhere (this test has no Redis)."""
+
+    def observe(self, stage: str, seconds: float) -> None:
+        pass

@@ -67,6 +67,8 @@ def test_segment_anything_pipeline_gives_a_mask_per_detection(
 class RecordingSegmenter:
     """A Segmenter that records its calls and answers with full masks."""
 
+    image_batch = 1
+
     def __init__(self) -> None:
         self.box_counts: list[int] = []
 
