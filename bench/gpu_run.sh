@@ -20,6 +20,7 @@ N=${N:-64}
 SIZE=${SIZE:-1920x1080}
 OBJECTS=${OBJECTS:-5}
 BATCH=${BATCH:-8}
+SAM_IMAGE_BATCH=${SAM_IMAGE_BATCH:-1}   # images per SAM encoder forward on the batched path (SAM_IMAGE_BATCH)
 SAM_SIZE=${SAM_SIZE:-vit_h}
 DEADLINE=${DEADLINE:-570}    # seconds from the start: the runs stop in time for the device call's 600 s limit
 MASKS=${MASKS:-ellipse}       # object-like masks for cleanup/RLE/JSON after SAM ran (see README); "model" keeps SAM's
@@ -47,8 +48,13 @@ python3 -c "import backend.jobs, backend.images.fetch, backend.pipeline.build, s
 
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -oiE 'h100|h200|a100|l40s|l4' | head -1 | tr 'A-Z' 'a-z')
 gpu=${gpu:-gpu}
+# Low precision against float32 on CUDA (tests/unit/test_low_precision.py) and the batching/OOM-split tests, first:
+# a minute at most, and the dtype the second benchmark run uses is only worth timing if it passes.
+timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/unit/test_low_precision.py tests/unit/test_batching_memory.py \
+  2>&1 | tail -25 | tee "$OUT/equivalence.txt"
+
 common=(--images "$N" --size "$SIZE" --objects "$OBJECTS" --models "$MODELS" --sam hf --sam-size "$SAM_SIZE" --device "$DEVICE"
-        --batch "$BATCH" --masks "$MASKS" --model-dir /tmp/bench-models --image-cache /tmp/bench-images)
+        --batch "$BATCH" --sam-image-batch "$SAM_IMAGE_BATCH" --masks "$MASKS" --model-dir /tmp/bench-models --image-cache /tmp/bench-images)
 status=0
 for dtype in float32 bfloat16; do
   name="${gpu}_${MODELS}_${SAM_SIZE//_/}_sam-${dtype}"
