@@ -118,21 +118,43 @@ def _prefix(project: str) -> str:
     return f"bulk-{''.join(ch for ch in project if ch.isalnum()) or 'none'}-"
 
 
+# A task in several chunks (overlapping runs, a retry) counts once, in the most advanced of its states.
+_RANK = {"failed": 0, "queued": 1, "running": 2, "done": 3}
+
+
 def _count(jobs: Iterable[tuple[str, Job | None]]) -> Progress:
-    progress = Progress()
+    """Task counts over chunk jobs, each task once; `failures` names the failed chunks of still-failed tasks."""
+    states: dict[object, str] = {}
+    failed_chunks: list[tuple[str, Job | None, list[object]]] = []
     for job_id, job in jobs:
-        tasks = task_count(job_id)
-        progress.total += tasks
-        status = job.get_status(refresh=False) if job is not None else None
-        if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.CREATED):
-            progress.queued += tasks
-        elif status == JobStatus.STARTED:
-            progress.running += tasks
-        elif status == JobStatus.FINISHED:
-            progress.done += tasks
-        else:  # failed, stopped, canceled, or gone
-            failed = len(job.meta.get(META_FAILED, ())) if job is not None and job.meta.get(META_FAILED) else tasks
-            progress.failed += failed
-            progress.done += tasks - failed
+        chunk_states = _task_states(job_id, job)
+        for task, state in chunk_states:
+            if _RANK[state] > _RANK.get(states.get(task, ""), -1):
+                states[task] = state
+        failed = [task for task, state in chunk_states if state == "failed"]
+        if failed:
+            failed_chunks.append((job_id, job, failed))
+    progress = Progress(total=len(states))
+    for state in states.values():
+        setattr(progress, state, getattr(progress, state) + 1)
+    for job_id, job, tasks in failed_chunks:
+        if any(states[task] == "failed" for task in tasks):
             progress.failures.append(f"{job_id}: {failure_reason(job) if job is not None else 'expired'}")
     return progress
+
+
+def _task_states(job_id: str, job: Job | None) -> list[tuple[object, str]]:
+    """(task, state) for each task of a chunk job; an expired job's tasks are unknown, so they count apart."""
+    if job is None:
+        return [((job_id, index), "failed") for index in range(task_count(job_id))]
+    tasks = [int(task["id"]) for task in job.args[0]["tasks"]]
+    status = job.get_status(refresh=False)
+    if status in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.CREATED):
+        return [(task, "queued") for task in tasks]
+    if status == JobStatus.STARTED:
+        return [(task, "running") for task in tasks]
+    if status == JobStatus.FINISHED:
+        return [(task, "done") for task in tasks]
+    # Failed, stopped or canceled: a chunk that ran lists its failed tasks; otherwise none of them was done.
+    failed = set(job.meta[META_FAILED]) if job.meta.get(META_FAILED) else set(tasks)
+    return [(task, "failed" if task in failed else "done") for task in tasks]
