@@ -49,6 +49,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 import backend.jobs as jobs  # noqa: E402
 import backend.labelstudio.results as results_module  # noqa: E402
 import backend.pipeline.grounded_sam as grounded_sam_module  # noqa: E402
+import backend.pipeline.memory as memory_module  # noqa: E402
 import backend.prelabel as prelabel  # noqa: E402
 from backend.images.fetch import decode_image  # noqa: E402
 from backend.labelstudio.config import parse_label_config  # noqa: E402
@@ -390,23 +391,23 @@ def instrument(pipeline: GroundedSam, stages: Stages, counters: Counters, masks:
         sam.postprocess_masks = stages.wrap("sam_upsample", sam.postprocess_masks)
     else:
         raise TypeError(f"unknown segmenter {type(segmenter).__name__}")
-    segment_batch = segmenter.segment_batch
+    segment_stream = segmenter.segment_stream
 
-    def counted_segment(images: list[np.ndarray], boxes: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def counted_segment(images: list[np.ndarray], boxes: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         counters.sam_boxes.extend(len(image_boxes) for image_boxes in boxes)
-        return segment_batch(images, boxes)
+        if not stages.enabled:
+            return segment_stream(images, boxes)
+        with stages("segmenter_total"):  # staged pass: all of it now, inside the timer
+            return iter(list(segment_stream(images, boxes)))
 
-    timed_segment = stages.wrap("segmenter_total", counted_segment)
+    def swapped_segment(images: list[np.ndarray], boxes: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for (found, scores), image_boxes in zip(counted_segment(images, boxes), boxes, strict=True):
+            started = time.perf_counter()
+            found = ellipse_masks(found, image_boxes)  # numpy on the host: nothing on the GPU to wait for
+            counters.bench_s += time.perf_counter() - started
+            yield found, scores
 
-    def swapped_segment(images: list[np.ndarray], boxes: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        found = timed_segment(images, boxes)
-        started = time.perf_counter()
-        # numpy on the host: nothing on the GPU to wait for
-        swapped = [(ellipse_masks(masks, b), scores) for (masks, scores), b in zip(found, boxes, strict=True)]
-        counters.bench_s += time.perf_counter() - started
-        return swapped
-
-    segmenter.segment_batch = swapped_segment if masks == "ellipse" else timed_segment
+    segmenter.segment_stream = swapped_segment if masks == "ellipse" else counted_segment
 
     # Module globals that grounded_sam / results call by name.
     for name in ("clean_mask", "finish", "suppress_negatives"):
@@ -457,6 +458,7 @@ class Bench:
         self.runtime = jobs.Runtime(pipeline=pipeline, fetcher=None, fingerprint={}, output=OutputOptions())
         self.version = model_version({"bench": pipeline.describe()}, self.config)
         self.batch = args.batch
+        self.preprocess_threads = memory_module.PREPROCESS_THREADS
         self.stages = Stages(device)
         self.counters = Counters()
 
@@ -515,6 +517,8 @@ class Bench:
         bench_s = dict.fromkeys(paths, 0.0)
         outputs: dict[str, list[str]] = {path: [] for path in paths}
         self.stages.enabled = staged
+        # Stage timers are per thread: the staged pass runs the processors' work in order too.
+        memory_module.PREPROCESS_THREADS = 1 if staged else self.preprocess_threads
         for round_index, start in enumerate(range(0, len(encoded), self.batch)):
             chunk = encoded[start : start + self.batch]
             order = ("single", "batched") if round_index % 2 == 0 else ("batched", "single")
@@ -539,6 +543,7 @@ class Bench:
                 for name in ("sam_boxes", "rle_ints", "mask_fill"):
                     getattr(counters[path], name).extend(getattr(self.counters, name))
         self.stages.enabled = False
+        memory_module.PREPROCESS_THREADS = self.preprocess_threads
         results = {}
         for path in paths:
             result: dict[str, Any] = {

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
-from backend.pipeline.memory import run_halving
+from backend.pipeline.memory import parallel_map, run_halving
 from backend.pipeline.prompts import PromptPlan, build_prompt_plan
 from backend.pipeline.types import Detection, DetectionThresholds, TextClass
 
@@ -65,7 +65,7 @@ class GroundingDinoDetector:
         """
         if plan.chunk_count == 0 or not images:
             return [[] for _ in images]
-        pixels = [self._processor.image_processor(images=image, return_tensors="pt") for image in images]
+        pixels = parallel_map(self._preprocess, images)
         groups: dict[tuple[int, ...], list[int]] = {}
         for index, item in enumerate(pixels):
             groups.setdefault(tuple(item["pixel_values"].shape), []).append(index)
@@ -81,6 +81,10 @@ class GroundingDinoDetector:
             for index, detections in zip(members, run_halving(detect_group, members, "image"), strict=True):
                 results[index] = detections
         return results
+
+    def _preprocess(self, image: Image.Image) -> Mapping[str, torch.Tensor]:
+        """The image processor's resize + normalise of one image (CPU): pixel_values and pixel_mask (1, ...)."""
+        return self._processor.image_processor(images=image, return_tensors="pt")
 
     def _select(
         self,

@@ -61,24 +61,25 @@ class GroundedSam:
         """The model work for `images` (RGB), one Segmented per image in order, each as soon as SAM has it.
 
         One detector forward per group of same-size images first; then the images that have boxes go
-        through SAM `image_batch` at a time (one encoder forward, each image's boxes decoded together).
+        through SAM as the segmenter streams them (HF SAM: SAM_IMAGE_BATCH images per encoder forward, each
+        image's boxes decoded together).
         `finish` (CPU only) may run on another thread while this goes on with the next images.
         """
         with torch.inference_mode():
             batch = self._detector.detect_batch(images, plan.plan, self._thresholds, plan.box_thresholds)
         kept = [suppress_negatives(detections, plan, self._postprocess.negative_iou) for detections in batch]
-        step = self._segmenter.image_batch
-        for start in range(0, len(images), step):
-            group = range(start, min(start + step, len(images)))
-            todo = [i for i in group if kept[i]]
-            # Writable copies: the processor turns them into tensors, which torch refuses to share read-only.
-            pixels = [np.array(images[i]) for i in todo]
-            boxes = [np.array([d.box_xyxy for d in kept[i]], dtype=np.float32) for i in todo]
+        todo = [i for i, detections in enumerate(kept) if detections]
+        # Writable copies: the processor turns them into tensors, which torch refuses to share read-only.
+        pixels = [np.array(images[i]) for i in todo]
+        boxes = [np.array([d.box_xyxy for d in kept[i]], dtype=np.float32) for i in todo]
+        masks_per_image = self._segmenter.segment_stream(pixels, boxes)
+        for detections in kept:
+            if not detections:
+                yield Segmented((), None, None)
+                continue
             with torch.inference_mode():
-                found = dict(zip(todo, self._segmenter.segment_batch(pixels, boxes), strict=True)) if todo else {}
-            for i in group:
-                masks, scores = found.get(i, (None, None))
-                yield Segmented(tuple(kept[i]), masks, scores)
+                masks, scores = next(masks_per_image)
+            yield Segmented(tuple(detections), masks, scores)
 
     def finish(self, segmented: Segmented, plan: ClassPlan) -> list[Instance]:
         """One image's instances from its Segmented: masks cleaned, then per-class min_area, one label per

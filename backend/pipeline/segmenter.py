@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel, ProcessorMixin
+from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
-from backend.pipeline.memory import run_halving
+from backend.pipeline.memory import prefetched, run_halving
 
 if TYPE_CHECKING:
     from segment_anything import SamPredictor
@@ -35,8 +36,6 @@ Decode = Callable[[slice], tuple[torch.Tensor, torch.Tensor]]
 class Segmenter(Protocol):
     """Anything that turns boxes on an image into one mask per box."""
 
-    image_batch: int  # images `segment_batch` sends through the image encoder at once
-
     def segment(self, image: np.ndarray, boxes_xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """image: (H, W, 3) uint8 RGB; boxes_xyxy: (N, 4) float, xyxy pixels of that image.
 
@@ -44,10 +43,11 @@ class Segmenter(Protocol):
         """
         ...
 
-    def segment_batch(
+    def segment_stream(
         self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray]
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """`segment` for several images, each with its own boxes; one (masks, scores) pair per image."""
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """`segment` for several images, each with its own boxes: one (masks, scores) pair per image, in
+        order, each yielded as soon as it is ready."""
         ...
 
     def segment_points(
@@ -90,20 +90,29 @@ class HfSamSegmenter:
     def segment_batch(
         self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray]
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """See `Segmenter.segment_batch`. The images that have boxes go through the image encoder
-        `image_batch` at a time (halved where the device runs out of memory); each image's boxes are decoded
-        on its own embedding."""
-        results = [_no_masks(image) for image in images]
+        """`segment_stream`, all at once."""
+        return list(self.segment_stream(images, boxes_xyxy))
+
+    def segment_stream(
+        self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray]
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """See `Segmenter.segment_stream`. The images that have boxes go through the image encoder
+        `image_batch` at a time (halved where the device runs out of memory), each image's boxes decoded on
+        its own embedding; the processor prepares the next group on a side thread meanwhile."""
         todo = [i for i, boxes in enumerate(boxes_xyxy) if len(boxes)]
-
-        def encode_and_decode(indices: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-            return self._segment_together([images[i] for i in indices], [boxes_xyxy[i] for i in indices])
-
-        for start in range(0, len(todo), self.image_batch):
-            group = todo[start : start + self.image_batch]
-            for index, result in zip(group, run_halving(encode_and_decode, group, "image"), strict=True):
-                results[index] = result
-        return results
+        groups = [todo[start : start + self.image_batch] for start in range(0, len(todo), self.image_batch)]
+        prepared = zip(groups, prefetched(partial(self._group_inputs, images, boxes_xyxy), groups), strict=True)
+        ready: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for index, image in enumerate(images):
+            if not len(boxes_xyxy[index]):
+                yield _no_masks(image)
+                continue
+            if index not in ready:
+                group, inputs = next(prepared)
+                run = partial(self._encode_and_decode, images, boxes_xyxy, group, inputs)
+                with torch.inference_mode():  # a generator cannot count on its consumer's mode
+                    ready.update(zip(group, run_halving(run, group, "image"), strict=True))
+            yield ready.pop(index)
 
     def segment_points(
         self, image: np.ndarray, points_xy: np.ndarray, positive: np.ndarray, box_xyxy: np.ndarray | None
@@ -123,22 +132,32 @@ class HfSamSegmenter:
         out = self._model(**self._embed(inputs), **prompts, multimask_output=multimask)
         return _best(self._original_size_masks(out.pred_masks, inputs)[0], out.iou_scores[0, 0])
 
-    def _segment_together(
-        self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray]
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """One encoder forward for `images`, then each image's boxes (N_i, 4) decoded on its embedding."""
+    def _group_inputs(
+        self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray], indices: Sequence[int]
+    ) -> BatchFeature:
+        """The processor's output for the images at `indices` with their boxes (CPU work)."""
         # The processor wants as many boxes for every image: shorter lists are padded with their last box.
-        most = max(len(boxes) for boxes in boxes_xyxy)
-        padded = [boxes.tolist() + [boxes[-1].tolist()] * (most - len(boxes)) for boxes in boxes_xyxy]
-        inputs = self._processor(images=list(images), input_boxes=padded, return_tensors="pt")
+        boxes = [boxes_xyxy[i] for i in indices]
+        most = max(len(image_boxes) for image_boxes in boxes)
+        padded = [b.tolist() + [b[-1].tolist()] * (most - len(b)) for b in boxes]
+        return self._processor(images=[images[i] for i in indices], input_boxes=padded, return_tensors="pt")
+
+    def _encode_and_decode(
+        self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray], group: Sequence[int],
+        group_inputs: BatchFeature, indices: Sequence[int],
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """One encoder forward for the images at `indices` (the prepared `group`, or a part of it after an
+        out-of-memory split), then each image's boxes decoded on its embedding."""
+        same = list(indices) == list(group)
+        inputs = group_inputs if same else self._group_inputs(images, boxes_xyxy, indices)
         embeddings = self._embed(inputs)
         # Prompts are in the model's 1024-px input frame, float32 (the processor gives float64).
         all_boxes = inputs["input_boxes"].to(self._model.device, torch.float32)
         results = []
-        for row, boxes in enumerate(boxes_xyxy):
+        for row, index in enumerate(indices):
             own = {key: value[row : row + 1] for key, value in embeddings.items()}
             sizes = {key: inputs[key][row : row + 1] for key in _SIZE_KEYS if key in inputs}
-            results.append(self._decode_boxes(own, all_boxes[row : row + 1, : len(boxes)], sizes))
+            results.append(self._decode_boxes(own, all_boxes[row : row + 1, : len(boxes_xyxy[index])], sizes))
         return results
 
     def _decode_boxes(
@@ -180,7 +199,6 @@ class SegmentAnythingSegmenter:
         from segment_anything import SamPredictor
 
         self._predictor = SamPredictor(sam)
-        self.image_batch = 1  # SamPredictor holds one image's embedding
         self._source = source
         self._dtype = dtype
         self._box_batch = box_batch
@@ -201,11 +219,11 @@ class SegmentAnythingSegmenter:
 
             return _decode_all(decode, len(boxes_xyxy), self._box_batch)
 
-    def segment_batch(
+    def segment_stream(
         self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray]
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """See `Segmenter.segment_batch`: image by image, since SamPredictor holds one image's embedding."""
-        return [self.segment(image, boxes) for image, boxes in zip(images, boxes_xyxy, strict=True)]
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """See `Segmenter.segment_stream`: image by image, since SamPredictor holds one image's embedding."""
+        return (self.segment(image, boxes) for image, boxes in zip(images, boxes_xyxy, strict=True))
 
     def segment_points(
         self, image: np.ndarray, points_xy: np.ndarray, positive: np.ndarray, box_xyxy: np.ndarray | None

@@ -4,6 +4,7 @@ is a named error)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
 from backend.errors import ImageFetchError
 from backend.jobs import Runtime
+from backend.pipeline import memory
 from backend.pipeline.detector import GroundingDinoDetector
 from backend.pipeline.grounded_sam import GroundedSam
 from backend.pipeline.memory import DeviceOutOfMemoryError, run_halving
@@ -204,3 +206,65 @@ class Unrecorded:
 
     def observe(self, stage: str, seconds: float) -> None:
         pass
+
+
+# CPU preprocessing off the model's thread
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_processors_run_beside_the_models_and_change_nothing(
+    detector: GroundingDinoDetector, tiny_hf_sam_dir: Path, monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    """With PREPROCESS_THREADS > 1 the detector's image processor runs on worker threads and SAM's processor
+    prepares the next image on a side thread; the results are those of the single-threaded run."""
+    segmenter = hf_segmenter(tiny_hf_sam_dir)
+    images = [rgb(48, 64, seed) for seed in range(4)]
+    boxes = [boxes_for(48, 64, 2, seed) for seed in range(4)]
+    plan = detector.prepare(CLASSES)
+    with torch.inference_mode():
+        expected_masks = segmenter.segment_batch(images, boxes)
+        expected_detections = detector.detect_batch([Image.fromarray(i) for i in images], plan, EVERYTHING)
+
+    monkeypatch.setattr(memory, "PREPROCESS_THREADS", threads)
+    callers: list[str] = []
+
+    def recording(call: Callable[..., Any]) -> Callable[..., Any]:
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            callers.append(threading.current_thread().name)
+            return call(*args, **kwargs)
+
+        return recorded
+
+    for owner, attribute in ((segmenter, "_processor"), (detector._processor, "image_processor")):
+        processor = getattr(owner, attribute)
+        monkeypatch.setattr(owner, attribute, RecordingProxy(processor, recording(processor)))
+    with torch.inference_mode():
+        masks = segmenter.segment_batch(images, boxes)
+        detections = detector.detect_batch([Image.fromarray(i) for i in images], plan, EVERYTHING)
+
+    assert len(callers) == 8
+    on_main = [name == threading.main_thread().name for name in callers]
+    assert all(on_main) if threads == 1 else not any(on_main), callers
+    assert detections == expected_detections
+    for (found, scores), (wanted, wanted_scores) in zip(masks, expected_masks, strict=True):
+        assert np.array_equal(found, wanted) and np.array_equal(scores, wanted_scores)
+
+
+class RecordingProxy:
+    """Calls go to `call`; attributes to the wrapped processor."""
+
+    def __init__(self, wrapped: Any, call: Callable[..., Any]) -> None:
+        self._wrapped = wrapped
+        self._call = call
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wrapped, name)
+
+
+def test_sam_stream_runs_without_gradients_whoever_consumes_it(tiny_hf_sam_dir: Path) -> None:
+    segmenter = hf_segmenter(tiny_hf_sam_dir)
+    [(masks, scores)] = list(segmenter.segment_stream([rgb(48, 64, 0)], [boxes_for(48, 64, 2, 0)]))  # no inference_mode
+    assert masks.shape == (2, 48, 64) and scores.shape == (2,)

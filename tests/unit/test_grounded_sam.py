@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +68,6 @@ def test_segment_anything_pipeline_gives_a_mask_per_detection(
 class RecordingSegmenter:
     """A Segmenter that records its calls and answers with full masks."""
 
-    image_batch = 1
-
     def __init__(self) -> None:
         self.box_counts: list[int] = []
 
@@ -76,10 +75,10 @@ class RecordingSegmenter:
         self.box_counts.append(len(boxes_xyxy))
         return np.ones((len(boxes_xyxy), *image.shape[:2]), bool), np.ones(len(boxes_xyxy), np.float32)
 
-    def segment_batch(
+    def segment_stream(
         self, images: list[np.ndarray], boxes_xyxy: list[np.ndarray]
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [self.segment(image, boxes) for image, boxes in zip(images, boxes_xyxy, strict=True)]
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return (self.segment(image, boxes) for image, boxes in zip(images, boxes_xyxy, strict=True))
 
     def describe(self) -> dict[str, str]:
         return {"source": "recording"}
