@@ -6,8 +6,8 @@ import base64
 import hmac
 import logging
 import time
-from dataclasses import asdict
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request

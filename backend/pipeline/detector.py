@@ -69,6 +69,7 @@ class GroundingDinoDetector:
         groups: dict[tuple[int, ...], list[int]] = {}
         for index, item in enumerate(pixels):
             groups.setdefault(tuple(item["pixel_values"].shape), []).append(index)
+
         def detect_group(members: Sequence[int]) -> list[list[Detection]]:
             logits, boxes = self._forward([pixels[i] for i in members], plan)
             return [

@@ -65,8 +65,8 @@ def parallel_map(function: Callable[[T], R], items: Sequence[T]) -> list[R]:
 
 def prefetched(function: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:
     """`function(item)` for each item, in order; the next one is computed on a side thread while the caller
-    works with the current one (in the calling thread when PREPROCESS_THREADS is 1)."""
-    if PREPROCESS_THREADS <= 1:
+    works with the current one (in the calling thread when PREPROCESS_THREADS is 1 or there is one item)."""
+    if PREPROCESS_THREADS <= 1 or len(items) <= 1:
         yield from map(function, items)
         return
     with ThreadPoolExecutor(1) as pool:

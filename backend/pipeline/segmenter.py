@@ -187,6 +187,7 @@ class HfSamSegmenter:
         masks = self._processor.post_process_masks(pred_masks.float(), sizes["original_sizes"], **reshaped)
         return masks[0]
 
+
 class SegmentAnythingSegmenter:
     """Meta's segment-anything `Sam` (official .pth weights) behind `SamPredictor`.
 

@@ -11,7 +11,6 @@ import psutil
 from tests.integration.conftest import Proc, Processes, tiny_backend_env
 
 
-
 def backend_environment(label_studio_url: str, api_key: str, detector: Path, sam: Path) -> dict[str, str]:
     """Environment of one `serve`: embedded Redis and worker, tiny models on the CPU, offline.
 
