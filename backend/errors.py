@@ -28,9 +28,40 @@ class ImageFetchError(BackendError):
         self.retryable = retryable
 
 
+class OutboundRefusedError(ImageFetchError):
+    """The outbound policy refused an image fetch before connecting: a loopback, private, link-local or other
+    non-public address not allowed by FETCH_ALLOW_NETWORKS / FETCH_ALLOW_HOSTS, or a Label Studio path outside its
+    media paths. Never retryable."""
+
+
 class ModelLoadError(BackendError):
     """A model could not be loaded from the configured id, path or checkpoint."""
 
 
 class QueueUnavailableError(BackendError):
     """Redis cannot be reached, so no job can be queued or read."""
+
+
+class RedisFullError(QueueUnavailableError):
+    """Redis refused a write because it reached its maxmemory (noeviction): nothing more can be queued."""
+
+
+class RequestTooLargeError(BackendError):
+    """A request exceeds a size limit (body bytes, tasks per synchronous /predict, labeling config bytes)."""
+
+
+class RequestDataError(BackendError):
+    """A request field is malformed in a way the schema cannot say (e.g. /setup's hostname is no http(s) origin)."""
+
+
+class LabelConfigMissingError(BackendError):
+    """A job refers to a labeling config that is no longer in Redis (expired or deleted)."""
+
+
+class EmbeddedRedisDirInUseError(BackendError):
+    """Another `serve` holds the EMBEDDED_REDIS_DIR folder: two servers must not share one append-only file."""
+
+
+class CrashLoopError(BackendError):
+    """A supervised child of `serve` (worker or embedded Redis) died SUPERVISE_MAX_RESTARTS times within
+    SUPERVISE_WINDOW: restarting it again would not help."""

@@ -9,15 +9,27 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backend.images.fetch import FetchOptions
+from backend.images.outbound import OutboundPolicy, parse_hosts, parse_networks
 from backend.labelstudio.results import OutputOptions
 from backend.pipeline.types import DetectionThresholds, ModelSpec, PostprocessOptions
 
 DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_SAM = "facebook/sam-vit-huge"
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    """One line per invalid setting, named by its environment variable (BOX_THRESHOLD), never with the value
+    given: a secret set in the wrong place (BASIC_AUTH_PASS, LABEL_STUDIO_API_KEY) must not reach a log."""
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False, include_context=False):
+        names = [str(part).upper() for part in error.get("loc", ()) if isinstance(part, str)]
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        lines.append(f"  {'.'.join(names)}: {message}" if names else f"  {message}")
+    return "\n".join(lines)
 
 
 class Settings(BaseSettings):
@@ -48,13 +60,32 @@ class Settings(BaseSettings):
     prior_task_seconds: float = Field(
         2.0, gt=0, description="Seconds per task assumed for that estimate until workers have measured it."
     )
+    sync_max_tasks: int = Field(
+        64, ge=1, description="Most tasks one /predict computes while Label Studio waits; more go bulk (with LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY) or get 413."
+    )
+    max_request_bytes: int = Field(
+        16 * 2**20, gt=0, description="Largest request body accepted, in bytes; a larger one gets 413."
+    )
+    label_config_max_bytes: int = Field(
+        2**20, gt=0, description="Largest labeling config /setup, /predict and /prelabel accept, in bytes (UTF-8); a larger one gets 413."
+    )
     bulk_chunk_size: int = Field(8, ge=1, le=256, description="Tasks per bulk job (they share prompt encoding and model batches).")
     job_timeout: int = Field(600, gt=0, description="Seconds one job may run before rq stops it.")
     result_ttl: int = Field(3600, ge=0, description="Seconds a finished job's prediction stays in Redis for re-use.")
-    failure_ttl: int = Field(7 * 24 * 3600, ge=0, description="Seconds a failed job stays in rq's failed registry.")
+    failure_ttl: int = Field(24 * 3600, ge=0, description="Seconds a failed job stays in rq's failed registry.")
     worker_heartbeat: float = Field(
-        5.0, gt=0, description="Seconds between a busy worker's heartbeats; a job is failed 3 missed beats after its worker dies."
+        5.0, gt=0, description="Seconds between a busy worker's heartbeats; 3 missed beats after its worker dies a job is queued again, once (a second death fails it)."
     )
+    embedded_redis_dir: str = Field(
+        "~/.local/state/grounded-sam/redis", description="Folder where the embedded Redis (REDIS_URL unset) keeps its append-only file, so queued and finished work survive restarts; one `serve` per folder."
+    )
+    embedded_redis_maxmemory: str = Field(
+        "512mb", description="Memory limit of the embedded Redis; at the limit writes are refused (noeviction), queue state is never dropped."
+    )
+    supervise_max_restarts: int = Field(
+        3, ge=1, description="`serve` restarts its worker or embedded Redis when it dies (after 1 s, 2 s, ... up to 30 s); one that dies again after this many restarts within SUPERVISE_WINDOW stops `serve`."
+    )
+    supervise_window: float = Field(300.0, gt=0, description="Seconds over which SUPERVISE_MAX_RESTARTS is counted.")
 
     # Models
     detector_model: str = Field(DEFAULT_DETECTOR, description="Grounding DINO: Hugging Face id or local folder.")
@@ -116,6 +147,15 @@ class Settings(BaseSettings):
     image_read_timeout: float = Field(30.0, gt=0, description="Seconds to wait for image bytes.")
     image_max_bytes: int = Field(50 * 2**20, gt=0, description="Largest image file accepted, in bytes.")
     image_max_pixels: int = Field(100_000_000, gt=0, description="Largest image accepted, in pixels (decompression bombs).")
+    image_fetch_deadline: float = Field(
+        60.0, gt=0, description="Seconds one image fetch may take in all: redirects, connects and bytes included."
+    )
+    fetch_allow_networks: str | None = Field(
+        None, description="Comma-separated CIDRs or addresses image fetches may connect to although they are loopback, private, link-local or otherwise not public (e.g. 10.0.0.0/8,192.168.1.20)."
+    )
+    fetch_allow_hosts: str | None = Field(
+        None, description="Comma-separated host names image fetches may connect to whatever they resolve to; a leading dot allows subdomains (.corp.example: a.corp.example, not corp.example)."
+    )
 
     @model_validator(mode="after")
     def _auth_pair(self) -> Settings:
@@ -182,6 +222,17 @@ class Settings(BaseSettings):
             "output": asdict(self.output_options()),
         }
 
+    @model_validator(mode="after")
+    def _fetch_allowances(self) -> Settings:
+        self.outbound_policy()  # a bad entry is a ValueError naming its variable
+        return self
+
+    def outbound_policy(self) -> OutboundPolicy:
+        """What image fetches may reach besides public addresses (LABEL_STUDIO_URL's media is allowed anyway)."""
+        return OutboundPolicy(
+            allow_networks=parse_networks(self.fetch_allow_networks), allow_hosts=parse_hosts(self.fetch_allow_hosts)
+        )
+
     def fetch_options(self) -> FetchOptions:
         return FetchOptions(
             label_studio_url=self.label_studio_url,
@@ -191,4 +242,6 @@ class Settings(BaseSettings):
             max_bytes=self.image_max_bytes,
             max_pixels=self.image_max_pixels,
             local_files_root=self.local_files_document_root,
+            policy=self.outbound_policy(),
+            deadline=self.image_fetch_deadline,
         )

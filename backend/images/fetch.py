@@ -1,33 +1,46 @@
-"""Fetch a task's image the way Label Studio resolves it, within timeouts and size caps.
+"""Fetch a task's image the way Label Studio resolves it, within the outbound policy, a deadline and size caps.
 
 References (task data values) and where they are read from:
-- http(s)://...: fetched directly; Label Studio credentials only when the origin is LABEL_STUDIO_URL's.
+- http(s)://...: fetched directly, never with Label Studio credentials unless the URL is one of its media paths.
 - /data/upload/..., upload/..., /data/local-files/?d=...: relative to LABEL_STUDIO_URL, with credentials;
   /data/local-files/?d=<rel> is read from disk instead when `local_files_root`/<rel> exists.
 - s3://, gs://, gcs://, azure-blob://: through Label Studio's /tasks/<task id>/presign/ redirect.
+
+Every hop (redirects are followed here, at most MAX_REDIRECTS) passes the outbound policy at connect time
+(backend/images/network.py). Label Studio's origin is allowed whatever its address for its media paths
+(/data/upload/, /data/local-files/, /tasks/<id>/presign/) only, and only those get the credentials; a Label Studio
+URL with '.' or '..' path segments is refused. One fetch, all hops and bytes included, ends at `deadline`.
 """
 
 from __future__ import annotations
 
 import base64
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from types import TracebackType
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
 from PIL import Image
 
-from backend.errors import ImageFetchError
+from backend.errors import ImageFetchError, OutboundRefusedError
 from backend.images.auth import LabelStudioAuth, request_failure
+from backend.images.content import ContentDecoder, OverCapError
 from backend.images.decode import decode_image, load_image_file, over_byte_cap
+from backend.images.network import FetchScope, GuardedBackend, guarded_client
+from backend.images.outbound import OutboundPolicy
 
-__all__ = ["FetchOptions", "ImageFetcher", "decode_image", "load_image_file"]
+__all__ = ["FetchOptions", "ImageFetcher", "OutboundPolicy", "decode_image", "load_image_file"]
 
 CLOUD_SCHEMES = ("s3", "gs", "gcs", "azure-blob")
 LABEL_STUDIO_PATHS = ("/data/upload/", "/data/local-files/")
+_PRESIGN = re.compile(r"/tasks/\d+/presign/?")
+MAX_REDIRECTS = 5
+MAX_REFERENCE_CHARS = 16_384  # presigned cloud URLs run to a few KB
 # Worth retrying besides 5xx: Label Studio or a proxy asking to come back later.
 _RETRYABLE_STATUS = frozenset({408, 429})
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -36,8 +49,10 @@ class FetchOptions:
 
     label_studio_url: base URL of Label Studio (may include a path), or None.
     api_key: legacy token or personal access token (JWT), or None.
-    max_bytes: cap on the downloaded (decoded transfer) size; max_pixels: cap on width*height.
+    max_bytes: cap on the bytes on the wire and on the decoded (Content-Encoding undone) bytes, each;
+    max_pixels: cap on width*height.
     local_files_root: Label Studio's LOCAL_FILES_DOCUMENT_ROOT when mounted here, or None.
+    policy: the addresses allowed besides public ones; deadline: seconds for one whole fetch.
     """
 
     label_studio_url: str | None
@@ -47,9 +62,12 @@ class FetchOptions:
     max_bytes: int
     max_pixels: int
     local_files_root: str | None
+    policy: OutboundPolicy = field(default_factory=OutboundPolicy)
+    deadline: float = 60.0
 
     def __post_init__(self) -> None:
-        if min(self.connect_timeout, self.read_timeout) <= 0 or min(self.max_bytes, self.max_pixels) <= 0:
+        timeouts = (self.connect_timeout, self.read_timeout, self.deadline)
+        if min(timeouts) <= 0 or min(self.max_bytes, self.max_pixels) <= 0:
             raise ValueError(f"timeouts and caps must be positive: {self}")
 
 
@@ -67,9 +85,10 @@ class ImageFetcher:
     def __init__(self, options: FetchOptions) -> None:
         self._options = options
         self._base = options.label_studio_url.rstrip("/") if options.label_studio_url else None
+        self._base_url = httpx.URL(self._base) if self._base else None
+        self._backend = GuardedBackend(options.policy)
         timeout = httpx.Timeout(options.read_timeout, connect=options.connect_timeout)
-        # Presigned cloud URLs arrive as redirects; httpx drops Authorization on cross-origin redirects.
-        self._client = httpx.Client(timeout=timeout, follow_redirects=True)
+        self._client = guarded_client(self._backend, timeout, on_response=_check_location)
         self._auth: LabelStudioAuth | None = None
         if options.api_key and self._base:
             self._auth = LabelStudioAuth(options.api_key, self._base, self._client)
@@ -81,9 +100,10 @@ class ImageFetcher:
         sent in /setup). It may differ from LABEL_STUDIO_URL, the address this worker reaches it at (in
         Docker: localhost vs the service name), so its /data/ URLs are fetched through LABEL_STUDIO_URL.
 
-        Raises ImageFetchError naming `ref` and the cause; retryable for timeouts, connection errors,
-        5xx, 408 and 429.
+        Raises ImageFetchError naming `ref` and the cause (OutboundRefusedError when the outbound policy refuses
+        it); retryable for timeouts, the deadline, connection errors, 5xx, 408 and 429.
         """
+        ref = _checked_reference(ref)
         ref = _strip_label_studio_origin(ref, label_studio_host)
         local_path = self._local_file(ref)
         if local_path is not None:
@@ -101,7 +121,7 @@ class ImageFetcher:
         self.close()
 
     def _resolve(self, ref: str, task_id: int | None) -> _Target:
-        scheme = urlsplit(ref).scheme.lower()
+        scheme = _scheme(ref)
         if scheme in ("http", "https"):
             return _Target(ref, ref)
         if scheme in CLOUD_SCHEMES:
@@ -138,30 +158,161 @@ class ImageFetcher:
         return path if os.path.isfile(path) else None
 
     def _download(self, target: _Target) -> bytes:
-        try:
-            on_label_studio = self._base is not None and _same_origin(target.url, self._base)
-            auth = self._auth if on_label_studio else None
-            with self._client.stream("GET", target.url, auth=auth) as response:
-                if response.status_code >= 400:
-                    raise _status_error(target.source, response, auth, on_label_studio=on_label_studio)
-                return self._read_capped(target, response)
-        except httpx.RequestError as exc:
-            raise request_failure(target.source, exc) from exc
-        except httpx.InvalidURL as exc:
-            raise ImageFetchError(f"{target.source}: invalid URL ({exc})") from exc
+        """The body at `target`, redirects followed hop by hop, each hop checked (module docstring)."""
+        with self._backend.scope(self._options.deadline) as scope:
+            try:
+                url, raw = _http_url(target.url, target.source), target.url
+                for _ in range(MAX_REDIRECTS + 1):
+                    if scope.remaining() <= 0:
+                        raise self._past_deadline(target.source)
+                    outcome = self._hop(target.source, url, raw, scope)
+                    if isinstance(outcome, bytes):
+                        return outcome
+                    url, raw = outcome
+            except httpx.TimeoutException as exc:
+                if scope.expired:
+                    raise self._past_deadline(target.source) from exc
+                raise request_failure(target.source, exc) from exc
+            except httpx.RequestError as exc:
+                raise request_failure(target.source, exc) from exc
+        raise ImageFetchError(f"{target.source}: more than {MAX_REDIRECTS} redirects")
 
-    def _read_capped(self, target: _Target, response: httpx.Response) -> bytes:
-        """The body, refused as soon as its declared or streamed size passes max_bytes."""
+    def _hop(self, source: str, url: httpx.URL, raw: str, scope: FetchScope) -> bytes | tuple[httpx.URL, str]:
+        """GET `url` (`raw`: the text it was parsed from): the body, or where it redirects to (URL, text)."""
+        media = self._label_studio_media(source, url, raw)
+        scope.exempt = _origin(url) if media else None
+        auth = self._auth if media else None
+        try:
+            response = self._client.send(self._client.build_request("GET", url), auth=auth, stream=True)
+        except ImageFetchError as exc:  # refused at connect time, or a malformed redirect: named without the source
+            raise type(exc)(f"{source}: {exc}", retryable=exc.retryable) from None
+        except httpx.InvalidURL as exc:  # a Location that parses alone but not joined to this URL
+            raise ImageFetchError(f"{source}: redirect to a malformed URL ({exc})") from None
+        try:
+            if response.next_request is not None:
+                location = str(response.next_request.url)
+                return _http_url(location, f"{source}: redirect to {location}"), response.headers["Location"]
+            if response.status_code >= 400:
+                raise _status_error(source, response, auth, on_label_studio=media)
+            return self._read_capped(source, response, scope)
+        finally:
+            response.close()
+
+    def _label_studio_media(self, source: str, url: httpx.URL, raw: str) -> bool:
+        """Whether `url` is one of Label Studio's media paths (allowed whatever its address, with credentials).
+
+        OutboundRefusedError for a Label Studio URL with '.' or '..' segments in `raw`: httpx would resolve them,
+        so /data/upload/../../X would be sent as /X.
+        """
+        if self._base_url is None or not _same_origin(url, self._base_url):
+            return False
+        sent = url.raw_path.decode("ascii").split("?", 1)[0]  # httpx resolved literal dots, not %2e ones
+        if _has_dot_segments(_path_of(raw)) or _has_dot_segments(sent):
+            raise OutboundRefusedError(f"{source}: refused: '.' or '..' in the path of a Label Studio URL")
+        base_path = self._base_url.path.rstrip("/")
+        if not url.path.startswith(base_path + "/"):
+            return False
+        path = url.path[len(base_path) :]
+        return path.startswith(LABEL_STUDIO_PATHS) or _PRESIGN.fullmatch(path) is not None
+
+    def _read_capped(self, source: str, response: httpx.Response, scope: FetchScope) -> bytes:
+        """The body, Content-Encoding undone, refused as soon as its declared, wire or decoded size passes max_bytes."""
         cap = self._options.max_bytes
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > cap:
-            raise over_byte_cap(target.source, cap)
-        body = bytearray()
-        for chunk in response.iter_bytes():
-            body += chunk
-            if len(body) > cap:
-                raise over_byte_cap(target.source, cap)
-        return bytes(body)
+            raise over_byte_cap(source, cap)
+        body, wire = bytearray(), 0
+        try:
+            decoder = ContentDecoder(response.headers.get_list("Content-Encoding", split_commas=True), cap)
+            for chunk in response.iter_raw():
+                wire += len(chunk)
+                if wire > cap:
+                    raise OverCapError
+                for piece in decoder.feed(chunk):
+                    body += piece
+                if scope.remaining() <= 0:  # decoding is ours to bound too, not only the waits
+                    break
+            else:
+                for piece in decoder.finish():
+                    body += piece
+                return bytes(body)
+        except OverCapError:
+            raise over_byte_cap(source, cap) from None
+        except ImageFetchError as exc:  # the decoder's, named without the source
+            raise ImageFetchError(f"{source}: {exc}") from None
+        raise self._past_deadline(source)
+
+    def _past_deadline(self, source: str) -> ImageFetchError:
+        return ImageFetchError(
+            f"{source}: not fetched within IMAGE_FETCH_DEADLINE ({self._options.deadline:g} s)", retryable=True
+        )
+
+
+def _checked_reference(ref: object) -> str:
+    """`ref` if it can name an image at all: a string, not absurdly long, without control characters."""
+    if not isinstance(ref, str):
+        raise ImageFetchError(f"{str(ref)[:100]}: an image reference must be a string, not {type(ref).__name__}")
+    if not ref:
+        raise ImageFetchError("empty image reference")
+    if len(ref) > MAX_REFERENCE_CHARS:
+        raise ImageFetchError(f"{ref[:100]}...: longer than {MAX_REFERENCE_CHARS} characters")
+    if _CONTROL.search(ref):
+        raise ImageFetchError(f"{ascii(ref)[1:-1][:200]}: control character in the image reference")
+    try:
+        ref.encode()
+    except UnicodeEncodeError:
+        raise ImageFetchError(f"{ascii(ref)[1:-1][:200]}: not valid Unicode (a lone surrogate)") from None
+    return ref
+
+
+def _http_url(text: str, source: str) -> httpx.URL:
+    """`text` as an http(s) URL with a host and a valid port; ImageFetchError naming the problem otherwise."""
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+        url = httpx.URL(text)
+        host = url.host  # decodes IDNA (UnicodeError for a malformed A-label such as "xn--")
+    except (ValueError, httpx.InvalidURL) as exc:  # UnicodeError is a ValueError
+        raise ImageFetchError(f"{source}: malformed URL ({exc})") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ImageFetchError(f"{source}: not an http(s) URL")
+    if not host:
+        raise ImageFetchError(f"{source}: malformed URL (no host)")
+    if port == 0:
+        raise ImageFetchError(f"{source}: malformed URL (port 0)")
+    return url
+
+
+def _path_of(text: str) -> str:
+    """The path of URL `text` as written (all of `text` when it does not parse)."""
+    try:
+        return urlsplit(text).path
+    except ValueError:
+        return text
+
+
+def _has_dot_segments(path: str) -> bool:
+    """Whether `path` has '.' or '..' segments once percent-decoded (a backslash counts as a slash)."""
+    segments = unquote(path).replace("\\", "/").split("/")
+    return "." in segments or ".." in segments
+
+
+def _check_location(response: httpx.Response) -> None:
+    """httpx response hook: a redirect's Location must parse (httpx would raise a retryable protocol error, or
+    a UnicodeError)."""
+    if response.has_redirect_location:
+        location = response.headers["Location"]
+        try:
+            _ = httpx.URL(location).host  # decoding the host raises for a malformed IDNA label
+        except (httpx.InvalidURL, ValueError) as exc:  # UnicodeError is a ValueError
+            raise ImageFetchError(f"redirect to a malformed URL {ascii(location)[:200]} ({exc})") from None
+
+
+def _scheme(ref: str) -> str:
+    try:
+        return urlsplit(ref).scheme.lower()
+    except ValueError:
+        return "http" if ref.lower().startswith(("http:", "https:")) else ""
 
 
 def _status_error(
@@ -179,23 +330,30 @@ def _auth_hint(auth: LabelStudioAuth | None, *, on_label_studio: bool) -> str:
         return auth.rejection_hint
     if on_label_studio:
         return "set LABEL_STUDIO_API_KEY (a legacy token or a personal access token) to read Label Studio's files"
-    return "Label Studio credentials are only sent to LABEL_STUDIO_URL's host, not to this one"
+    return "Label Studio credentials are only sent to LABEL_STUDIO_URL's media paths, not to this URL"
 
 
 def _strip_label_studio_origin(ref: str, label_studio_host: str | None) -> str:
     """`ref` without Label Studio's own origin when it names one of its /data/ files, else `ref`."""
-    if not label_studio_host or urlsplit(ref).scheme.lower() not in ("http", "https"):
+    if not label_studio_host or _scheme(ref) not in ("http", "https"):
         return ref
-    parts = urlsplit(ref)
-    if _same_origin(ref, label_studio_host) and parts.path.startswith(LABEL_STUDIO_PATHS):
+    try:
+        parts, url, host = urlsplit(ref), httpx.URL(ref), httpx.URL(label_studio_host)
+    except (ValueError, httpx.InvalidURL):  # UnicodeError is a ValueError
+        return ref  # a malformed ref is named by the fetch; a malformed host just rewrites nothing
+    if _same_origin(url, host) and parts.path.startswith(LABEL_STUDIO_PATHS):
         return parts.path + (f"?{parts.query}" if parts.query else "")
     return ref
 
 
-def _same_origin(url: str, base: str) -> bool:
+def _same_origin(a: httpx.URL, b: httpx.URL) -> bool:
     """Same scheme, host and port (default ports filled in)."""
-    a, b = httpx.URL(url), httpx.URL(base)
-    return (a.scheme, a.host, _port(a)) == (b.scheme, b.host, _port(b))
+    return (a.scheme, a.raw_host, _port(a)) == (b.scheme, b.raw_host, _port(b))
+
+
+def _origin(url: httpx.URL) -> tuple[str, int]:
+    """(host, port) as httpcore's connect_tcp receives them."""
+    return url.raw_host.decode("ascii"), _port(url) or 0
 
 
 def _port(url: httpx.URL) -> int | None:

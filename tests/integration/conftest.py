@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -70,6 +71,8 @@ def tiny_backend_env(detector: Path, sam: Path, drop: tuple[str, ...] = ()) -> d
         PREDICT_TIMEOUT="60",
         LOG_LEVEL="INFO",
         PYTHONPATH=str(REPO),
+        FETCH_ALLOW_NETWORKS="127.0.0.0/8,::1/128",  # test image servers listen on loopback, refused by default
+        EMBEDDED_REDIS_DIR=tempfile.mkdtemp(prefix="gsam-redis-"),  # each env its own embedded Redis data
     )
     return env
 

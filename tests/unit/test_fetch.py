@@ -22,11 +22,14 @@ from PIL import Image
 
 from backend.errors import ImageFetchError
 from backend.images.fetch import FetchOptions, ImageFetcher, decode_image, load_image_file
+from backend.images.outbound import OutboundPolicy, parse_networks
 
 LEGACY = "0123456789abcdef0123456789abcdef01234567"
 PAT = "eyJhbGciOiJIUzI1NiJ9.eyJ0b2tlbl90eXBlIjoicmVmcmVzaCJ9.c2lnbmF0dXJl"
 MAX_BYTES = 200_000
 READ_TIMEOUT = 0.3
+# These servers listen on loopback, which the outbound policy refuses unless allowed (see test_outbound.py).
+LOOPBACK = OutboundPolicy(allow_networks=parse_networks("127.0.0.0/8,::1/128"))
 
 
 def _encode(image: Image.Image, fmt: str, **params: object) -> bytes:
@@ -178,6 +181,7 @@ def _fetcher(server: FakeLabelStudio, api_key: str | None = LEGACY, **changes: o
         "max_bytes": MAX_BYTES,
         "max_pixels": 10_000_000,
         "local_files_root": None,
+        "policy": LOOPBACK,
     }
     return ImageFetcher(FetchOptions(**{**options, **changes}))
 
@@ -243,6 +247,7 @@ def test_connection_refused_is_retryable() -> None:
         max_bytes=MAX_BYTES,
         max_pixels=10**6,
         local_files_root=None,
+        policy=LOOPBACK,
     )
     with ImageFetcher(options) as fetcher, pytest.raises(ImageFetchError) as info:
         fetcher.fetch(f"http://127.0.0.1:{port}/x.png")
@@ -256,10 +261,12 @@ def test_label_studio_paths_are_fetched_with_the_legacy_token(server: FakeLabelS
     assert server.auth_seen["/data/upload/1/legacy.png"] == f"Token {LEGACY}"
 
 
-def test_credentials_go_to_label_studio_only(server: FakeLabelStudio) -> None:
+def test_credentials_go_to_label_studio_media_paths_only(server: FakeLabelStudio) -> None:
     with _fetcher(server) as fetcher:
-        fetcher.fetch(server.url + "/img.png")
-        assert server.auth_seen["/img.png"] == f"Token {LEGACY}"
+        fetcher.fetch(server.url + "/data/upload/1/legacy.png")
+        assert server.auth_seen["/data/upload/1/legacy.png"] == f"Token {LEGACY}"
+        fetcher.fetch(server.url + "/img.png")  # Label Studio's origin, but not one of its media paths
+        assert server.auth_seen["/img.png"] is None
         fetcher.fetch(f"http://localhost:{server.port}/echo-auth.png")
         assert server.auth_seen["/echo-auth.png"] is None
 
