@@ -57,7 +57,8 @@ from backend.labelstudio.results import OutputOptions  # noqa: E402
 from backend.labelstudio.version import model_version  # noqa: E402
 from backend.pipeline.build import build_pipeline  # noqa: E402
 from backend.pipeline.grounded_sam import GroundedSam  # noqa: E402
-from backend.pipeline.segmenter import HfSamSegmenter, SegmentAnythingSegmenter  # noqa: E402
+from backend.pipeline.packed import PackedMask  # noqa: E402
+from backend.pipeline.segmenter import HfSamSegmenter, Masks, SegmentAnythingSegmenter  # noqa: E402
 from backend.pipeline.types import DetectionThresholds, ModelSpec, PostprocessOptions, Segmented  # noqa: E402
 
 # SAM image encoders by name: transformers SamVisionConfig sizes and segment-anything registry names.
@@ -345,20 +346,28 @@ class Counters:
     def settle(self) -> None:
         """`mask_fill` of the round's brush masks, computed once its timing has stopped (a full-frame pass
         per mask costs as much as the RLE encoding itself)."""
-        self.mask_fill.extend(float(mask.mean()) for mask in self.brush_masks)
+        self.mask_fill.extend(mask.area / (mask.height * mask.width) for mask in self.brush_masks)
         self.brush_masks.clear()
 
 
-def ellipse_masks(masks: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """For --masks ellipse: each mask replaced by the filled ellipse inscribed in its box (same shape, bool)."""
+def ellipse_masks(masks: tuple[PackedMask, ...], boxes: np.ndarray) -> tuple[PackedMask, ...]:
+    """For --masks ellipse: each mask replaced by the filled ellipse inscribed in its box (same image size),
+    drawn on the box's window only (the image is never allocated whole)."""
     import cv2
 
-    out = np.zeros(masks.shape, dtype=np.uint8)
-    for plane, (x0, y0, x1, y1) in zip(out, boxes, strict=True):
+    out = []
+    for mask, (x0, y0, x1, y1) in zip(masks, boxes, strict=True):
         centre = (int(round((x0 + x1) / 2)), int(round((y0 + y1) / 2)))
         axes = (max(int(round((x1 - x0) / 2)), 1), max(int(round((y1 - y0) / 2)), 1))
-        cv2.ellipse(plane, centre, axes, 0, 0, 360, 1, -1)
-    return out.astype(bool)
+        top, left = max(centre[1] - axes[1], 0), max(centre[0] - axes[0], 0)
+        bottom, right = min(centre[1] + axes[1] + 1, mask.height), min(centre[0] + axes[0] + 1, mask.width)
+        if bottom <= top or right <= left:  # wholly outside the image
+            out.append(PackedMask.empty(mask.shape))
+            continue
+        plane = np.zeros((bottom - top, right - left), dtype=np.uint8)
+        cv2.ellipse(plane, (centre[0] - left, centre[1] - top), axes, 0, 0, 360, 1, -1)
+        out.append(PackedMask.from_window(plane.view(bool), top, left, mask.shape))
+    return tuple(out)
 
 
 def instrument(pipeline: GroundedSam, stages: Stages, counters: Counters, masks: str) -> None:
@@ -393,14 +402,14 @@ def instrument(pipeline: GroundedSam, stages: Stages, counters: Counters, masks:
         raise TypeError(f"unknown segmenter {type(segmenter).__name__}")
     segment_stream = segmenter.segment_stream
 
-    def counted_segment(images: list[np.ndarray], boxes: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def counted_segment(images: list[np.ndarray], boxes: list[np.ndarray]) -> Iterator[tuple[Masks, np.ndarray]]:
         counters.sam_boxes.extend(len(image_boxes) for image_boxes in boxes)
         if not stages.enabled:
             return segment_stream(images, boxes)
         with stages("segmenter_total"):  # staged pass: all of it now, inside the timer
             return iter(list(segment_stream(images, boxes)))
 
-    def swapped_segment(images: list[np.ndarray], boxes: list[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def swapped_segment(images: list[np.ndarray], boxes: list[np.ndarray]) -> Iterator[tuple[Masks, np.ndarray]]:
         for (found, scores), image_boxes in zip(counted_segment(images, boxes), boxes, strict=True):
             started = time.perf_counter()
             found = ellipse_masks(found, image_boxes)  # numpy on the host: nothing on the GPU to wait for
@@ -414,7 +423,7 @@ def instrument(pipeline: GroundedSam, stages: Stages, counters: Counters, masks:
         setattr(grounded_sam_module, name, stages.wrap("postprocess", getattr(grounded_sam_module, name)))
     mask_to_rle = results_module.mask_to_rle
 
-    def counted_rle(mask: np.ndarray) -> list[int]:
+    def counted_rle(mask: PackedMask) -> list[int]:
         rle = mask_to_rle(mask)
         counters.rle_ints.append(len(rle))
         counters.brush_masks.append(mask)

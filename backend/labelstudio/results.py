@@ -16,14 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import cv2
-import numpy as np
-import numpy.typing as npt
-
 from backend.labelstudio.config import ControlRef, LabelConfig, LabelSpec
 from backend.labelstudio.image_tags import ImageTagControl
 from backend.labelstudio.polygons import mask_to_polygons
 from backend.labelstudio.rle import mask_to_rle
+from backend.pipeline.packed import (  # numpy only: the pipeline's compact mask
+    Mask,
+    packed,
+)
 
 Box = tuple[float, float, float, float]
 
@@ -33,13 +33,14 @@ class PredictedObject:
     """One object found in an image.
 
     label: exact Label value from the config. score: confidence in [0, 1] (the pipeline's review score).
-    box_xyxy: (x1, y1, x2, y2) in pixels of the displayed image. mask: bool HxW of that image, or None.
+    box_xyxy: (x1, y1, x2, y2) in pixels of the displayed image. mask: bool HxW of that image (or its
+    PackedMask, which is what the pipeline gives), or None.
     """
 
     label: str
     score: float
     box_xyxy: Box
-    mask: npt.NDArray[np.bool_] | None = field(default=None, repr=False, compare=False)
+    mask: Mask | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +96,11 @@ def empty_prediction(model_version: str) -> dict[str, Any]:
     return {"result": [], "score": 0.0, "model_version": model_version}
 
 
-def mask_box(mask: npt.NDArray[np.bool_]) -> Box | None:
-    """The xyxy pixel box around a bool HxW mask's pixels (edges included), or None when it is empty."""
-    x, y, box_width, box_height = cv2.boundingRect(mask.astype(np.uint8))
-    return None if box_width == 0 else (float(x), float(y), float(x + box_width), float(y + box_height))
+def mask_box(mask: Mask) -> Box | None:
+    """The xyxy pixel box around a bool HxW mask's (or a PackedMask's) pixels (edges included), or None when
+    it is empty."""
+    box = packed(mask).box
+    return None if box is None else (float(box[0]), float(box[1]), float(box[2]), float(box[3]))
 
 
 def _object_values(
@@ -135,7 +137,7 @@ def _spec_for(obj: PredictedObject, specs: dict[str, LabelSpec]) -> LabelSpec:
     return specs[obj.label]
 
 
-def _checked_mask(obj: PredictedObject, control: ControlRef, width: int, height: int) -> npt.NDArray[np.bool_]:
+def _checked_mask(obj: PredictedObject, control: ControlRef, width: int, height: int) -> Mask:
     if obj.mask is None:
         raise ValueError(f"label {obj.label!r} is on the control {control.from_name!r} but has no mask")
     if obj.mask.shape != (height, width):

@@ -24,7 +24,11 @@ from transformers import (
 from backend.errors import ModelLoadError
 from backend.pipeline.detector import GroundingDinoDetector
 from backend.pipeline.grounded_sam import GroundedSam
-from backend.pipeline.segmenter import HfSamSegmenter, SegmentAnythingSegmenter, Segmenter
+from backend.pipeline.segmenter import (
+    HfSamSegmenter,
+    SegmentAnythingSegmenter,
+    Segmenter,
+)
 from backend.pipeline.types import DetectionThresholds, ModelSpec, PostprocessOptions
 
 if TYPE_CHECKING:
@@ -158,7 +162,13 @@ class SamArchitecture:
     def build(self) -> Sam:
         """A randomly initialised `Sam` of these sizes; constants as in the package's `_build_sam`."""
         try:
-            from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+            from segment_anything.modeling import (
+                ImageEncoderViT,
+                MaskDecoder,
+                PromptEncoder,
+                Sam,
+                TwoWayTransformer,
+            )
         except ImportError as error:  # the package's __init__ imports torchvision
             raise ModelLoadError(
                 f"the segment-anything package cannot be imported ({error}); it needs torchvision: "

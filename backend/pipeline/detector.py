@@ -10,6 +10,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from backend.pipeline.memory import parallel_map, run_halving
 from backend.pipeline.prompts import PromptPlan, build_prompt_plan
+from backend.pipeline.shapes import detector_input
 from backend.pipeline.types import Detection, DetectionThresholds, TextClass
 
 
@@ -62,10 +63,12 @@ class GroundingDinoDetector:
         smaller images to the largest would change what the Swin backbone sees near the padding, so a
         batch would no longer give each image its single-image detections. A group that does not fit in
         device memory is split in halves (DeviceOutOfMemoryError when one image alone does not fit).
+        Images of any aspect ratio are taken (shapes.detector_input pads the very wide or tall ones).
         """
         if plan.chunk_count == 0 or not images:
             return [[] for _ in images]
-        pixels = parallel_map(self._preprocess, images)
+        prepared = parallel_map(self._preprocess, images)
+        pixels = [features for features, _ in prepared]
         groups: dict[tuple[int, ...], list[int]] = {}
         for index, item in enumerate(pixels):
             groups.setdefault(tuple(item["pixel_values"].shape), []).append(index)
@@ -73,7 +76,8 @@ class GroundingDinoDetector:
         def detect_group(members: Sequence[int]) -> list[list[Detection]]:
             logits, boxes = self._forward([pixels[i] for i in members], plan)
             return [
-                self._select(logits[row], boxes[row], images[index], plan, thresholds, class_box_thresholds)
+                self._select(logits[row], boxes[row], images[index].size, prepared[index][1], plan, thresholds,
+                             class_box_thresholds)
                 for row, index in enumerate(members)
             ]
 
@@ -83,26 +87,30 @@ class GroundingDinoDetector:
                 results[index] = detections
         return results
 
-    def _preprocess(self, image: Image.Image) -> Mapping[str, torch.Tensor]:
-        """The image processor's resize + normalise of one image (CPU): pixel_values and pixel_mask (1, ...)."""
-        return self._processor.image_processor(images=image, return_tensors="pt")
+    def _preprocess(self, image: Image.Image) -> tuple[Mapping[str, torch.Tensor], tuple[float, float]]:
+        """The image processor's resize + normalise of one image (CPU): pixel_values and pixel_mask (1, ...),
+        and the (width, height) in pixels of `image` that the model's boxes will be normalised to."""
+        given, frame = detector_input(image)
+        return self._processor.image_processor(images=given, return_tensors="pt"), frame
 
     def _select(
         self,
         logits: torch.Tensor,
         boxes: torch.Tensor,
-        image: Image.Image,
+        size: tuple[int, int],
+        frame: tuple[float, float],
         plan: PromptPlan,
         thresholds: DetectionThresholds,
         class_box_thresholds: Sequence[float] | None,
     ) -> list[Detection]:
-        """One image's detections from its logits (C, Q, L) and normalised cxcywh boxes (C, Q, 4)."""
+        """One image's detections from its logits (C, Q, L) and cxcywh boxes (C, Q, 4) normalised to `frame`
+        (width, height in pixels); boxes clipped to the image's `size` (width, height)."""
         box_scores, class_scores, classes = _score(logits, plan)
         box_cut = thresholds.box
         if class_box_thresholds is not None:
             box_cut = box_scores.new_tensor(class_box_thresholds)[classes]
         keep = (box_scores > box_cut) & (class_scores > thresholds.text)
-        pixel_boxes = _to_pixels(boxes[keep].cpu(), image.width, image.height)
+        pixel_boxes = _to_pixels(boxes[keep].cpu(), *size, frame)
         scores, classes = class_scores[keep].cpu(), classes[keep].cpu()
         sized = (pixel_boxes[:, 2] > pixel_boxes[:, 0]) & (pixel_boxes[:, 3] > pixel_boxes[:, 1])
         pixel_boxes, scores, classes = pixel_boxes[sized], scores[sized], classes[sized]
@@ -150,10 +158,14 @@ def _score(logits: torch.Tensor, plan: PromptPlan) -> tuple[torch.Tensor, torch.
     return probs.amax(dim=-1), class_scores, classes
 
 
-def _to_pixels(cxcywh: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """(N, 4) normalised cxcywh → (N, 4) xyxy pixels, clipped to the width x height image."""
-    centre, size = cxcywh[:, :2], cxcywh[:, 2:]
-    xyxy = torch.cat([centre - size / 2, centre + size / 2], dim=1) * cxcywh.new_tensor([width, height] * 2)
+def _to_pixels(
+    cxcywh: torch.Tensor, width: int, height: int, frame: tuple[float, float] | None = None
+) -> torch.Tensor:
+    """(N, 4) cxcywh normalised to `frame` (width, height in pixels; default: the image's) → (N, 4) xyxy
+    pixels, clipped to the width x height image (the frame is larger where the image was padded)."""
+    centre, extent = cxcywh[:, :2], cxcywh[:, 2:]
+    scale = cxcywh.new_tensor([*(frame or (width, height))] * 2)
+    xyxy = torch.cat([centre - extent / 2, centre + extent / 2], dim=1) * scale
     return torch.minimum(xyxy.clamp(min=0), xyxy.new_tensor([width, height] * 2))
 
 

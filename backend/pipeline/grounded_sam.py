@@ -12,8 +12,10 @@ from PIL import Image
 from backend.pipeline.detector import GroundingDinoDetector
 from backend.pipeline.masks import clean_mask
 from backend.pipeline.negatives import ClassPlan, build_class_plan, suppress_negatives
+from backend.pipeline.packed import PackedMask
 from backend.pipeline.postprocess import finish
-from backend.pipeline.segmenter import Segmenter
+from backend.pipeline.segmenter import Masks, Segmenter
+from backend.pipeline.shapes import sam_input
 from backend.pipeline.types import (
     DetectionThresholds,
     Instance,
@@ -48,8 +50,8 @@ class GroundedSam:
 
         Order of work: detection with per-class box thresholds → negative suppression (box IoU) → SAM on
         the remaining boxes → mask cleanup → per-class min_area → one label per object → per-class
-        max_instances. Boxes are xyxy pixels of `image`; masks are (H, W) bool; class indexes point into
-        `plan.classes`. SAM does not run when nothing is left to segment.
+        max_instances. Boxes are xyxy pixels of `image`; masks are PackedMasks of (H, W); class indexes point
+        into `plan.classes`. SAM does not run when nothing is left to segment. Any size and aspect ratio.
         """
         return self.run_batch([image], plan)[0]
 
@@ -70,16 +72,16 @@ class GroundedSam:
         kept = [suppress_negatives(detections, plan, self._postprocess.negative_iou) for detections in batch]
         todo = [i for i, detections in enumerate(kept) if detections]
         # Writable copies: the processor turns them into tensors, which torch refuses to share read-only.
-        pixels = [np.array(images[i]) for i in todo]
+        pixels = [sam_input(np.array(images[i])) for i in todo]
         boxes = [np.array([d.box_xyxy for d in kept[i]], dtype=np.float32) for i in todo]
         masks_per_image = self._segmenter.segment_stream(pixels, boxes)
-        for detections in kept:
+        for image, detections in zip(images, kept, strict=True):
             if not detections:
                 yield Segmented((), None, None)
                 continue
             with torch.inference_mode():
                 masks, scores = next(masks_per_image)
-            yield Segmented(tuple(detections), masks, scores)
+            yield Segmented(tuple(detections), _unpadded(masks, image), scores)
 
     def finish(self, segmented: Segmented, plan: ClassPlan) -> list[Instance]:
         """One image's instances from its Segmented: masks cleaned, then per-class min_area, one label per
@@ -95,8 +97,8 @@ class GroundedSam:
     def segment_boxes(self, image: Image.Image, boxes_xyxy: np.ndarray) -> list[PromptedMask]:
         """SAM alone, one cleaned mask per box: boxes_xyxy (N, 4) float, xyxy pixels of `image` (RGB)."""
         with torch.inference_mode():
-            masks, scores = self._segmenter.segment(np.array(image), np.asarray(boxes_xyxy, dtype=np.float32))
-        return [self._cleaned(mask, score) for mask, score in zip(masks, scores, strict=True)]
+            masks, scores = self._segmenter.segment(sam_input(np.array(image)), np.asarray(boxes_xyxy, np.float32))
+        return [self._cleaned(mask, score) for mask, score in zip(_unpadded(masks, image), scores, strict=True)]
 
     def segment_points(
         self,
@@ -114,8 +116,9 @@ class GroundedSam:
         points = points.reshape(0, 2) if points.size == 0 else points
         box = None if box_xyxy is None else np.asarray(box_xyxy, dtype=np.float32)
         with torch.inference_mode():
-            mask, score = self._segmenter.segment_points(np.array(image), points, np.asarray(positive, bool), box)
-        return self._cleaned(mask, score)
+            pixels = sam_input(np.array(image))
+            mask, score = self._segmenter.segment_points(pixels, points, np.asarray(positive, bool), box)
+        return self._cleaned(_unpadded((mask,), image)[0], score)
 
     def describe(self) -> dict[str, object]:
         """Plain values (str, float, int) that change whenever the models, thresholds or cleanup change."""
@@ -126,5 +129,11 @@ class GroundedSam:
             "postprocess": asdict(self._postprocess),
         }
 
-    def _cleaned(self, mask: np.ndarray, score: float) -> PromptedMask:
+    def _cleaned(self, mask: PackedMask, score: float) -> PromptedMask:
         return PromptedMask(mask=clean_mask(mask, self._postprocess), score=float(score))
+
+
+def _unpadded(masks: Masks, image: Image.Image) -> Masks:
+    """SAM's masks of `image`, cut to its size where `sam_input` padded it."""
+    return tuple(mask if mask.shape == (image.height, image.width) else mask.clipped(image.height, image.width)
+                 for mask in masks)

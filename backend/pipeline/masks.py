@@ -6,6 +6,7 @@ parts are 8-connected, holes 4-connected (the usual pairing, so a diagonal gap n
 `clean_mask` runs the steps on a window around the mask's pixels (`_window`): the result is the whole
 image's, pixel for pixel (tests/unit/test_masks.py compares them), at a fraction of the cost for an object
 covering a small part of the image, since connected components and blurs cost per pixel of their input.
+It takes the pipeline's PackedMask (and gives one back): only that window is ever unpacked.
 """
 
 from __future__ import annotations
@@ -15,17 +16,26 @@ import math
 import cv2
 import numpy as np
 
+from backend.pipeline.packed import Mask, PackedMask, packed
 from backend.pipeline.types import PostprocessOptions
 
 
-def clean_mask(mask: np.ndarray, options: PostprocessOptions) -> np.ndarray:
-    """`fill_holes`, then `remove_islands`, then `smooth`, with the sizes of `options`, of a bool (H, W) mask."""
-    cleaned = np.zeros_like(mask)
+def clean_mask(mask: Mask, options: PostprocessOptions) -> Mask:
+    """`fill_holes`, then `remove_islands`, then `smooth`, with the sizes of `options`, of a PackedMask
+    (returns a PackedMask) or a bool (H, W) mask (returns a bool (H, W) mask)."""
+    cleaned = clean_packed(packed(mask), options)
+    return cleaned if isinstance(mask, PackedMask) else cleaned.to_array()
+
+
+def clean_packed(mask: PackedMask, options: PostprocessOptions) -> PackedMask:
+    """`clean_mask` of a PackedMask: the steps run on the unpacked window only."""
     window = _window(mask, _blur_reach(options.smoothing))
-    if window is not None:  # an empty mask stays empty through every step
-        part = fill_holes(mask[window], options.fill_holes)
-        cleaned[window] = smooth(remove_islands(part, options.min_island), options.smoothing)
-    return cleaned
+    if window is None:  # an empty mask stays empty through every step
+        return mask
+    top, left, bottom, right = window
+    part = fill_holes(mask.window(top, left, bottom, right), options.fill_holes)
+    part = smooth(remove_islands(part, options.min_island), options.smoothing)
+    return PackedMask.from_window(part, top, left, mask.shape)
 
 
 def fill_holes(mask: np.ndarray, max_area: int) -> np.ndarray:
@@ -63,9 +73,10 @@ def smooth(mask: np.ndarray, sigma: float) -> np.ndarray:
     return blurred >= 0.5
 
 
-def _window(mask: np.ndarray, margin: int) -> tuple[slice, slice] | None:
-    """Rows and columns of the bool (H, W) `mask` on which the cleanup steps give the whole image's result:
-    its pixels' bounding box, `margin` pixels wider on each side, clipped to the image; None when it is empty.
+def _window(mask: PackedMask, margin: int) -> tuple[int, int, int, int] | None:
+    """Rows and columns (top, left, bottom, right; bottom and right exclusive) of the image on which the
+    cleanup steps give the whole image's result for `mask`: its pixels' bounding box, `margin` pixels wider
+    on each side, clipped to the image; None when it is empty.
 
     Why that is enough: background outside the bounding box reaches the image border, so a background part
     touching the window's edge is not a hole in the whole image either, and one that does not lies wholly
@@ -74,12 +85,11 @@ def _window(mask: np.ndarray, margin: int) -> tuple[slice, slice] | None:
     blocks: on the same block grid, parts get their labels in the same order (the tie-break of
     `remove_islands` between equal largest parts).
     """
-    x, y, width, height = cv2.boundingRect(mask.view(np.uint8))
-    if width == 0:
+    if mask.box is None:
         return None
-    top, left = max(y - margin, 0) // 2 * 2, max(x - margin, 0) // 2 * 2
-    bottom, right = min(y + height + margin, mask.shape[0]), min(x + width + margin, mask.shape[1])
-    return slice(top, bottom), slice(left, right)
+    x0, y0, x1, y1 = mask.box
+    top, left = max(y0 - margin, 0) // 2 * 2, max(x0 - margin, 0) // 2 * 2
+    return top, left, min(y1 + margin, mask.height), min(x1 + margin, mask.width)
 
 
 def _blur_reach(sigma: float) -> int:

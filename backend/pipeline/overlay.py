@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from backend.pipeline.packed import packed
 from backend.pipeline.types import Instance
 
 MASK_ALPHA = 110  # of 255: the image stays visible under the masks
@@ -24,7 +25,10 @@ def draw_overlay(image: Image.Image, instances: Sequence[Instance], class_names:
     """
     tint = np.zeros((image.height, image.width, 4), dtype=np.uint8)
     for instance in instances:
-        tint[instance.mask] = (*_colour(instance), MASK_ALPHA)
+        mask = packed(instance.mask)
+        if mask.box is not None:
+            left, top, right, bottom = mask.box
+            tint[top:bottom, left:right][mask.crop()] = (*_colour(instance), MASK_ALPHA)
     canvas = Image.alpha_composite(image.convert("RGBA"), Image.fromarray(tint))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()

@@ -7,34 +7,20 @@ it wins every such conflict: a later instance wins only a near tie, when its det
 `dedup_score_margin` below the kept one's and SAM's predicted IoU of its mask is strictly higher; the
 kept instances it beats are dropped. Dropped instances never come back. Instances of the same class are
 never compared here (the detector's NMS already merged them).
+
+Masks are PackedMasks (bool arrays are packed on the way in): an IoU unpacks only the two crops' overlap.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from fractions import Fraction
 
-import cv2
 import numpy as np
 
+from backend.pipeline.packed import Mask, PackedMask, packed
 from backend.pipeline.types import Instance, PostprocessOptions, TextClass
-
-
-@dataclass(frozen=True, slots=True)
-class _Footprint:
-    """Where a mask lies: bounding box [x0, x1) x [y0, y1) in pixels, and its pixel count."""
-
-    x0: int
-    y0: int
-    x1: int
-    y1: int
-    area: int
-
-    @classmethod
-    def of(cls, mask: np.ndarray) -> _Footprint:
-        x, y, width, height = cv2.boundingRect(mask.astype(np.uint8))
-        return cls(x, y, x + width, y + height, int(np.count_nonzero(mask)))
 
 
 def drop_small(instances: Sequence[Instance], classes: Sequence[TextClass], default_min_area: int) -> list[Instance]:
@@ -42,7 +28,7 @@ def drop_small(instances: Sequence[Instance], classes: Sequence[TextClass], defa
     return [
         instance
         for instance in instances
-        if np.count_nonzero(instance.mask) >= _option(classes, instance, "min_area", default_min_area)
+        if packed(instance.mask).area >= _option(classes, instance, "min_area", default_min_area)
     ]
 
 
@@ -64,14 +50,15 @@ def deduplicate(instances: Sequence[Instance], iou: float, margin: float) -> lis
     """One class per object, by the rule in this module's docstring; kept instances by detection score."""
     order = sorted(range(len(instances)), key=lambda i: -instances[i].detection.score)
     rank = {index: position for position, index in enumerate(order)}
-    footprints = [_Footprint.of(instance.mask) for instance in instances]
+    masks = [packed(instance.mask) for instance in instances]
     kept: list[int] = []
     for candidate in order:
         rivals = [
             k
             for k in kept
             if instances[k].detection.class_index != instances[candidate].detection.class_index
-            and mask_iou(instances[k].mask, instances[candidate].mask, footprints[k], footprints[candidate]) > iou
+            and _may_exceed(masks[k], masks[candidate], iou)
+            and mask_iou(masks[k], masks[candidate]) > iou
         ]
         if all(_wins_near_tie(instances[candidate], instances[k], margin) for k in rivals):
             kept = [k for k in kept if k not in rivals] + [candidate]
@@ -85,13 +72,24 @@ def finish(instances: Sequence[Instance], classes: Sequence[TextClass], options:
     return cap_per_class(unique, classes, options.max_instances)
 
 
-def mask_iou(a: np.ndarray, b: np.ndarray, fa: _Footprint | None = None, fb: _Footprint | None = None) -> float:
-    """IoU of two bool (H, W) masks; 0.0 when both are empty. Footprints, when given, save recomputing them."""
-    fa, fb = fa or _Footprint.of(a), fb or _Footprint.of(b)
-    x0, y0, x1, y1 = max(fa.x0, fb.x0), max(fa.y0, fb.y0), min(fa.x1, fb.x1), min(fa.y1, fb.y1)
-    inter = int(np.count_nonzero(a[y0:y1, x0:x1] & b[y0:y1, x0:x1])) if x0 < x1 and y0 < y1 else 0
-    union = fa.area + fb.area - inter
+def mask_iou(a: Mask, b: Mask) -> float:
+    """IoU of two masks of one image (bool (H, W) or PackedMask); 0.0 when both are empty. Only the overlap
+    of their bounding boxes is unpacked."""
+    a, b = packed(a), packed(b)
+    inter = 0
+    if a.box is not None and b.box is not None:
+        x0, y0 = max(a.box[0], b.box[0]), max(a.box[1], b.box[1])
+        x1, y1 = min(a.box[2], b.box[2]), min(a.box[3], b.box[3])
+        if x0 < x1 and y0 < y1:
+            inter = int(np.count_nonzero(a.window(y0, x0, y1, x1) & b.window(y0, x0, y1, x1)))
+    union = a.area + b.area - inter
     return inter / union if union else 0.0
+
+
+def _may_exceed(a: PackedMask, b: PackedMask, iou: float) -> bool:
+    """False when the IoU of `a` and `b` cannot exceed `iou`, since it is at most the smaller area over the
+    larger (compared exactly: a shortcut that changes no result)."""
+    return min(a.area, b.area) > Fraction(iou) * max(a.area, b.area)
 
 
 def _wins_near_tie(candidate: Instance, kept: Instance, margin: float) -> bool:

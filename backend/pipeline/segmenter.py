@@ -3,6 +3,11 @@
 Interactive prompts (`segment_points`): points labelled positive/negative, optionally with one box, give
 one mask. A single point with no box is ambiguous, so SAM proposes three masks and the one with the
 highest predicted IoU is returned (as segment-anything recommends); other prompts ask for one mask.
+
+Memory: SAM's masks come out of the decoder at 256x256; upsampling them to the image makes float32 masks of
+the full resolution (192 MB each at 48 MP). They are upsampled `masks_per_call` at a time (at most
+UPSAMPLE_BUDGET bytes of floats, at least one mask), with the models' own post-processing (so the masks are
+the same as in one call), and each is packed (`PackedMask`) before the next slice is upsampled.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
 from backend.pipeline.memory import prefetched, run_halving
+from backend.pipeline.packed import PackedMask
 
 if TYPE_CHECKING:
     from segment_anything import SamPredictor
@@ -26,37 +32,43 @@ if TYPE_CHECKING:
 # many boxes are split to bound memory; below this count every box goes in one call.
 BOX_BATCH = 64
 
+# Most bytes of float32 full-resolution masks one upsampling call may make (see the module docstring).
+UPSAMPLE_BUDGET = 256 * 2**20
+
 # The processor's per-image sizes; SAM 2 stretches to a square instead of padding, so it has no reshaped sizes.
 _SIZE_KEYS = ("original_sizes", "reshaped_input_sizes")
 
-# decode(boxes slice) -> masks (n, H, W) bool, predicted IoU (n,), both on the model's device.
+# decode(boxes slice) -> low-resolution mask logits (n, 1, h, w) and predicted IoU (n,), on the model's device.
 Decode = Callable[[slice], tuple[torch.Tensor, torch.Tensor]]
+# upsample(logits (k, 1, h, w)) -> masks (k, H, W) bool at the image's size, on the model's device.
+Upsample = Callable[[torch.Tensor], torch.Tensor]
+Masks = tuple[PackedMask, ...]
 
 
 class Segmenter(Protocol):
     """Anything that turns boxes on an image into one mask per box."""
 
-    def segment(self, image: np.ndarray, boxes_xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def segment(self, image: np.ndarray, boxes_xyxy: np.ndarray) -> tuple[Masks, np.ndarray]:
         """image: (H, W, 3) uint8 RGB; boxes_xyxy: (N, 4) float, xyxy pixels of that image.
 
-        Returns masks (N, H, W) bool and predicted IoU scores (N,) float32 in [0, 1], in box order.
+        Returns N masks (PackedMask of H x W) and predicted IoU scores (N,) float32 in [0, 1], in box order.
         """
         ...
 
     def segment_stream(
         self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray]
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    ) -> Iterator[tuple[Masks, np.ndarray]]:
         """`segment` for several images, each with its own boxes: one (masks, scores) pair per image, in
         order, each yielded as soon as it is ready."""
         ...
 
     def segment_points(
         self, image: np.ndarray, points_xy: np.ndarray, positive: np.ndarray, box_xyxy: np.ndarray | None
-    ) -> tuple[np.ndarray, float]:
+    ) -> tuple[PackedMask, float]:
         """One mask for one prompt: points_xy (N, 2) float pixels, positive (N,) bool (False: background),
         box_xyxy (4,) pixels or None; at least one point or the box.
 
-        Returns the mask (H, W) bool and its predicted IoU in [0, 1].
+        Returns the mask (PackedMask of H x W) and its predicted IoU in [0, 1].
         """
         ...
 
@@ -69,12 +81,14 @@ class HfSamSegmenter:
     """transformers SamModel (also SamHQModel, Sam2Model) with its processor; any dtype the model was loaded in."""
 
     def __init__(
-        self, model: PreTrainedModel, processor: ProcessorMixin, box_batch: int = BOX_BATCH, image_batch: int = 1
+        self, model: PreTrainedModel, processor: ProcessorMixin, box_batch: int = BOX_BATCH, image_batch: int = 1,
+        upsample_budget: int = UPSAMPLE_BUDGET,
     ) -> None:
         self._model = model
         self._processor = processor
         self._box_batch = box_batch
         self.image_batch = image_batch
+        self._upsample_budget = upsample_budget
 
     def describe(self) -> dict[str, str]:
         return {
@@ -83,29 +97,29 @@ class HfSamSegmenter:
             "dtype": str(self._model.dtype),
         }
 
-    def segment(self, image: np.ndarray, boxes_xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def segment(self, image: np.ndarray, boxes_xyxy: np.ndarray) -> tuple[Masks, np.ndarray]:
         """See `Segmenter.segment`."""
         return self.segment_batch([image], [boxes_xyxy])[0]
 
     def segment_batch(
         self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray]
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    ) -> list[tuple[Masks, np.ndarray]]:
         """`segment_stream`, all at once."""
         return list(self.segment_stream(images, boxes_xyxy))
 
     def segment_stream(
         self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray]
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    ) -> Iterator[tuple[Masks, np.ndarray]]:
         """See `Segmenter.segment_stream`. The images that have boxes go through the image encoder
         `image_batch` at a time (halved where the device runs out of memory), each image's boxes decoded on
         its own embedding; the processor prepares the next group on a side thread meanwhile."""
         todo = [i for i, boxes in enumerate(boxes_xyxy) if len(boxes)]
         groups = [todo[start : start + self.image_batch] for start in range(0, len(todo), self.image_batch)]
         prepared = zip(groups, prefetched(partial(self._group_inputs, images, boxes_xyxy), groups), strict=True)
-        ready: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        ready: dict[int, tuple[Masks, np.ndarray]] = {}
         for index, image in enumerate(images):
             if not len(boxes_xyxy[index]):
-                yield _no_masks(image)
+                yield _no_masks()
                 continue
             if index not in ready:
                 group, inputs = next(prepared)
@@ -116,21 +130,23 @@ class HfSamSegmenter:
 
     def segment_points(
         self, image: np.ndarray, points_xy: np.ndarray, positive: np.ndarray, box_xyxy: np.ndarray | None
-    ) -> tuple[np.ndarray, float]:
-        """See `Segmenter.segment_points`."""
+    ) -> tuple[PackedMask, float]:
+        """See `Segmenter.segment_points`. Only the best proposal is upsampled."""
         multimask = _check_prompt(points_xy, positive, box_xyxy)
         given = {}
         if len(points_xy):
             given |= {"input_points": [[points_xy.tolist()]], "input_labels": [[positive.astype(int).tolist()]]}
         if box_xyxy is not None:
             given["input_boxes"] = [[box_xyxy.tolist()]]
-        inputs = self._processor(images=image, **given, return_tensors="pt")
+        inputs = self._processor(images=image, **given, input_data_format="channels_last", return_tensors="pt")
         prompts = {
             key: inputs[key].to(self._model.device, torch.int64 if key == "input_labels" else torch.float32)
             for key in given
         }
         out = self._model(**self._embed(inputs), **prompts, multimask_output=multimask)
-        return _best(self._original_size_masks(out.pred_masks, inputs)[0], out.iou_scores[0, 0])
+        best, score = _best(out.iou_scores[0, 0])
+        sizes = {key: inputs[key] for key in _SIZE_KEYS if key in inputs}
+        return pack_masks(self._upsample(out.pred_masks[0, :, best : best + 1], sizes))[0], score
 
     def _group_inputs(
         self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray], indices: Sequence[int]
@@ -140,12 +156,15 @@ class HfSamSegmenter:
         boxes = [boxes_xyxy[i] for i in indices]
         most = max(len(image_boxes) for image_boxes in boxes)
         padded = [b.tolist() + [b[-1].tolist()] * (most - len(b)) for b in boxes]
-        return self._processor(images=[images[i] for i in indices], input_boxes=padded, return_tensors="pt")
+        return self._processor(
+            images=[images[i] for i in indices], input_boxes=padded, input_data_format="channels_last",
+            return_tensors="pt",
+        )
 
     def _encode_and_decode(
         self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray], group: Sequence[int],
         group_inputs: BatchFeature, indices: Sequence[int],
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    ) -> list[tuple[Masks, np.ndarray]]:
         """One encoder forward for the images at `indices` (the prepared `group`, or a part of it after an
         out-of-memory split), then each image's boxes decoded on its embedding."""
         same = list(indices) == list(group)
@@ -157,19 +176,23 @@ class HfSamSegmenter:
         for row, index in enumerate(indices):
             own = {key: value[row : row + 1] for key, value in embeddings.items()}
             sizes = {key: inputs[key][row : row + 1] for key in _SIZE_KEYS if key in inputs}
-            results.append(self._decode_boxes(own, all_boxes[row : row + 1, : len(boxes_xyxy[index])], sizes))
+            image_boxes = all_boxes[row : row + 1, : len(boxes_xyxy[index])]
+            results.append(self._decode_boxes(own, image_boxes, sizes, images[index].shape[:2]))
         return results
 
     def _decode_boxes(
-        self, embeddings: Mapping[str, torch.Tensor], boxes: torch.Tensor, sizes: Mapping[str, torch.Tensor]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """One image's boxes (1, N, 4), in the model's input frame, decoded on its embedding (1, ...)."""
+        self, embeddings: Mapping[str, torch.Tensor], boxes: torch.Tensor, sizes: Mapping[str, torch.Tensor],
+        shape: tuple[int, int],
+    ) -> tuple[Masks, np.ndarray]:
+        """One image's boxes (1, N, 4), in the model's input frame, decoded on its embedding (1, ...);
+        `shape`: the image's (H, W)."""
 
         def decode(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
             out = self._model(**embeddings, input_boxes=boxes[:, part], multimask_output=False)
-            return self._original_size_masks(out.pred_masks, sizes)[:, 0], out.iou_scores[0, :, 0]
+            return out.pred_masks[0], out.iou_scores[0, :, 0]
 
-        return _decode_all(decode, boxes.shape[1], self._box_batch)
+        per_call = masks_per_call(*shape, self._upsample_budget)
+        return _decode_all(decode, partial(self._upsample, sizes=sizes), boxes.shape[1], self._box_batch, per_call)
 
     def _embed(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The image encoder's output for the processed images (B, ...), as forward kwargs."""
@@ -178,14 +201,15 @@ class HfSamSegmenter:
             return {"image_embeddings": embeddings[0], "intermediate_embeddings": embeddings[1]}
         return {"image_embeddings": embeddings}
 
-    def _original_size_masks(self, pred_masks: torch.Tensor, sizes: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Low-res logits (1, n, k, h, w) → (n, k, H, W) bool at the original size, on the model's device.
+    def _upsample(self, logits: torch.Tensor, sizes: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Low-res logits (k, 1, h, w) of one image → (k, H, W) bool at its original size, on the model's
+        device, by the processor's post_process_masks.
 
         sizes: the processor's original_sizes (and reshaped_input_sizes) of that one image, (1, 2) each.
         """
         reshaped = {key: sizes[key] for key in _SIZE_KEYS[1:] if key in sizes}
-        masks = self._processor.post_process_masks(pred_masks.float(), sizes["original_sizes"], **reshaped)
-        return masks[0]
+        masks = self._processor.post_process_masks(logits[None].float(), sizes["original_sizes"], **reshaped)
+        return masks[0][:, 0]
 
 
 class SegmentAnythingSegmenter:
@@ -195,7 +219,10 @@ class SegmentAnythingSegmenter:
     casting the weights fails.
     """
 
-    def __init__(self, sam: Sam, source: str, dtype: torch.dtype, box_batch: int = BOX_BATCH) -> None:
+    def __init__(
+        self, sam: Sam, source: str, dtype: torch.dtype, box_batch: int = BOX_BATCH,
+        upsample_budget: int = UPSAMPLE_BUDGET,
+    ) -> None:
         # The package's __init__ imports torchvision; importing here keeps the transformers path free of it.
         from segment_anything import SamPredictor
 
@@ -203,33 +230,35 @@ class SegmentAnythingSegmenter:
         self._source = source
         self._dtype = dtype
         self._box_batch = box_batch
+        self._upsample_budget = upsample_budget
 
     def describe(self) -> dict[str, str]:
         return {"source": self._source, "architecture": "segment_anything.Sam", "dtype": str(self._dtype)}
 
-    def segment(self, image: np.ndarray, boxes_xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def segment(self, image: np.ndarray, boxes_xyxy: np.ndarray) -> tuple[Masks, np.ndarray]:
         """See `Segmenter.segment`."""
         if len(boxes_xyxy) == 0:
-            return _no_masks(image)
-        with self._image_set(image) as predictor:
+            return _no_masks()
+        with self._image_set(image):
             boxes = self._boxes(boxes_xyxy, image)
 
             def decode(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
-                masks, iou, _ = predictor.predict_torch(None, None, boxes=boxes[part], multimask_output=False)
-                return masks[:, 0], iou[:, 0]
+                logits, iou = self._decode(None, None, boxes[part], multimask=False)
+                return logits, iou[:, 0]
 
-            return _decode_all(decode, len(boxes_xyxy), self._box_batch)
+            per_call = masks_per_call(*image.shape[:2], self._upsample_budget)
+            return _decode_all(decode, self._upsample, len(boxes_xyxy), self._box_batch, per_call)
 
     def segment_stream(
         self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray]
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    ) -> Iterator[tuple[Masks, np.ndarray]]:
         """See `Segmenter.segment_stream`: image by image, since SamPredictor holds one image's embedding."""
         return (self.segment(image, boxes) for image, boxes in zip(images, boxes_xyxy, strict=True))
 
     def segment_points(
         self, image: np.ndarray, points_xy: np.ndarray, positive: np.ndarray, box_xyxy: np.ndarray | None
-    ) -> tuple[np.ndarray, float]:
-        """See `Segmenter.segment_points`."""
+    ) -> tuple[PackedMask, float]:
+        """See `Segmenter.segment_points`. Only the best proposal is upsampled."""
         multimask = _check_prompt(points_xy, positive, box_xyxy)
         with self._image_set(image) as predictor:
             device = predictor.device
@@ -240,14 +269,39 @@ class SegmentAnythingSegmenter:
                 labels = torch.as_tensor(positive[None].astype(np.int64), device=device)
             if box_xyxy is not None:
                 boxes = self._boxes(box_xyxy[None], image)
-            masks, iou, _ = predictor.predict_torch(coords, labels, boxes=boxes, multimask_output=multimask)
-            return _best(masks[0], iou[0])
+            logits, iou = self._decode(coords, labels, boxes, multimask)
+            best, score = _best(iou[0])
+            return pack_masks(self._upsample(logits[:, best : best + 1]))[0], score
+
+    def _decode(
+        self, coords: torch.Tensor | None, labels: torch.Tensor | None, boxes: torch.Tensor | None, multimask: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SamPredictor.predict_torch up to its upsampling: low-res logits (B, C, 256, 256), predicted IoU (B, C)."""
+        predictor = self._predictor
+        model = predictor.model
+        points = None if coords is None else (coords, labels)
+        sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=None)
+        return model.mask_decoder(
+            image_embeddings=predictor.features,
+            image_pe=model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+
+    def _upsample(self, logits: torch.Tensor) -> torch.Tensor:
+        """Low-res logits (k, 1, 256, 256) → (k, H, W) bool at the set image's size: the rest of predict_torch."""
+        predictor = self._predictor
+        masks = predictor.model.postprocess_masks(logits, predictor.input_size, predictor.original_size)
+        return masks[:, 0] > predictor.model.mask_threshold
 
     @contextmanager
     def _image_set(self, image: np.ndarray) -> Iterator[SamPredictor]:
-        """The predictor holding `image`'s embedding, under autocast when SAM runs in low precision."""
+        """The predictor holding `image`'s embedding, in inference mode (the models are called directly, not
+        through the package's no_grad predict_torch), under autocast when SAM runs in low precision."""
         predictor = self._predictor
-        with torch.autocast(predictor.device.type, dtype=self._dtype, enabled=self._dtype != torch.float32):
+        autocast = torch.autocast(predictor.device.type, dtype=self._dtype, enabled=self._dtype != torch.float32)
+        with torch.inference_mode(), autocast:
             predictor.set_image(image)
             try:
                 yield predictor
@@ -260,19 +314,44 @@ class SegmentAnythingSegmenter:
         return self._predictor.transform.apply_boxes_torch(boxes, image.shape[:2])
 
 
-def _decode_all(decode: Decode, count: int, box_batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Run `decode` over boxes in slices of `box_batch` (halved where the device runs out of memory);
-    masks (count, H, W) bool, scores (count,) float32."""
+def masks_per_call(height: int, width: int, budget: int = UPSAMPLE_BUDGET) -> int:
+    """How many (height, width) float32 masks fit in `budget` bytes; at least 1."""
+    return max(1, budget // (4 * height * width))
 
-    def decode_part(boxes: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [decode(slice(boxes[0], boxes[-1] + 1))]
+
+def _decode_all(
+    decode: Decode, upsample: Upsample, count: int, box_batch: int, per_call: int
+) -> tuple[Masks, np.ndarray]:
+    """Run `decode` over boxes in slices of `box_batch` (halved where the device runs out of memory), each
+    slice's logits upsampled `per_call` at a time and packed; `count` masks, scores (count,) float32."""
+
+    def decode_part(boxes: Sequence[int]) -> list[tuple[list[PackedMask], torch.Tensor]]:
+        logits, scores = decode(slice(boxes[0], boxes[-1] + 1))
+        masks = [mask for start in range(0, len(logits), per_call) for mask in
+                 pack_masks(upsample(logits[start : start + per_call]))]
+        return [(masks, scores)]
 
     slices = [range(start, min(start + box_batch, count)) for start in range(0, count, box_batch)]
     parts = [part for boxes in slices for part in run_halving(decode_part, boxes, "box")]
-    masks = torch.cat([masks for masks, _ in parts]).cpu().numpy()
+    masks = tuple(mask for part_masks, _ in parts for mask in part_masks)
     # The IoU head is an unbounded regression; clamp it to the range of an IoU.
     scores = torch.cat([scores for _, scores in parts]).float().clamp(0, 1).cpu().numpy()
     return masks, scores
+
+
+def pack_masks(masks: torch.Tensor) -> list[PackedMask]:
+    """Bool masks (k, H, W) on any device → k PackedMasks; each mask's bounding box is found on the device
+    and only its crop is copied to the host."""
+    _, height, width = masks.shape
+    rows, cols = masks.any(dim=2), masks.any(dim=1)  # (k, H), (k, W)
+    first_row, first_col = rows.int().argmax(dim=1), cols.int().argmax(dim=1)
+    last_row, last_col = height - rows.flip(1).int().argmax(dim=1), width - cols.flip(1).int().argmax(dim=1)
+    bounds = torch.stack([rows.any(dim=1).int(), first_row, last_row, first_col, last_col], dim=1).tolist()
+    packed = []
+    for mask, (painted, top, bottom, left, right) in zip(masks, bounds, strict=True):
+        crop = mask[top:bottom, left:right].cpu().numpy() if painted else np.zeros((0, 0), bool)
+        packed.append(PackedMask.from_window(crop, top, left, (height, width)))
+    return packed
 
 
 def _check_prompt(points_xy: np.ndarray, positive: np.ndarray, box_xyxy: np.ndarray | None) -> bool:
@@ -286,12 +365,12 @@ def _check_prompt(points_xy: np.ndarray, positive: np.ndarray, box_xyxy: np.ndar
     return len(points_xy) == 1 and box_xyxy is None
 
 
-def _best(masks: torch.Tensor, scores: torch.Tensor) -> tuple[np.ndarray, float]:
-    """Of k proposals — masks (k, H, W) bool, predicted IoU (k,) — the best, on the CPU, score clamped to [0, 1]."""
+def _best(scores: torch.Tensor) -> tuple[int, float]:
+    """Of k proposals' predicted IoU (k,): the best one's index and its score, clamped to [0, 1]."""
     best = int(scores.argmax())
-    return masks[best].cpu().numpy(), float(scores[best].float().clamp(0, 1))
+    return best, float(scores[best].float().clamp(0, 1))
 
 
-def _no_masks(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The answer for zero boxes, without running SAM: masks (0, H, W), scores (0,)."""
-    return np.zeros((0, *image.shape[:2]), dtype=bool), np.zeros(0, dtype=np.float32)
+def _no_masks() -> tuple[Masks, np.ndarray]:
+    """The answer for zero boxes, without running SAM: no masks, scores (0,)."""
+    return (), np.zeros(0, dtype=np.float32)

@@ -8,6 +8,8 @@ from typing import Literal
 
 import numpy as np
 
+from backend.pipeline.packed import PackedMask
+
 
 @dataclass(frozen=True, slots=True)
 class ClassOptions:
@@ -68,12 +70,12 @@ class Detection:
 class Segmented:
     """One image after the models, before cleanup: its detections and SAM's mask for each.
 
-    masks: (N, H, W) bool of the image as given; scores: (N,) float32 SAM predicted IoU in [0, 1];
+    masks: N PackedMasks of the image as given (H, W); scores: (N,) float32 SAM predicted IoU in [0, 1];
     both None when there are no detections (SAM did not run).
     """
 
     detections: tuple[Detection, ...]
-    masks: np.ndarray | None = field(repr=False)
+    masks: tuple[PackedMask, ...] | None = field(repr=False)
     scores: np.ndarray | None = field(repr=False)
 
 
@@ -81,12 +83,12 @@ class Segmented:
 class Instance:
     """A detection with its SAM mask.
 
-    mask: bool array, shape (H, W) of the image as given.
+    mask: PackedMask of the image as given (shape (H, W); `to_array()` for the bool array).
     mask_score: SAM's predicted IoU in [0, 1].
     """
 
     detection: Detection
-    mask: np.ndarray = field(repr=False)
+    mask: PackedMask = field(repr=False)
     mask_score: float
 
     @property
@@ -102,10 +104,10 @@ class Instance:
 class PromptedMask:
     """SAM's answer to one prompt (a box, or points with an optional box), cleaned up.
 
-    mask: bool (H, W) of the image as given. score: SAM's predicted IoU in [0, 1].
+    mask: PackedMask of the image as given (H, W). score: SAM's predicted IoU in [0, 1].
     """
 
-    mask: np.ndarray = field(repr=False)
+    mask: PackedMask = field(repr=False)
     score: float
 
 

@@ -21,6 +21,7 @@ from backend.pipeline import memory
 from backend.pipeline.detector import GroundingDinoDetector
 from backend.pipeline.grounded_sam import GroundedSam
 from backend.pipeline.memory import DeviceOutOfMemoryError, run_halving
+from backend.pipeline.packed import stacked
 from backend.pipeline.types import DetectionThresholds, Segmented, TextClass
 from backend.prelabel import _Chunk
 from tests.unit.test_segmenter import hf_segmenter
@@ -99,7 +100,8 @@ def test_sam_batch_gives_each_image_its_single_image_masks(tiny_hf_sam_dir: Path
     with torch.inference_mode():
         together = segmenter.segment_batch(images, boxes)
         alone = [segmenter.segment(image, image_boxes) for image, image_boxes in zip(images, boxes, strict=True)]
-    for (masks, scores), (masks_1, scores_1), image, image_boxes in zip(together, alone, images, boxes, strict=True):
+    for (packed, scores), (packed_1, scores_1), image, image_boxes in zip(together, alone, images, boxes, strict=True):
+        masks, masks_1 = stacked(packed, image.shape[:2]), stacked(packed_1, image.shape[:2])
         assert masks.shape == (len(image_boxes), *image.shape[:2]) and scores.shape == (len(image_boxes),)
         np.testing.assert_allclose(scores, scores_1, atol=1e-5)
         assert np.count_nonzero(masks != masks_1) <= 1e-3 * masks.size  # rounding may flip a pixel at logit ~0
@@ -133,7 +135,8 @@ def test_sam_out_of_memory_splits_images_then_boxes(tiny_hf_sam_dir: Path) -> No
         split = segmenter.segment_batch(images, boxes)
     assert encoded == [4, 2, 1, 1, 2, 1, 1]
     assert decoded == [6, 3, 1, 2, 3, 1, 2] * 4  # per image: 6 boxes fail, then halves of halves
-    for (masks, scores), (masks_1, scores_1) in zip(split, expected, strict=True):
+    for (packed, scores), (packed_1, scores_1) in zip(split, expected, strict=True):
+        masks, masks_1 = stacked(packed, (48, 64)), stacked(packed_1, (48, 64))
         np.testing.assert_allclose(scores, scores_1, atol=1e-5)
         assert np.count_nonzero(masks != masks_1) <= 1e-3 * masks.size
 
@@ -246,7 +249,8 @@ def test_processors_run_beside_the_models_and_change_nothing(
     on_main = [name == threading.main_thread().name for name in callers]
     assert all(on_main) if threads == 1 else not any(on_main), callers
     assert detections == expected_detections
-    for (found, scores), (wanted, wanted_scores) in zip(masks, expected_masks, strict=True):
+    for (packed, scores), (packed_wanted, wanted_scores) in zip(masks, expected_masks, strict=True):
+        found, wanted = stacked(packed, (48, 64)), stacked(packed_wanted, (48, 64))
         assert np.array_equal(found, wanted) and np.array_equal(scores, wanted_scores)
 
 
@@ -266,5 +270,6 @@ class RecordingProxy:
 
 def test_sam_stream_runs_without_gradients_whoever_consumes_it(tiny_hf_sam_dir: Path) -> None:
     segmenter = hf_segmenter(tiny_hf_sam_dir)
-    [(masks, scores)] = list(segmenter.segment_stream([rgb(48, 64, 0)], [boxes_for(48, 64, 2, 0)]))  # no inference_mode
+    [(packed, scores)] = list(segmenter.segment_stream([rgb(48, 64, 0)], [boxes_for(48, 64, 2, 0)]))  # no inference_mode
+    masks = stacked(packed, (48, 64))
     assert masks.shape == (2, 48, 64) and scores.shape == (2,)

@@ -15,6 +15,7 @@ from backend.errors import ModelLoadError
 from backend.pipeline.build import build_pipeline
 from backend.pipeline.detector import GroundingDinoDetector
 from backend.pipeline.grounded_sam import GroundedSam
+from backend.pipeline.packed import PackedMask
 from backend.pipeline.types import (
     ClassOptions,
     Detection,
@@ -39,7 +40,7 @@ def assert_instances(pipeline: GroundedSam, image: Image.Image) -> None:
 
     assert 0 < len(instances) <= LOW.max_detections
     for instance in instances:
-        assert instance.mask.shape == (image.height, image.width) and instance.mask.dtype == np.bool_
+        assert instance.mask.shape == (image.height, image.width) and instance.mask.to_array().dtype == np.bool_
         assert 0 <= instance.mask_score <= 1
         assert instance.detection.class_index in (0, 1)
 
@@ -71,13 +72,17 @@ class RecordingSegmenter:
     def __init__(self) -> None:
         self.box_counts: list[int] = []
 
-    def segment(self, image: np.ndarray, boxes_xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def full_masks(self, image: np.ndarray, boxes_xyxy: np.ndarray) -> np.ndarray:
         self.box_counts.append(len(boxes_xyxy))
-        return np.ones((len(boxes_xyxy), *image.shape[:2]), bool), np.ones(len(boxes_xyxy), np.float32)
+        return np.ones((len(boxes_xyxy), *image.shape[:2]), bool)
+
+    def segment(self, image: np.ndarray, boxes_xyxy: np.ndarray) -> tuple[tuple[PackedMask, ...], np.ndarray]:
+        masks = self.full_masks(image, boxes_xyxy)
+        return tuple(PackedMask.of(mask) for mask in masks), np.ones(len(boxes_xyxy), np.float32)
 
     def segment_stream(
         self, images: list[np.ndarray], boxes_xyxy: list[np.ndarray]
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    ) -> Iterator[tuple[tuple[PackedMask, ...], np.ndarray]]:
         return (self.segment(image, boxes) for image, boxes in zip(images, boxes_xyxy, strict=True))
 
     def describe(self) -> dict[str, str]:
@@ -179,7 +184,7 @@ def test_sam_alone_gives_one_mask_for_clicks_or_a_box(
 ) -> None:
     pipeline: GroundedSam = request.getfixturevalue(which)
     answer = pipeline.segment_points(random_image(64, 48), points, positive, box)
-    assert answer.mask.shape == (48, 64) and answer.mask.dtype == np.bool_
+    assert answer.mask.shape == (48, 64) and answer.mask.to_array().dtype == np.bool_
     assert 0.0 <= answer.score <= 1.0
 
 
@@ -187,7 +192,7 @@ def test_sam_alone_gives_one_mask_for_clicks_or_a_box(
 def test_sam_alone_on_boxes_gives_one_mask_per_box(request: pytest.FixtureRequest, which: str) -> None:
     pipeline: GroundedSam = request.getfixturevalue(which)
     answers = pipeline.segment_boxes(random_image(64, 48), np.array([[1, 2, 30, 40], [5, 5, 60, 44]], np.float32))
-    assert [(a.mask.shape, a.mask.dtype) for a in answers] == [((48, 64), np.bool_)] * 2
+    assert [(a.mask.shape, a.mask.to_array().dtype) for a in answers] == [((48, 64), np.bool_)] * 2
 
 
 @pytest.mark.parametrize(
@@ -222,19 +227,19 @@ def test_negatives_are_never_returned_and_suppress_their_class(detector: Groundi
 
 def test_run_cleans_masks_and_applies_class_limits(detector: GroundingDinoDetector) -> None:
     class Holey(RecordingSegmenter):
-        def segment(self, image: np.ndarray, boxes_xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            masks, scores = super().segment(image, boxes_xyxy)
+        def full_masks(self, image: np.ndarray, boxes_xyxy: np.ndarray) -> np.ndarray:
+            masks = super().full_masks(image, boxes_xyxy)
             masks[:, 10:12, 10:12] = False
-            return masks, scores
+            return masks
 
     options = PostprocessOptions(dedup_iou=1.0, fill_holes=10, max_instances=2)
     pipeline = GroundedSam(detector, Holey(), LOW, options)
     instances = pipeline.run(random_image(64, 48), pipeline.prepare(CLASSES))
-    assert all(i.mask.all() for i in instances)
+    assert all(i.mask.to_array().all() for i in instances)
     counts = [sum(i.detection.class_index == c for i in instances) for c in (0, 1)]
     assert max(counts) <= 2 and instances
 
 
 def test_instance_score_is_the_geometric_mean() -> None:
     detection = Detection(box_xyxy=(0, 0, 1, 1), score=0.36, class_index=0)
-    assert Instance(detection, np.ones((1, 1), bool), mask_score=1.0).score == pytest.approx(0.6)
+    assert Instance(detection, PackedMask.of(np.ones((1, 1), bool)), mask_score=1.0).score == pytest.approx(0.6)

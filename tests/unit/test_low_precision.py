@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from backend.pipeline.build import _build_segmenter, build_pipeline
+from backend.pipeline.packed import PackedMask
 from backend.pipeline.types import DetectionThresholds, Instance, ModelSpec, TextClass
 
 CLASSES = (TextClass("Cat", ("cat",)), TextClass("Dog", ("dog",)), TextClass("Car", ("car",)))
@@ -50,7 +51,8 @@ def scenes(count: int) -> list[Image.Image]:
     return images
 
 
-def mask_iou(first: np.ndarray, second: np.ndarray) -> float:
+def mask_iou(first: PackedMask, second: PackedMask) -> float:
+    first, second = first.to_array(), second.to_array()
     union = np.count_nonzero(first | second)
     return np.count_nonzero(first & second) / union if union else 1.0
 

@@ -14,7 +14,12 @@ from transformers import AutoModelForMaskGeneration, AutoProcessor
 
 from backend.errors import ModelLoadError
 from backend.pipeline.build import SamArchitecture, _load_sam_checkpoint, build_pipeline
-from backend.pipeline.segmenter import HfSamSegmenter, SegmentAnythingSegmenter, Segmenter
+from backend.pipeline.packed import stacked
+from backend.pipeline.segmenter import (
+    HfSamSegmenter,
+    SegmentAnythingSegmenter,
+    Segmenter,
+)
 from backend.pipeline.types import DetectionThresholds, ModelSpec
 from tests.tiny_models import TINY_SAM_ARCHITECTURE
 
@@ -45,7 +50,8 @@ def count_calls(module: torch.nn.Module) -> list[int]:
 
 def assert_masks(segmenter: Segmenter, boxes: np.ndarray) -> None:
     with torch.inference_mode():
-        masks, scores = segmenter.segment(image(), boxes)
+        packed, scores = segmenter.segment(image(), boxes)
+    masks = stacked(packed, (HEIGHT, WIDTH))
     assert masks.shape == (len(boxes), HEIGHT, WIDTH) and masks.dtype == np.bool_
     assert scores.shape == (len(boxes),) and scores.dtype == np.float32
     assert ((scores >= 0) & (scores <= 1)).all()
