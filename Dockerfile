@@ -35,8 +35,10 @@ USER app
 VOLUME ["/models"]
 EXPOSE 9090
 
-HEALTHCHECK --interval=30s --timeout=3s --start-period=30s \
-    CMD python3 -c "import os,urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '9090'), timeout=2)"
+# `grounded-sam health` reads the same settings as the server (PORT, BASIC_AUTH_USER/PASS): UP → exit 0.
+# Only the API answers /health: a `worker` container disables it (docker-compose.yml; `docker run --no-healthcheck`).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
+    CMD ["grounded-sam", "health"]
 
 ENTRYPOINT ["grounded-sam"]
 CMD ["serve"]

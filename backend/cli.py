@@ -1,4 +1,5 @@
-"""Command line: `serve` (API, plus embedded Redis and a worker when REDIS_URL is unset), `worker`, `predict`.
+"""Command line: `serve` (API, plus a supervised embedded Redis and worker when REDIS_URL is unset), `worker`,
+`health`, `predict`.
 
 Every command builds one Settings from the environment and passes it down.
 """
@@ -15,10 +16,15 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from backend.settings import Settings
+from backend.settings import Settings, describe_settings_error
+
+if TYPE_CHECKING:
+    from backend.queueing.connection import EmbeddedRedis
+    from backend.supervisor import Supervisor
 
 log = logging.getLogger("backend")
 
@@ -26,6 +32,8 @@ log = logging.getLogger("backend")
 # (an unfinished job is then failed by the heartbeat sweep, visibly, like any killed worker's).
 HTTP_STOP_GRACE_S = 5
 WORKER_STOP_GRACE_S = 10.0
+# Docker's HEALTHCHECK gives the command its own timeout; this one is for the request alone.
+HEALTH_TIMEOUT_S = 5.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        print(f"invalid settings:\n{describe_settings_error(exc)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
@@ -61,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="load the models and process jobs from REDIS_URL")
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     worker.set_defaults(run=_worker)
+    health = commands.add_parser("health", help="exit 0 when this machine's API is UP (Docker HEALTHCHECK)")
+    health.set_defaults(run=_health)
     predict = commands.add_parser("predict", help="run the pipeline on local images, without Label Studio or Redis")
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     group = predict.add_mutually_exclusive_group(required=True)
@@ -86,30 +96,90 @@ def _parser() -> argparse.ArgumentParser:
 def _serve(settings: Settings, _: argparse.Namespace) -> int:
     if settings.redis_url:
         return _serve_api(settings)
-    from backend.queueing.connection import embedded_redis
+    from backend.errors import BackendError
+    from backend.queueing.connection import EmbeddedRedis
 
-    with embedded_redis() as url:
-        local = settings.model_copy(update={"redis_url": url})
-        worker = _spawn_worker(url)
-        try:
-            return _serve_api(local, worker)
-        finally:
+    redis = EmbeddedRedis(Path(settings.embedded_redis_dir).expanduser(), settings.embedded_redis_maxmemory)
+    try:
+        redis.start()
+    except BackendError as exc:
+        redis.stop()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    log.info("embedded Redis-compatible server on %s, data in %s", redis.url, redis.folder)
+    supervisor = _embedded_supervisor(settings, redis)
+    try:
+        return _serve_api(settings.model_copy(update={"redis_url": redis.url}), supervisor)
+    finally:
+        supervisor.stopping.set()
+        worker = supervisor.children[-1].process  # the worker (see _embedded_supervisor)
+        if worker is not None:
             _stop(worker)
+        redis.stop()
+        supervisor.released.set()
 
 
-def _serve_api(settings: Settings, worker: subprocess.Popen[bytes] | None = None) -> int:
+def _embedded_supervisor(settings: Settings, redis: EmbeddedRedis) -> Supervisor:
+    """The embedded Redis and one worker, both started now and restarted whenever they die."""
+    from backend.supervisor import Child, RestartPolicy, Supervisor
+
+    policy = RestartPolicy(settings.supervise_max_restarts, settings.supervise_window)
+    server = Child("embedded Redis", redis.start)
+    server.process = redis.process
+    worker = Child("worker", lambda: _spawn_worker(redis.url), on_death=lambda dead: _forget_worker(redis.url, dead))
+    worker.launch()
+    return Supervisor([server, worker], policy)
+
+
+def _forget_worker(redis_url: str, dead: subprocess.Popen[bytes]) -> None:
+    from redis.exceptions import RedisError
+
+    from backend.queueing.connection import api_connection
+    from backend.queueing.worker import forget_worker
+
+    try:
+        forget_worker(api_connection(redis_url), dead.pid)
+    except RedisError as exc:  # Redis down too: rq's worker TTL forgets it later
+        log.debug("could not unregister the dead worker %s: %s", dead.pid, exc)
+
+
+def _serve_api(settings: Settings, supervisor: Supervisor | None = None) -> int:
     import uvicorn
 
     from backend.api.app import create_app
+    from backend.api.shutdown import JsonWhenCancelled
 
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
+    config = uvicorn.Config(JsonWhenCancelled(create_app(settings)), host=settings.host, port=settings.port,
                             log_level=settings.log_level.lower(), timeout_graceful_shutdown=HTTP_STOP_GRACE_S)
     server = uvicorn.Server(config)
     failed = threading.Event()
-    if worker is not None:
-        threading.Thread(target=_watch_worker, args=(worker, server, failed), daemon=True).start()
-    server.run()
+    if supervisor is not None:
+        threading.Thread(target=_supervise, args=(supervisor, server, failed), daemon=True, name="supervisor").start()
+    try:
+        server.run()
+    finally:
+        if supervisor is not None:
+            supervisor.stopping.set()  # no restarts while the children are stopped
     return 1 if failed.is_set() else 0
+
+
+def _supervise(supervisor: Supervisor, server: object, failed: threading.Event) -> None:
+    """Keep the children running; when one keeps dying, stop the whole command with the reason."""
+    from backend.errors import CrashLoopError
+
+    try:
+        supervisor.watch()
+    except Exception as exc:  # this thread's boundary: `serve` never goes on unsupervised
+        if isinstance(exc, CrashLoopError):
+            log.error("%s", exc)
+        else:
+            log.exception("supervision failed; stopping")
+        failed.set()
+        server.should_exit = True  # type: ignore[attr-defined]
+    finally:
+        # Children this thread restarted die with it (PR_SET_PDEATHSIG follows the thread that spawned them),
+        # so it lives until `serve` has stopped them in order.
+        supervisor.released.wait()
 
 
 def _spawn_worker(redis_url: str) -> subprocess.Popen[bytes]:
@@ -126,15 +196,6 @@ def _spawn_worker(redis_url: str) -> subprocess.Popen[bytes]:
     )
 
 
-def _watch_worker(worker: subprocess.Popen[bytes], server: object, failed: threading.Event) -> None:
-    """A worker that exits on its own (e.g. models failed to load) stops the whole command."""
-    code = worker.wait()
-    if not getattr(server, "should_exit", False):
-        log.error("the worker exited with code %s; stopping (see its log above)", code)
-        failed.set()
-        server.should_exit = True  # type: ignore[attr-defined]
-
-
 def _stop(worker: subprocess.Popen[bytes]) -> None:
     if worker.poll() is None:
         worker.send_signal(signal.SIGTERM)  # rq: warm shutdown, the current job finishes
@@ -146,15 +207,43 @@ def _stop(worker: subprocess.Popen[bytes]) -> None:
             worker.wait()
 
 
+def _health(settings: Settings, _: argparse.Namespace) -> int:
+    """GET this machine's /health (with basic auth when set): exit 0 when UP, 1 otherwise; one line out."""
+    import httpx
+
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(settings.host, settings.host)
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    url = f"http://{host}:{settings.port}/health"
+    try:
+        response = httpx.get(url, auth=settings.basic_auth, timeout=HEALTH_TIMEOUT_S)
+        body = response.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        print(f"DOWN: {url}: {exc or type(exc).__name__}")
+        return 1
+    status = body.get("status", "DOWN") if isinstance(body, dict) else "DOWN"
+    if response.status_code == 200 and status == "UP":
+        print(f"UP: {body.get('workers')} workers, queued {body.get('queued')}")
+        return 0
+    detail = body.get("detail", "") if isinstance(body, dict) else ""
+    print(f"{status}: HTTP {response.status_code} {detail}".rstrip())
+    return 1
+
+
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.redis_url:
         print("the worker needs REDIS_URL (the Redis the API enqueues to)", file=sys.stderr)
         return 2
     from backend import jobs
+    from backend.errors import BackendError
     from backend.queueing.connection import worker_connection
     from backend.queueing.worker import run_worker
 
-    jobs.install(jobs.build_runtime(settings))
+    try:
+        runtime = jobs.build_runtime(settings)
+    except BackendError as exc:  # e.g. a model path that does not exist: one line, not a traceback
+        print(f"error: the worker cannot start: {exc}", file=sys.stderr)
+        return 1
+    jobs.install(runtime)
     redis = worker_connection(settings.redis_url)
     run_worker(redis, settings.queue_name, settings.worker_heartbeat, burst=args.burst)
     return 0

@@ -9,21 +9,39 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from redis import Redis
-from redis.exceptions import RedisError
-from rq import Queue, Worker
+from redis import exceptions as redis_errors
+from redis.exceptions import OutOfMemoryError, RedisError
+from rq import Queue, Retry, Worker
 from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from backend.errors import QueueUnavailableError
+from backend.errors import QueueUnavailableError, RedisFullError
 
 # Enqueued by dotted name so the API process never imports the model code.
 PREDICT_JOB = "backend.jobs.predict_task"
 PRELABEL_JOB = "backend.prelabel.prelabel_chunk"
 # How often a waiting request sweeps the started-job registry for jobs whose worker died.
 ABANDONED_SWEEP_S = 1.0
+# A job whose worker died is queued again this many times (rq's Retry, which every registry cleanup honours,
+# the API's, the workers' and rq's own); one more death fails it as a poison task, never retried again.
+# An exception raised by the job itself is its answer and is not retried (HeartbeatWorker.handle_job_failure).
+CRASH_RETRIES = 1
+_ABANDONED = "AbandonedJobError"
 _RETRYABLE_STATUSES = {JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
+
+
+def queue_error(exc: RedisError, doing: str) -> QueueUnavailableError:
+    """The error to raise for `exc` met while `doing`: RedisFullError when Redis is out of memory
+    (maxmemory with noeviction refuses writes), else QueueUnavailableError."""
+    if isinstance(exc, OutOfMemoryError):
+        return RedisFullError(
+            f"Redis is full (it reached its maxmemory), so {doing} failed: free memory, raise maxmemory or let "
+            f"finished jobs expire (RESULT_TTL, FAILURE_TTL); Redis said: {exc}"
+        )
+    state = "unreachable" if isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError)) else "failing"
+    return QueueUnavailableError(f"Redis is {state}, so {doing} failed: {exc}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +120,7 @@ class PredictionQueue:
             except DuplicateJobError:
                 self._requeue_if_failed(queue, func, job_id, payload)
         except RedisError as exc:
-            raise QueueUnavailableError(f"cannot queue job: {exc}") from exc
+            raise queue_error(exc, "queueing the job") from exc
 
     def wait(self, job_ids: Sequence[str], timeout: float) -> list[JobOutcome]:
         """Poll until every job finished or failed, or `timeout` seconds passed; outcomes in input order.
@@ -134,9 +152,8 @@ class PredictionQueue:
         return [outcomes.get(job_id, JobOutcome(job_id, "pending")) for job_id in job_ids]
 
     def sweep_abandoned(self) -> None:
-        """Fail jobs whose worker's heartbeat expired (rq's AbandonedJobError)."""
-        for queue in self.queues:
-            StartedJobRegistry(queue=queue).cleanup()
+        """Queue again, or fail as poison, the jobs whose worker's heartbeat expired (see `sweep_abandoned`)."""
+        sweep_abandoned(self.queues)
 
     def depth(self) -> dict[str, int]:
         """Jobs waiting, per queue name."""
@@ -159,6 +176,7 @@ class PredictionQueue:
             timeout=self._limits.job_timeout,
             result_ttl=self._limits.result_ttl,
             failure_ttl=self._limits.failure_ttl,
+            retry=Retry(max=CRASH_RETRIES, enqueue_at_front=True),
         )
 
     def _requeue_if_failed(self, queue: Queue, func: str, job_id: str, payload: dict[str, Any]) -> None:
@@ -169,8 +187,7 @@ class PredictionQueue:
             return
         status = job.get_status()
         if status == JobStatus.FAILED:
-            # rq's own requeue: deleting a job abandoned by a dead worker fails (its execution is gone).
-            job.requeue()
+            requeue_failed(job)
         elif status in _RETRYABLE_STATUSES:  # stopped or canceled: never ran to the end, safe to replace
             job.delete()
             self._enqueue(queue, func, job_id, payload)
@@ -199,8 +216,41 @@ def job_counts(queue: Queue) -> dict[str, int]:
     }
 
 
+def sweep_abandoned(queues: Sequence[Queue]) -> None:
+    """Jobs whose worker's heartbeat expired: queued again while they have crash retries, else failed.
+
+    rq's StartedJobRegistry.cleanup does both, from the job's Retry; rq also runs it on its own (registry
+    counts, worker maintenance), which is why the retry lives in the job and not here.
+    """
+    for queue in queues:
+        StartedJobRegistry(queue=queue).cleanup()
+
+
+def requeue_failed(job: Job) -> bool:
+    """Queue a failed job again, with a fresh crash retry; a poison task stays failed (False): running it
+    again would take down another worker."""
+    if killed_workers(job):
+        return False
+    job.retries_left = CRASH_RETRIES
+    # rq's own requeue: deleting a job abandoned by a dead worker fails (its execution is gone).
+    job.requeue()
+    return True
+
+
+def killed_workers(job: Job) -> int:
+    """How many workers died running this failed job (0 when it failed otherwise or did not fail)."""
+    result = job.latest_result()
+    if result is None or _ABANDONED not in (result.exc_string or ""):
+        return 0
+    return CRASH_RETRIES + 1 if job.retries_left == 0 else 1
+
+
 def failure_reason(job: Job) -> str:
-    """The last line of the job's recorded exception (the whole traceback stays in rq's record)."""
+    """The last line of the job's recorded exception (the whole traceback stays in rq's record), or why a
+    job whose workers died is not retried."""
+    killed = killed_workers(job)
+    if killed:
+        return f"took down {killed} worker{'s' if killed > 1 else ''}; not retried"
     result = job.latest_result()
     text = (result.exc_string if result is not None else None) or "job failed without a recorded reason"
     lines = [line for line in text.strip().splitlines() if line.strip()]

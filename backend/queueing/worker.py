@@ -4,33 +4,63 @@ rq's default Worker forks a work horse per job, and CUDA does not survive fork; 
 the weights per job. SimpleWorker runs jobs in-process but sends no heartbeat during a job, so a worker
 killed mid-job would leave its job "started" until the job timeout. The heartbeat thread here keeps the
 started-registry entry alive only while the process lives: once it dies the entry expires within
-3 beats and the next registry sweep moves the job to the failed registry (AbandonedJobError).
+3 beats and the next registry sweep (this worker's sweeper thread, a waiting API request, rq's own
+maintenance) queues the job again, once; a second death fails it as a poison task (client.CRASH_RETRIES).
+A worker that was only cut off (or stalled) that long and comes back finds its run swept: it drops the run's
+outcome instead of writing it over the job's new run (FAILED over another worker's FINISHED).
+
+Failures are logged once per job: a BackendError (bad image, task data, settings) as one line with its
+reason, anything else as one traceback; rq's own exception logging is replaced, not added to.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
+from contextlib import suppress
 
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.utils import current_timestamp
 
-from backend.queueing.client import queue_names
+from backend.errors import BackendError
+from backend.queueing.client import queue_names, sweep_abandoned
 
 log = logging.getLogger(__name__)
 
 MISSED_BEATS_BEFORE_ABANDONED = 3
+# rq waits 1 s, 2 s, 4 s ... between reconnection attempts when Redis is gone; a restarted embedded Redis
+# is back within seconds, so the worker does not wait a minute to notice.
+MAX_RECONNECT_WAIT_S = 5.0
+
+# Compare-and-act on rq's records (KEYS: the started registry, the job's hash; ARGV: this execution's entry,
+# this worker's name, now, the heartbeat TTL): this run still owns the job while its entry in the started
+# registry is there (a sweep that abandons a run removes its entry in the same transaction as it queues the job
+# again) and the job is "started" by this worker; if so the entry is renewed in the same step, so rq's writing
+# of the outcome that follows has a full heartbeat TTL before any sweep can abandon it.
+_STILL_RUNNING_IT = """
+if not redis.call('zscore', KEYS[1], ARGV[1]) then return 0 end
+local job = redis.call('hmget', KEYS[2], 'status', 'worker_name')
+if job[1] ~= 'started' or job[2] ~= ARGV[2] then return 0 end
+redis.call('zadd', KEYS[1], 'XX', tonumber(ARGV[3]) + tonumber(ARGV[4]), ARGV[1])
+return 1
+"""
 
 
 class HeartbeatWorker(SimpleWorker):
     """SimpleWorker whose running job heart-beats every `heartbeat_s` seconds from a side thread."""
 
+    max_connection_wait_time = MAX_RECONNECT_WAIT_S
+
     def __init__(self, *args: object, heartbeat_s: float = 5.0, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        # The job description is the whole payload (labeling config included): the job id is enough.
+        super().__init__(*args, log_job_description=False, **kwargs)  # type: ignore[arg-type]
         self.heartbeat_s = heartbeat_s
+        self._still_running_it = self.connection.register_script(_STILL_RUNNING_IT)
 
     def get_heartbeat_ttl(self, job: Job) -> int:
         return int(self.heartbeat_s * MISSED_BEATS_BEFORE_ABANDONED) + 1
@@ -45,6 +75,53 @@ class HeartbeatWorker(SimpleWorker):
             done.set()
             beater.join()
 
+    def handle_exception(self, job: Job, *exc_info: object) -> None:
+        """One log record per failed job: a known failure without traceback, an unexpected one with it."""
+        exc = exc_info[1]
+        if isinstance(exc, BackendError):
+            log.warning("job %s failed: %s: %s", job.id, type(exc).__name__, exc)
+        else:
+            log.error("job %s failed unexpectedly", job.id, exc_info=exc_info)  # type: ignore[arg-type]
+        for handler in self._exc_handlers:  # rq's handler chain (none is installed by this backend)
+            if handler(job, *exc_info) is False:
+                break
+
+    def handle_job_failure(
+        self, job: Job, queue: Queue, started_job_registry: object = None, exc_string: str = ""
+    ) -> None:
+        """A job that raised has its answer: its crash retry is not spent on an exception that would repeat."""
+        if self._abandoned_meanwhile(job):
+            return
+        job.retries_left = 0
+        super().handle_job_failure(job, queue, started_job_registry=started_job_registry, exc_string=exc_string)
+
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry: object) -> None:
+        if not self._abandoned_meanwhile(job):
+            super().handle_job_success(job, queue, started_job_registry)  # type: ignore[arg-type]
+
+    def _abandoned_meanwhile(self, job: Job) -> bool:
+        """Whether this run of `job` was swept as abandoned while it ran (this worker was cut off from Redis, or
+        stalled, past its heartbeat TTL), so the job was queued again and maybe finished by another worker.
+
+        Then this run's outcome is dropped and only its own records are cleaned up: it must not write FAILED
+        (or its result) over what the job's current run wrote. When Redis cannot say, rq goes on as usual.
+        """
+        if self.execution is None:
+            return False
+        keys = [job.started_job_registry.key, job.key]
+        args = [self.execution.composite_key, self.name, current_timestamp(), self.get_heartbeat_ttl(job)]
+        try:
+            if self._still_running_it(keys=keys, args=args):
+                return False
+        except RedisError:
+            return False
+        log.warning("job %s: this run was abandoned (no heartbeat) and the job queued again; its outcome is dropped",
+                    job.id)
+        with suppress(RedisError), self.connection.pipeline() as pipeline:
+            self.cleanup_execution(job, pipeline=pipeline)
+            pipeline.execute()
+        return True
+
     def _beat_until(self, job: Job, done: threading.Event) -> None:
         while not done.wait(self.heartbeat_s):
             try:
@@ -58,10 +135,41 @@ def run_worker(redis: Redis, queue_prefix: str, heartbeat_s: float, *, burst: bo
 
     Listens on the interactive queue first, then the bulk one: rq takes from the first non-empty queue,
     so someone waiting in the editor goes ahead of bulk pre-labelling on the same workers.
+    A side thread sweeps for jobs abandoned by dead workers every `heartbeat_s`, so they are queued again
+    within seconds even when no request is waiting on them (bulk chunks).
     The caller has installed the job runtime (models loaded) before this is called.
     Returns rq's `work()` result (True when at least one job was processed).
     """
     queues = [Queue(name, connection=redis, serializer=JSONSerializer) for name in queue_names(queue_prefix)]
     worker = HeartbeatWorker(queues, connection=redis, serializer=JSONSerializer, heartbeat_s=heartbeat_s)
+    stop = threading.Event()
+    threading.Thread(target=_sweep_until, args=(queues, heartbeat_s, stop), daemon=True, name="rq-sweeper").start()
     log.info("worker %s listening on %s", worker.name, ", ".join(q.name for q in queues))
-    return worker.work(burst=burst, with_scheduler=False, logging_level=logging.getLevelName(log.getEffectiveLevel()))
+    try:
+        level = logging.getLevelName(log.getEffectiveLevel())
+        return worker.work(burst=burst, with_scheduler=False, logging_level=level)
+    finally:
+        stop.set()
+
+
+def _sweep_until(queues: list[Queue], every_s: float, stop: threading.Event) -> None:
+    while not stop.wait(every_s):
+        try:
+            sweep_abandoned(queues)
+        except RedisError as exc:  # Redis restarting: the worker loop reports it; try again next time
+            log.debug("abandoned-job sweep failed: %s", exc)
+
+
+def forget_worker(redis: Redis, pid: int) -> None:
+    """Unregister the rq worker that ran as process `pid` on this host (it was killed and could not).
+
+    Without this a killed worker counts in /health for rq's worker TTL (7 minutes) after a new one replaced it.
+    """
+    from rq import Worker
+
+    host = socket.gethostname()
+    for worker in Worker.all(connection=redis, serializer=JSONSerializer):
+        if worker.pid == pid and worker.hostname == host:
+            worker.register_death()
+
+

@@ -56,7 +56,9 @@ def test_predict_reports_unreadable_image_and_keeps_the_others(tmp_path: Path, m
 
 
 def test_serve_exits_with_the_reason_when_models_cannot_load(tmp_path: Path, model_env: dict[str, str]) -> None:
-    env = {**model_env, "DETECTOR_MODEL": str(tmp_path / "no-such-model"), "PORT": str(free_port())}
+    # One restart, not the default three: each worker start loads (fails to load) the models again.
+    env = {**model_env, "DETECTOR_MODEL": str(tmp_path / "no-such-model"), "PORT": str(free_port()),
+           "SUPERVISE_MAX_RESTARTS": "1"}
     result = _run(["serve"], env, timeout=120)
     assert result.returncode != 0
     assert "no-such-model" in result.stdout + result.stderr

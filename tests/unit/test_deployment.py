@@ -78,3 +78,30 @@ def test_compose_rq_dashboard_is_optional_and_reads_the_same_redis() -> None:
     assert dashboard["profiles"] == ["dashboard"]
     redis_url = compose["x-backend-env"]["REDIS_URL"]
     assert dashboard["environment"]["RQ_DASHBOARD_REDIS_URL"] == redis_url
+
+
+def test_compose_restarts_services_and_persists_a_bounded_redis() -> None:
+    """Crashed containers come back; Redis keeps its data in a volume, has a memory limit and never evicts."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    for name in ("redis", "api", "worker"):
+        assert services[name]["restart"] == "unless-stopped", name
+    command = services["redis"]["command"]
+    options = dict(zip(command[1::2], command[2::2], strict=True))
+    assert options["--appendonly"] == "yes"
+    assert options["--maxmemory-policy"] == "noeviction"
+    assert re.fullmatch(r"\$\{REDIS_MAXMEMORY:-\d+[kmg]b\}", options["--maxmemory"])
+    [volume] = services["redis"]["volumes"]
+    name, path = volume.split(":")
+    assert path == "/data" and name in compose["volumes"]
+    assert services["worker"]["healthcheck"] == {"disable": True}
+
+
+def test_dockerfile_healthcheck_is_the_health_command() -> None:
+    """The HEALTHCHECK runs `grounded-sam health`, which reads PORT and basic auth from the settings."""
+    match = re.search(r"^HEALTHCHECK (.+?)\\\n\s+CMD (.+)$", _dockerfile(), re.M)
+    assert match is not None
+    options = dict(re.findall(r"--([a-z-]+)=(\S+)", match.group(1)))
+    assert int(options["timeout"].rstrip("s")) >= 5
+    command = json.loads(match.group(2))
+    assert command == ["grounded-sam", "health"] and command[1] in _commands()
