@@ -3,9 +3,7 @@
 This is where the three pure layers meet: Label Studio format (config, task, result), image fetching
 and the model pipeline. The worker installs a `Runtime` (models loaded once) before it takes jobs;
 rq calls `predict_task` (interactive queue; backend.prelabel has the bulk job) by its dotted name with
-a JSON payload:
-
-    {"task": {"id": 7, "data": {...}}, "label_config": "<View>...</View>", "model_version": "gsam-..."}
+a JSON payload, backend.queueing.payloads.PredictPayload (the labeling config by reference).
 """
 
 from __future__ import annotations
@@ -32,6 +30,7 @@ from backend.pipeline.build import build_pipeline
 from backend.pipeline.grounded_sam import GroundedSam
 from backend.pipeline.negatives import ClassPlan
 from backend.pipeline.types import ClassOptions, Instance, Segmented, TextClass
+from backend.queueing.payloads import payload_config
 from backend.queueing.stats import WorkerStats
 from backend.settings import Settings
 
@@ -106,8 +105,7 @@ def predict_task(payload: dict[str, Any]) -> dict[str, Any]:
     try:
         with stats.stage("fetch"):
             image = fetch_image(runtime, task, config, payload)
-    except BackendError as exc:
-        log.exception("task %s: no image", task.get("id"))
+    except BackendError as exc:  # the worker logs the job's failure, once (HeartbeatWorker.handle_exception)
         stats.failure(type(exc).__name__)
         raise
     with stats.stage("model"):
@@ -138,8 +136,9 @@ def fetch_image(runtime: Runtime, task: Mapping[str, Any], config: LabelConfig, 
 
 
 def checked_config(runtime: Runtime, payload: Mapping[str, Any]) -> tuple[LabelConfig, str]:
-    """The payload's parsed config and model version, after checking this worker computes that version."""
-    config = parse_label_config(payload["label_config"])
+    """The payload's parsed config (read from Redis by reference) and model version, after checking this
+    worker computes that version."""
+    config = parse_label_config(payload_config(get_current_job().connection, payload))
     expected = model_version(runtime.fingerprint, config)
     if payload["model_version"] != expected:
         raise ModelVersionMismatchError(

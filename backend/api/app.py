@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-import base64
-import hmac
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis import Redis
-from redis.exceptions import RedisError
-from starlette.concurrency import run_in_threadpool
+from redis.exceptions import OutOfMemoryError, RedisError
 
+from backend.api.edge import BasicAuth, BodyLimit, CountRequests, StampArrival, arrived_at
 from backend.api.metrics import Metrics
-from backend.api.schemas import PredictRequest, PrelabelRequest, SetupRequest, project_key
+from backend.api.schemas import PredictRequest, PrelabelRequest, SetupRequest, http_origin, project_key
 from backend.api.service import PredictionService, PredictTimeoutError
-from backend.errors import LabelConfigError, QueueUnavailableError
+from backend.errors import LabelConfigError, QueueUnavailableError, RequestDataError, RequestTooLargeError
 from backend.labelstudio.interactive import InteractiveContextError
 from backend.queueing.bulk import Progress
 from backend.queueing.connection import api_connection
@@ -29,6 +29,22 @@ from backend.settings import Settings
 log = logging.getLogger(__name__)
 
 MODEL_CLASS = "GroundedSam"
+T = TypeVar("T")
+
+# Threads waiting on /predict jobs are capped apart from everything else, so that waiting predictions never
+# starve /health and /setup (Label Studio gives them 1 s and 3 s), which have their own small capacity.
+PREDICT_WAITERS = 128
+CONTROL_THREADS = 8
+# /health's whole answer is bounded (a hung Redis must not hold it), and so is each probe call to Redis.
+HEALTH_TIMEOUT_S = 0.8
+PROBE_CONNECT_TIMEOUT_S = 0.3
+PROBE_SOCKET_TIMEOUT_S = 0.5
+
+
+def probe_connection(url: str) -> Redis:
+    """The connection of /health and /setup: sub-second timeouts, no retries."""
+    return Redis.from_url(url, socket_connect_timeout=PROBE_CONNECT_TIMEOUT_S,
+                          socket_timeout=PROBE_SOCKET_TIMEOUT_S, retry_on_timeout=False)
 
 
 def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
@@ -37,7 +53,8 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
         if not settings.redis_url:
             raise ValueError("REDIS_URL is required to serve the API (the `serve` command sets it in embedded mode)")
         redis = api_connection(settings.redis_url)
-    service = PredictionService(settings, redis)
+    probe = probe_connection(settings.redis_url) if settings.redis_url else redis
+    service = PredictionService(settings, redis, probe)
     metrics = Metrics(service.queue_metrics)
     app = FastAPI(title="Grounded SAM ML backend for Label Studio", version="0.1.0")
     app.state.service = service
@@ -48,37 +65,50 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
 
 
 def _install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
-    expected = _basic_auth_header(settings.basic_auth) if settings.basic_auth else None
+    """Outermost first: count every answer, stamp the arrival, check auth, then the body's size."""
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    if settings.basic_auth:
+        app.add_middleware(BasicAuth, credentials=settings.basic_auth)
+    app.add_middleware(StampArrival)
+    app.add_middleware(CountRequests, counter=metrics.requests, routes=app.router.routes)
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        given = request.headers.get("authorization", "")
-        if expected is not None and not hmac.compare_digest(given.encode(), expected.encode()):
-            response: Response = JSONResponse(
-                {"detail": "authentication required"},
-                status_code=401,
-                headers={"WWW-Authenticate": 'Basic realm="Login required"'},
-            )
-        else:
-            response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
+
+async def _in_thread(limiter: anyio.CapacityLimiter, func: Callable[..., T], *args: object) -> T:
+    return await anyio.to_thread.run_sync(func, *args, limiter=limiter)
+
+
+async def _predict_in_thread(
+    limiter: anyio.CapacityLimiter, deadline: float, func: Callable[..., T], *args: object
+) -> T:
+    """Run `func` on a thread once one of the limiter's slots is free, giving up (504) at `deadline`.
+
+    The slot is taken here, with the deadline, and the thread then runs outside any other limit.
+    """
+    try:
+        with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+            await limiter.acquire()
+    except TimeoutError:
+        raise PredictTimeoutError(
+            "no free slot for the request before PREDICT_TIMEOUT; nothing was queued, try again"
+        ) from None
+    try:
+        return await anyio.to_thread.run_sync(func, *args, limiter=anyio.CapacityLimiter(math.inf))
+    finally:
+        limiter.release()
 
 
 def _progress_body(progress: Progress) -> dict[str, Any]:
     return {**asdict(progress), "finished": progress.finished}
 
 
-def _basic_auth_header(credentials: tuple[str, str]) -> str:
-    token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
-    return f"Basic {token}"
-
-
 # Known failures → status code, message prefix, log level. Everything else is a logged 500.
 _ERROR_ANSWERS: tuple[tuple[type[Exception], int, str, int], ...] = (
     (LabelConfigError, 400, "labeling config not supported: ", logging.INFO),
     (InteractiveContextError, 400, "interactive request not understood: ", logging.INFO),
+    (RequestDataError, 400, "", logging.INFO),
+    (RequestTooLargeError, 413, "too large: ", logging.INFO),
     (QueueUnavailableError, 503, "", logging.ERROR),
+    (OutOfMemoryError, 503, "Redis is full (it reached its maxmemory): ", logging.ERROR),
     (RedisError, 503, "Redis is unreachable: ", logging.ERROR),
     (PredictTimeoutError, 504, "", logging.WARNING),
 )
@@ -103,32 +133,43 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _install_routes(app: FastAPI, service: PredictionService, metrics: Metrics) -> None:
+    predict_slots = anyio.CapacityLimiter(PREDICT_WAITERS)
+    health_slots = anyio.CapacityLimiter(CONTROL_THREADS)
+    setup_slots = anyio.CapacityLimiter(CONTROL_THREADS)
+
     @app.get("/")
     @app.get("/health")
-    def health() -> JSONResponse:
-        """Label Studio allows 1 s: answer from Redis alone, never from the models."""
+    async def health() -> JSONResponse:
+        """Label Studio allows 1 s: answer from Redis alone, never from the models, within HEALTH_TIMEOUT_S."""
         try:
-            state = service.health()
+            with anyio.fail_after(HEALTH_TIMEOUT_S):
+                state = await anyio.to_thread.run_sync(service.health, limiter=health_slots, abandon_on_cancel=True)
+        except TimeoutError:
+            return _down(f"Redis is unreachable: no answer within {HEALTH_TIMEOUT_S:g} s")
         except QueueUnavailableError as exc:
-            return JSONResponse({"status": "DOWN", "model_class": MODEL_CLASS, "detail": str(exc)}, status_code=503)
+            return _down(str(exc))
         return JSONResponse({"status": "UP", "model_class": MODEL_CLASS, **state})
 
     @app.post("/setup")
-    def setup(body: SetupRequest) -> dict[str, str]:
-        return {"model_version": service.setup(project_key(body.project), body.schema_, body.hostname)}
+    async def setup(body: SetupRequest) -> dict[str, str]:
+        origin = http_origin(body.hostname)  # RequestDataError: 400, nothing stored
+        version = await _in_thread(setup_slots, service.setup, project_key(body.project), body.schema_, origin)
+        return {"model_version": version}
 
     @app.post("/predict")
-    async def predict(body: PredictRequest) -> dict[str, Any]:
-        started = time.perf_counter()
+    async def predict(request: Request, body: PredictRequest) -> dict[str, Any]:
+        deadline = arrived_at(request.scope) + service.settings.predict_timeout
         context = (body.params or {}).get("context")
-        report = await run_in_threadpool(
-            service.predict, project_key(body.project), body.tasks, body.label_config, context
+        tasks = body.task_dicts()
+        report = await _predict_in_thread(
+            predict_slots, deadline, service.predict, project_key(body.project), tasks, body.label_config, context,
+            deadline,
         )
-        metrics.predict_seconds.observe(time.perf_counter() - started)
+        metrics.predict_seconds.observe(time.monotonic() - arrived_at(request.scope))
         if report.run_id is not None:
             # Too large to answer in time: queued, pushed to Label Studio by workers. An empty list
             # makes Label Studio store nothing now (it logs "results ... at least one item").
-            metrics.tasks.labels("queued").inc(len(body.tasks))
+            metrics.tasks.labels("queued").inc(len(tasks))
             return {"results": [], "run_id": report.run_id}
         metrics.tasks.labels("ok").inc(len(report.results) - report.failed)
         metrics.tasks.labels("failed").inc(report.failed)
@@ -177,3 +218,7 @@ def _install_routes(app: FastAPI, service: PredictionService, metrics: Metrics) 
     @app.get("/metrics")
     def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _down(detail: str) -> JSONResponse:
+    return JSONResponse({"status": "DOWN", "model_class": MODEL_CLASS, "detail": detail}, status_code=503)

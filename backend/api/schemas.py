@@ -1,26 +1,51 @@
 """Request bodies as Label Studio sends them (shared/reference/label-studio-protocol.md §1.2, §1.4).
 
-Unknown fields are kept out of the way (`extra="ignore"`): Label Studio adds keys between versions.
+Unknown fields are kept out of the way (`extra="ignore"` on bodies, kept as they are on tasks): Label Studio
+adds keys between versions.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from typing import Any
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from backend.errors import RequestDataError
+
+# A DNS name or IPv4 address as found in URLs (underscores: Docker service names).
+_HOST_NAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?$")
 
 
 class _LabelStudioBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class PredictTask(BaseModel):
+    """A task as Label Studio sends it: its integer id (a JSON integer: not "7", 7.5 or true) and its data.
+
+    `data` stays untyped: odd data fails only its own task (an empty prediction), never the request.
+    Other keys (annotations, predictions, ...) are kept and ignored.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    id: StrictInt
+    data: Any = None
+
+
 class PredictRequest(_LabelStudioBody):
     """POST /predict: the tasks to predict, in the order results must come back."""
 
-    tasks: list[dict[str, Any]]
+    tasks: list[PredictTask]
     label_config: str = Field(min_length=1)
     project: str | None = None
     params: dict[str, Any] | None = None
+
+    def task_dicts(self) -> list[dict[str, Any]]:
+        return [task.model_dump() for task in self.tasks]
 
 
 class SetupRequest(_LabelStudioBody):
@@ -40,10 +65,48 @@ def project_key(project: str | None) -> str:
     return project.split(".", 1)[0]
 
 
+def http_origin(hostname: str | None) -> str | None:
+    """/setup's `hostname` (Label Studio's LABEL_STUDIO_HOST) as an origin "scheme://host[:port]", or None
+    when it is unset or empty. Raises RequestDataError unless it is an http(s) origin: a host, an optional
+    port, no user info, path (a trailing slash is fine), query or fragment."""
+    if hostname is None or not hostname.strip():
+        return None
+    text = hostname.strip()
+    problem = _origin_problem(text)
+    if problem:
+        raise RequestDataError(f"hostname {text[:200]!r} is not an http(s) origin like https://ls.example:8080: {problem}")
+    return text.rstrip("/")
+
+
+def _origin_problem(text: str) -> str | None:
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme.lower() not in ("http", "https"):
+        return "the scheme must be http or https"
+    if "@" in parts.netloc:
+        return "user info is not allowed"
+    if parts.path not in ("", "/") or parts.query or parts.fragment or text.endswith(("?", "#")):
+        return "no path, query or fragment is allowed"
+    host = parts.hostname or ""
+    if port == 0 or not host:
+        return "it needs a host (and a port from 1 to 65535 if any)"
+    if parts.netloc.startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return "the bracketed host is no IPv6 address"
+    elif not _HOST_NAME.match(host):
+        return "the host is no DNS name or IP address"
+    return None
+
+
 class BulkTask(_LabelStudioBody):
     """A task to pre-label: Label Studio's id and data."""
 
-    id: int
+    id: StrictInt
     data: dict[str, Any]
 
 

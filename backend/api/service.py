@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +13,12 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from redis import Redis
 from redis.exceptions import RedisError
 
-from backend.errors import BackendError, QueueUnavailableError, TaskDataError
+from backend.errors import (
+    BackendError,
+    QueueUnavailableError,
+    RequestTooLargeError,
+    TaskDataError,
+)
 from backend.labelstudio.config import LabelConfig, parse_label_config
 from backend.labelstudio.interactive import parse_context
 from backend.labelstudio.results import empty_prediction
@@ -26,16 +32,28 @@ from backend.queueing.client import (
     chunk_job_id,
     job_counts,
     prediction_job_id,
+    queue_error,
 )
 from backend.queueing.connection import ping
+from backend.queueing.payloads import (
+    ChunkPayload,
+    PayloadTask,
+    PredictPayload,
+    config_ttl,
+    store_config,
+)
 from backend.queueing.stats import metric_families, seconds_per_task
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
-PROJECT_VERSIONS_KEY = "grounded-sam:model-versions"
-# The address Label Studio writes into absolute task URLs (its LABEL_STUDIO_HOST), per project, from /setup.
-PROJECT_HOSTS_KEY = "grounded-sam:label-studio-hosts"
+# What /setup learns per project (model_version, and the address Label Studio writes into absolute task
+# URLs: its LABEL_STUDIO_HOST), in one hash per project that lives PROJECT_TTL_S after its last /setup
+# (Label Studio calls /setup before every batch). PROJECTS_KEY lists them, scored by expiry time; every
+# /setup and /versions drops the expired, so it holds no more than the live projects.
+PROJECT_KEY = "grounded-sam:project:{}"
+PROJECTS_KEY = "grounded-sam:projects"
+PROJECT_TTL_S = 30 * 24 * 3600
 
 
 class PredictTimeoutError(BackendError):
@@ -56,58 +74,102 @@ class PredictReport:
 
 
 class PredictionService:
-    """The backend as the routes see it: one Settings, one Redis connection, one queue."""
+    """The backend as the routes see it: one Settings, Redis, one queue.
 
-    def __init__(self, settings: Settings, redis: Redis) -> None:
+    `redis` serves the work (queueing, waiting); `probe`, a connection with sub-second timeouts, serves
+    /health and /setup, which Label Studio gives 1 s and 3 s whatever Redis does.
+    """
+
+    def __init__(self, settings: Settings, redis: Redis, probe: Redis | None = None) -> None:
         self.settings = settings
         self.redis = redis
+        self.probe = probe if probe is not None else redis
         limits = JobLimits(settings.job_timeout, settings.result_ttl, settings.failure_ttl)
+        self.config_ttl_s = config_ttl(settings.job_timeout, settings.result_ttl, settings.failure_ttl)
         self.queue = PredictionQueue(redis, settings.queue_name, limits)
-        self.bulk = BulkRuns(redis, self.queue)
+        self._probe_queue = PredictionQueue(self.probe, settings.queue_name, limits)
+        self.bulk = BulkRuns(redis, self.queue, self.config_ttl_s)
+
+    def label_config(self, label_config: str) -> LabelConfig:
+        """The parsed config; RequestTooLargeError over LABEL_CONFIG_MAX_BYTES, LabelConfigError if unservable."""
+        size = len(label_config.encode())
+        if size > self.settings.label_config_max_bytes:
+            raise RequestTooLargeError(
+                f"labeling config of {size} bytes, more than LABEL_CONFIG_MAX_BYTES={self.settings.label_config_max_bytes}"
+            )
+        return parse_label_config(label_config)
 
     def model_version_for(self, label_config: str) -> str:
         """model_version for a labeling config; raises LabelConfigError for configs we cannot serve."""
-        return model_version(self.settings.model_fingerprint(), parse_label_config(label_config))
+        return model_version(self.settings.model_fingerprint(), self.label_config(label_config))
 
-    def setup(self, project: str, label_config: str, hostname: str | None = None) -> str:
-        """Validate the config; remember its model_version (for /versions) and Label Studio's hostname."""
+    def setup(self, project: str, label_config: str, origin: str | None = None) -> str:
+        """Validate the config; remember its model_version (for /versions) and Label Studio's origin.
+
+        Redis trouble is logged, not raised: /setup must answer within Label Studio's 3 s (/health reports Redis).
+        """
         version = self.model_version_for(label_config)
+        fields = {"model_version": version, **({"label_studio_host": origin} if origin else {})}
+        key = PROJECT_KEY.format(project)
+        now = time.time()
         try:
-            self.redis.hset(PROJECT_VERSIONS_KEY, project, version)
-            if hostname:
-                self.redis.hset(PROJECT_HOSTS_KEY, project, hostname)
-        except RedisError as exc:  # /setup must still answer; /health reports Redis
+            pipe = self.probe.pipeline(transaction=False)
+            pipe.hset(key, mapping=fields)
+            pipe.expire(key, PROJECT_TTL_S)
+            pipe.zadd(PROJECTS_KEY, {project: now + PROJECT_TTL_S})
+            pipe.zremrangebyscore(PROJECTS_KEY, "-inf", now)  # the list holds live projects only
+            pipe.execute()
+        except RedisError as exc:
             log.warning("could not record the setup of project %s: %s", project, exc)
         return version
 
     def versions(self) -> list[str]:
-        """model_versions this backend has answered /setup with, across projects."""
+        """model_versions this backend has answered /setup with, across projects set up in PROJECT_TTL_S."""
         try:
-            return sorted({value.decode() for value in self.redis.hvals(PROJECT_VERSIONS_KEY)})
+            self.redis.zremrangebyscore(PROJECTS_KEY, "-inf", time.time())
+            projects = [value.decode() for value in self.redis.zrange(PROJECTS_KEY, 0, -1)]
+            pipe = self.redis.pipeline(transaction=False)
+            for project in projects:
+                pipe.hget(PROJECT_KEY.format(project), "model_version")
+            return sorted({value.decode() for value in pipe.execute() if value is not None})
         except RedisError as exc:
-            raise QueueUnavailableError(f"Redis is unreachable: {exc}") from exc
+            raise queue_error(exc, "reading the model versions") from exc
 
     def predict(
-        self, project: str, tasks: Sequence[dict[str, Any]], label_config: str, context: object = None
+        self, project: str, tasks: Sequence[dict[str, Any]], label_config: str, context: object = None,
+        deadline: float | None = None,
     ) -> PredictReport:
-        """Queue every task, wait up to PREDICT_TIMEOUT, and answer one prediction per task, in order.
+        """Queue every task, wait until `deadline` (time.monotonic(); default PREDICT_TIMEOUT from now), and
+        answer one prediction per task, in order.
 
-        A task without usable data, or whose job failed, gets an empty prediction (and is logged);
-        the others are unaffected. Raises PredictTimeoutError if jobs are still running at the deadline
-        (they keep running, and a retry of the same request collects their results).
+        A task without usable data, or whose job failed, gets an empty prediction; the others are unaffected.
+        More than SYNC_MAX_TASKS tasks (or more than SYNC_BUDGET seconds of work) go bulk when workers can push
+        to Label Studio; over SYNC_MAX_TASKS without that, RequestTooLargeError. Raises PredictTimeoutError at
+        once when the deadline passed before anything was queued, or when jobs are still running at the
+        deadline (they keep running, and a retry of the same request collects their results).
         """
-        config = parse_label_config(label_config)
+        deadline = time.monotonic() + self.settings.predict_timeout if deadline is None else deadline
+        self._check_deadline(deadline, len(tasks))
+        config = self.label_config(label_config)
         version = model_version(self.settings.model_fingerprint(), config)
         interactive = parse_context(context, config) is not None  # InteractiveContextError: a 400, nothing queued
-        if not interactive and self._too_large_for_sync(len(tasks)):
+        over_cap = len(tasks) > self.settings.sync_max_tasks
+        if not interactive and self._can_push() and (over_cap or self._too_large_for_sync(len(tasks))):
             run_id = self.start_bulk(project, tasks, label_config, force=False)
             log.info("predict of %d tasks queued as bulk run %s", len(tasks), run_id)
             return PredictReport([], failed=0, run_id=run_id)
-        job_ids: list[str | None] = []
-        for task in tasks:
-            job_ids.append(self._submit(project, task, label_config, version, config, context if interactive else None))
+        if over_cap:
+            raise RequestTooLargeError(
+                f"{len(tasks)} tasks in one request, more than SYNC_MAX_TASKS={self.settings.sync_max_tasks} "
+                "computed while Label Studio waits: select fewer tasks, or set LABEL_STUDIO_URL and "
+                "LABEL_STUDIO_API_KEY so that large selections are queued and pushed to Label Studio"
+            )
+        ref = self._store_config(label_config)
+        host = self._label_studio_host(project)
+        job_ids = [self._submit(project, task, ref, version, config, context if interactive else None, host)
+                   for task in tasks]
         queued = [job_id for job_id in job_ids if job_id is not None]
-        outcomes = {o.job_id: o for o in self.queue.wait(queued, self.settings.predict_timeout)}
+        outcomes = {o.job_id: o for o in self.queue.wait(queued, max(0.0, deadline - time.monotonic()))}
         pending = [o for o in outcomes.values() if o.state == "pending"]
         if pending:
             raise PredictTimeoutError(
@@ -118,27 +180,31 @@ class PredictionService:
         return PredictReport([prediction for prediction, _ in results], failed=sum(1 for _, ok in results if not ok))
 
     def start_bulk(self, project: str, tasks: Sequence[dict[str, Any]], label_config: str, *, force: bool) -> str:
-        """Queue `tasks` as bulk chunks whose predictions workers push to Label Studio; returns the run id."""
+        """Queue `tasks` (integer ids) as bulk chunks whose predictions workers push to Label Studio; the run id."""
         version = self.model_version_for(label_config)
         size = self.settings.bulk_chunk_size
+        ref = self._store_config(label_config)
         host = self._label_studio_host(project)
-        slim = [{"id": int(task["id"]), "data": task.get("data")} for task in tasks]
+        slim: list[PayloadTask] = [{"id": task["id"], "data": task.get("data")} for task in tasks]
         chunks = []
         for start in range(0, len(slim), size):
             part = slim[start : start + size]
-            payload = {"project": project, "tasks": part, "label_config": label_config,
-                       "model_version": version, "force": force, "label_studio_host": host}
+            payload: ChunkPayload = {"project": project, "tasks": part, "label_config_ref": ref,
+                                     "model_version": version, "force": force, "label_studio_host": host}
             job_id = chunk_job_id(project, [t["id"] for t in part], version, force)
-            chunks.append(ChunkSpec(job_id, payload))
+            chunks.append(ChunkSpec(job_id, dict(payload)))
         try:
             return self.bulk.start(project, chunks)
         except RedisError as exc:
-            raise QueueUnavailableError(f"cannot queue bulk work: {exc}") from exc
+            raise queue_error(exc, "queueing bulk work") from exc
 
     def health(self) -> dict[str, Any]:
         """Redis reachability, live workers, queued jobs per queue; QueueUnavailableError when Redis is down."""
-        ping(self.redis)
-        return {"workers": self.queue.worker_count(), "queued": self.queue.depth()}
+        ping(self.probe)
+        try:
+            return {"workers": self._probe_queue.worker_count(), "queued": self._probe_queue.depth()}
+        except (RedisError, OSError) as exc:
+            raise QueueUnavailableError(f"Redis is unreachable: {exc}") from exc
 
     def queue_metrics(self) -> Iterator[Metric]:
         """Prometheus families read from Redis: workers, jobs per queue and state, worker statistics."""
@@ -151,48 +217,72 @@ class PredictionService:
         yield jobs
         yield from metric_families(self.redis)
 
+    def _check_deadline(self, deadline: float, tasks: int) -> None:
+        late = time.monotonic() - deadline
+        if late >= 0:
+            raise PredictTimeoutError(
+                f"the request waited longer than PREDICT_TIMEOUT={self.settings.predict_timeout:g} s for a free "
+                f"slot before its {tasks} tasks could be queued; nothing was queued, try again"
+            )
+
+    def _store_config(self, label_config: str) -> str:
+        try:
+            return store_config(self.redis, label_config, self.config_ttl_s)
+        except RedisError as exc:
+            raise queue_error(exc, "storing the labeling config") from exc
+
     def _label_studio_host(self, project: str) -> str | None:
-        value = self.redis.hget(PROJECT_HOSTS_KEY, project)
+        try:
+            value = self.redis.hget(PROJECT_KEY.format(project), "label_studio_host")
+        except RedisError as exc:
+            raise queue_error(exc, "reading the project's setup") from exc
         return value.decode() if value is not None else None
 
+    def _can_push(self) -> bool:
+        """Whether workers can push predictions to Label Studio (the bulk path's precondition)."""
+        return bool(self.settings.label_studio_url and self.settings.label_studio_api_key)
+
     def _too_large_for_sync(self, tasks: int) -> bool:
-        """Whether `tasks` would likely outlast SYNC_BUDGET; only when workers can push to Label Studio."""
-        if tasks <= 1 or not (self.settings.label_studio_url and self.settings.label_studio_api_key):
+        """Whether `tasks` would likely outlast SYNC_BUDGET (tasks x seconds per task / workers)."""
+        if tasks <= 1:
             return False
         per_task = seconds_per_task(self.redis) or self.settings.prior_task_seconds
         return tasks * per_task / max(1, self.queue.worker_count()) > self.settings.sync_budget
 
     def _submit(
-        self, project: str, task: dict[str, Any], label_config: str, version: str, config: LabelConfig,
-        context: object,
+        self, project: str, task: dict[str, Any], config_ref: str, version: str, config: LabelConfig,
+        context: object, host: str | None,
     ) -> str | None:
         """Queue one task's job on the interactive queue; None (nothing queued) when it has no image."""
         try:
             ref = image_ref(task, config)
         except TaskDataError as exc:
-            log.warning("task %s: %s", task.get("id"), exc)
+            log.warning("%s", exc)  # the one record of this task's failure (it names the task)
             return None
         # The context (clicks, box, typed text) is part of the job's identity: another click is another job.
         identity = ref if context is None else f"{ref}\n{json.dumps(context, sort_keys=True)}"
         job_id = prediction_job_id(project, task, identity, version)
-        payload = {
-            "task": {"id": task.get("id"), "data": task.get("data")},
-            "label_config": label_config,
+        payload: PredictPayload = {
+            "task": {"id": task["id"], "data": task.get("data")},
+            "label_config_ref": config_ref,
             "model_version": version,
             "context": context,
-            "label_studio_host": self._label_studio_host(project),
+            "label_studio_host": host,
         }
-        self.queue.submit(job_id, payload)
+        self.queue.submit(job_id, dict(payload))
         return job_id
 
     def _result(
         self, job_id: str | None, outcomes: dict[str, JobOutcome], version: str
     ) -> tuple[dict[str, Any], bool]:
-        """The task's prediction and whether it succeeded; failures become an empty prediction."""
+        """The task's prediction and whether it succeeded; failures become an empty prediction.
+
+        A failed job is logged at DEBUG only: the worker logged its reason once already.
+        """
         if job_id is None:
             return empty_prediction(version), False
         outcome = outcomes[job_id]
         if outcome.state == "finished" and outcome.prediction is not None:
             return outcome.prediction, True
-        log.warning("job %s failed: %s", job_id, outcome.error)
+        log.debug("job %s failed: %s", job_id, outcome.error)
         return empty_prediction(version), False

@@ -9,7 +9,7 @@ Parsing is the SDK's LabelInterface; this module only selects from it.
 
 from __future__ import annotations
 
-import functools
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +28,7 @@ from label_studio_sdk.label_interface.object_tags import ImageTag
 from backend.errors import LabelConfigError
 from backend.labelstudio.image_tags import ImageTagControl, find_image_tag
 from backend.labelstudio.label_attrs import LabelOptions, merge_options, read_label_attrs
+from backend.lru import SizedLru
 
 ControlKind = Literal["brush", "rectangle", "polygon"]
 
@@ -87,14 +88,27 @@ class LabelConfig:
     smart: tuple[ControlRef, ...] = ()
 
 
-@functools.lru_cache(maxsize=128)
+# Parsed configs by their text, bounded by the memory of the texts kept (Label Studio resends the same
+# config with every request; distinct huge configs must not pile up).
+PARSE_CACHE_BYTES = 32 * 2**20
+_parsed: SizedLru[str, LabelConfig] = SizedLru(PARSE_CACHE_BYTES, max_items=256)
+
+
 def parse_label_config(xml: str) -> LabelConfig:
-    """Parse `xml` (cached: Label Studio resends the same config with every request).
+    """Parse `xml` (cached, see PARSE_CACHE_BYTES).
 
     Raises LabelConfigError for malformed XML, no <Image>, no supported control pointing at an <Image>,
     an <Image> whose value is not a `$variable`, a served control without <Label>s, an invalid Label
     attribute, or a smart control with a label no served control has.
     """
+    config = _parsed.get(xml)
+    if config is None:
+        config = _parse(xml)
+        _parsed.put(xml, config, sys.getsizeof(xml))
+    return config
+
+
+def _parse(xml: str) -> LabelConfig:
     interface = _interface(xml)
     images = [tag for tag in (interface.objects or ()) if isinstance(tag, ImageTag)]
     if not images:

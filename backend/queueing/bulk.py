@@ -16,7 +16,8 @@ from redis import Redis
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 
-from backend.queueing.client import PredictionQueue, failure_reason
+from backend.queueing.client import PredictionQueue, failure_reason, requeue_failed
+from backend.queueing.payloads import refresh_config
 
 RUN_KEY = "grounded-sam:run:{}"
 RUN_TTL_S = 7 * 24 * 3600
@@ -58,9 +59,10 @@ def task_count(job_id: str) -> int:
 class BulkRuns:
     """Runs of chunk jobs on the bulk queue."""
 
-    def __init__(self, redis: Redis, queue: PredictionQueue) -> None:
+    def __init__(self, redis: Redis, queue: PredictionQueue, config_ttl_s: int | None = None) -> None:
         self._redis = redis
         self._queue = queue
+        self._config_ttl_s = config_ttl_s
 
     def start(self, project: str, chunks: Sequence[ChunkSpec]) -> str:
         """Queue every chunk (re-attaching to existing ones) and record the run; returns its id."""
@@ -100,9 +102,14 @@ class BulkRuns:
         """Queue the project's failed chunks again; tasks already pushed are skipped when they rerun."""
         registry = FailedJobRegistry(queue=self._queue.bulk)
         job_ids = [i for i in registry.get_job_ids() if i.startswith(_prefix(project))]
-        for job_id in job_ids:
-            registry.requeue(job_id)
-        return len(job_ids)
+        requeued = 0
+        for job in self._queue.fetch_jobs(job_ids):
+            if job is None:
+                continue
+            if self._config_ttl_s is not None:  # the requeued chunks wait again: their config must outlive them
+                refresh_config(self._redis, job.args[0], self._config_ttl_s)
+            requeued += requeue_failed(job)  # a poison chunk (it took down workers) stays failed
+        return requeued
 
     def _project_job_ids(self, project: str) -> list[str]:
         queue = self._queue.bulk
