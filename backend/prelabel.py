@@ -1,16 +1,16 @@
 """Bulk job: a chunk of tasks in, their predictions pushed to Label Studio, at most once per task and version.
 
-rq calls `prelabel_chunk` (bulk queue) with a JSON payload:
-
-    {"project": "3", "tasks": [{"id": 7, "data": {...}}, ...], "label_config": "<View>...</View>",
-     "model_version": "gsam-...", "force": false}
+rq calls `prelabel_chunk` (bulk queue) with a JSON payload, backend.queueing.payloads.ChunkPayload
+(the project, its tasks, the labeling config by reference, model_version, force).
 
 Tasks of a chunk share one prompt plan; their images are fetched concurrently. A task already holding a
 prediction of this model version (in Label Studio, or marked done by another worker) is skipped unless
 `force`, which replaces it. A task another worker holds is waited for (it finishes it, or dies and its
 claim lapses within seconds and this chunk takes it), so a finished chunk leaves no task undone. Failed
 tasks are listed in the job's meta and in the error that fails the job, so rq's failed registry says which
-task failed and why; a retry recomputes only those.
+task failed and why; a retry recomputes only those. A chunk pushes a task only while it still holds its
+claim (checked and renewed atomically right before the push, and after the fetch): a worker cut off past
+CLAIM_TTL_S comes back to skip ("lost") the tasks another worker took over, without counting them failed.
 """
 
 from __future__ import annotations
@@ -66,10 +66,12 @@ class ChunkReport:
     pushed: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
+    # Tasks whose claim this chunk lost before pushing (it lapsed and another worker took or finished them).
+    lost: list[int] = field(default_factory=list)
 
 
 def prelabel_chunk(payload: dict[str, Any]) -> dict[str, Any]:
-    """Predict and push every task of the chunk; returns {"pushed": [...], "skipped": [...]}."""
+    """Predict and push every task of the chunk; returns {"pushed": [...], "skipped": [...], "lost": [...]}."""
     runtime = current_runtime()
     if runtime.studio is None:
         raise StudioNotConfiguredError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY for workers doing bulk work")
@@ -84,7 +86,7 @@ def prelabel_chunk(payload: dict[str, Any]) -> dict[str, Any]:
     if chunk.report.failed:
         failed = sorted(chunk.report.failed.items())
         raise TasksFailedError("; ".join(f"task {t}: {reason}" for t, reason in failed))
-    return {"pushed": chunk.report.pushed, "skipped": chunk.report.skipped}
+    return {"pushed": chunk.report.pushed, "skipped": chunk.report.skipped, "lost": chunk.report.lost}
 
 
 @dataclass
@@ -143,7 +145,9 @@ class _Chunk:
         Label Studio.
         """
         started = time.perf_counter()
-        images = self.fetch_all(tasks)
+        tasks, images = self.still_held(tasks, self.fetch_all(tasks))
+        if not tasks:
+            return
         classes = text_classes(self.config)
         with ThreadPoolExecutor(FINISH_THREADS) as finishers:
             outcomes = [
@@ -154,6 +158,28 @@ class _Chunk:
         seconds_each = (time.perf_counter() - started) / len(tasks)
         for _ in range(pushed):
             self.stats.task_done(seconds_each)
+
+    def still_held(
+        self, tasks: Sequence[dict[str, Any]], images: Sequence[Image.Image | BackendError]
+    ) -> tuple[list[dict[str, Any]], list[Image.Image | BackendError]]:
+        """The tasks (and their images) whose claims this chunk still holds, renewed; the others are lost.
+
+        Checked after the fetch, before the models: a worker that was cut off while fetching comes back to
+        find its tasks taken over, and does not compute them again.
+        """
+        held = set(self.claimant.keep([int(task["id"]) for task in tasks]))
+        kept = [(task, image) for task, image in zip(tasks, images, strict=True) if int(task["id"]) in held]
+        lost = [int(task["id"]) for task in tasks if int(task["id"]) not in held]
+        if lost:
+            self.lose(lost)
+        return [task for task, _ in kept], [image for _, image in kept]
+
+    def lose(self, tids: Sequence[int]) -> bool:
+        """Skip tasks whose claims this chunk lost: another worker took them over or finished them. False."""
+        log.info("skipped tasks %s: this worker's claims lapsed and another worker took them over",
+                 ", ".join(map(str, tids)))
+        self.report.lost.extend(tids)
+        return False
 
     def fetch_all(self, tasks: Sequence[dict[str, Any]]) -> list[Image.Image | BackendError]:
         """Images of `tasks`, fetched concurrently (network-bound); an error stands in for a failed fetch."""
@@ -209,14 +235,18 @@ class _Chunk:
             with self.stats.stage("postprocess"):
                 instances = finish_image(self.runtime, segmented, classes)
                 prediction = to_prediction(self.runtime, instances, classes, self.config, image, self.version)
+            if not self.claimant.holds(tid):  # renewed when held: the push has a full CLAIM_TTL_S
+                return self.lose([tid])
             self.push(tid, prediction)
         except BackendError as exc:
-            log.warning("task %s failed: %s", tid, exc)
+            if not self.claimant.release(tid):  # another worker has the task now: its failure is not ours
+                return self.lose([tid])
+            log.debug("task %s failed: %s", tid, exc)  # the chunk's failure names it (one record per task)
             self.stats.failure(type(exc).__name__)
-            self.claimant.release(tid)
             self.report.failed[tid] = str(exc)
             return False
-        self.claimant.mark_done(tid)
+        if not self.claimant.mark_done(tid):
+            log.warning("task %s: pushed, but this worker's claim lapsed during the push; left to its new holder", tid)
         self.report.pushed.append(tid)
         return True
 

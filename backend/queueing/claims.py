@@ -3,6 +3,9 @@
 A claim is taken before computing and turned into a "done" mark after the push. A claim lives
 CLAIM_TTL_S and its holder renews it from a side thread while it works, so a claim outlives its worker
 by at most CLAIM_TTL_S: a killed worker's tasks are free again seconds later, not after the job timeout.
+A holder that was cut off or stalled past CLAIM_TTL_S has lost its claims, and every step after taking one
+checks it atomically (compare-and-act in Lua): it renews, pushes, marks done or frees only what still names
+it, so a worker coming back from a network partition leaves the tasks another worker took alone.
 Together with the check against Label Studio's stored predictions this keeps one prediction per task and
 version under retries, overlapping runs and killed workers.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -25,12 +29,17 @@ DONE_TTL_S = 7 * 24 * 3600
 CLAIM_TTL_S = 15
 
 # Compare-and-act: touch a key only while it still names this owner (it may have lapsed and been retaken).
-_RENEW = """
-local renewed = 0
-for _, key in ipairs(KEYS) do
-  if redis.call('get', key) == ARGV[1] then redis.call('expire', key, ARGV[2]); renewed = renewed + 1 end
+# _KEEP renews each key still this owner's and answers, per key, 1 (still held, renewed) or 0 (lost).
+_KEEP = """
+local held = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('get', key) == ARGV[1] then redis.call('expire', key, ARGV[2]); held[i] = 1 else held[i] = 0 end
 end
-return renewed
+return held
+"""
+_FINISH = """
+if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3]); return 1 end
+return 0
 """
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
@@ -73,7 +82,8 @@ class Claimant:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._renewer = threading.Thread(target=self._renew_until_stopped, daemon=True, name="claim-renewer")
-        self._renew = claims.redis.register_script(_RENEW)
+        self._keep = claims.redis.register_script(_KEEP)
+        self._finish = claims.redis.register_script(_FINISH)
         self._release = claims.redis.register_script(_RELEASE)
 
     def __enter__(self) -> Claimant:
@@ -99,24 +109,44 @@ class Claimant:
             self._held.add(task)
         return True
 
-    def mark_done(self, task: int) -> None:
-        self.claims.redis.set(self.claims.key(task), DONE, ex=DONE_TTL_S)
-        with self._lock:
-            self._held.discard(task)
+    def keep(self, tasks: Sequence[int]) -> list[int]:
+        """Those of `tasks` this claimant still holds, each renewed for a full TTL in the same atomic step.
 
-    def release(self, task: int) -> None:
-        """Give a claimed task back (its computation or push failed), so a retry can take it at once."""
-        self._release(keys=[self.claims.key(task)], args=[self.owner])
+        A task whose claim lapsed (this worker was cut off or stalled) and was taken by another worker, or
+        finished by one, is lost: it is left out and forgotten, so this claimant never touches it again.
+        """
+        if not tasks:
+            return []
+        held = self._keep(keys=[self.claims.key(task) for task in tasks], args=[self.owner, self.ttl_s])
+        lost = {task for task, still in zip(tasks, held, strict=True) if not still}
+        with self._lock:
+            self._held -= lost
+        return [task for task in tasks if task not in lost]
+
+    def holds(self, task: int) -> bool:
+        """Whether the task's claim is still this claimant's; if so it is renewed (a full TTL from now)."""
+        return bool(self.keep([task]))
+
+    def mark_done(self, task: int) -> bool:
+        """Turn the claim into the task's "done" mark; False (nothing written) when the claim is no longer ours."""
+        finished = self._finish(keys=[self.claims.key(task)], args=[self.owner, DONE, DONE_TTL_S])
         with self._lock:
             self._held.discard(task)
+        return bool(finished)
+
+    def release(self, task: int) -> bool:
+        """Give a claimed task back (its computation or push failed), so a retry can take it at once.
+        False when the claim was no longer ours (nothing is touched)."""
+        released = self._release(keys=[self.claims.key(task)], args=[self.owner])
+        with self._lock:
+            self._held.discard(task)
+        return bool(released)
 
     def _renew_until_stopped(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
             with self._lock:
-                keys = [self.claims.key(task) for task in self._held]
-            if not keys:
-                continue
+                tasks = list(self._held)
             try:
-                self._renew(keys=keys, args=[self.owner, self.ttl_s])
+                self.keep(tasks)
             except RedisError as exc:  # a missed renewal is survivable; the next one may get through
-                log.warning("renewing %d task claims failed: %s", len(keys), exc)
+                log.warning("renewing %d task claims failed: %s", len(tasks), exc)

@@ -1,4 +1,5 @@
-"""Task claims on a real Redis: one holder per task, renewed while its holder lives, lapsing once it dies."""
+"""Task claims on a real Redis: one holder per task, renewed while its holder lives, lapsing once it dies; a
+holder that lost a claim (cut off past its time to live) neither pushes that task nor touches its claim."""
 
 from __future__ import annotations
 
@@ -7,14 +8,28 @@ import sys
 import textwrap
 import time
 import uuid
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from redis import Redis
+from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
+from backend.errors import ImageFetchError
+from backend.jobs import Runtime, stream_images, text_classes
+from backend.labelstudio.config import parse_label_config
+from backend.pipeline.detector import GroundingDinoDetector
+from backend.pipeline.grounded_sam import GroundedSam
+from backend.pipeline.types import DetectionThresholds
+from backend.prelabel import _Chunk
 from backend.queueing.claims import Claimant, TaskClaims
+from backend.queueing.stats import WorkerStats
 from tests.integration.conftest import redis_url  # noqa: F401  (session fixture)
+from tests.unit.test_segmenter import hf_segmenter
 
 TTL_S = 2
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
@@ -86,3 +101,106 @@ def test_a_killed_holders_claim_lapses_within_the_ttl(claims: TaskClaims, redis_
             assert heir.take(6), f"a killed worker's claim still blocks the task: {claims.holder(6)}"
     finally:
         holder.kill()
+
+
+def lapsed(claims: TaskClaims, task: int) -> None:
+    """Wait (bounded) until the task's claim has run out of time."""
+    deadline = time.monotonic() + TTL_S + 5
+    while claims.holder(task) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert claims.holder(task) is None, f"claim on {task} did not lapse: {claims.holder(task)}"
+
+
+def test_a_claim_lost_to_another_worker_is_no_longer_touched(claims: TaskClaims) -> None:
+    """A cut-off worker (its claimant stopped renewing) comes back: it keeps, finishes and frees only what is
+    still its own; before, its mark_done overwrote the new holder's claim."""
+    stalled = Claimant(claims, "stalled", TTL_S)  # not entered: nothing renews its claims, as when cut off
+    assert stalled.take(7)
+    lapsed(claims, 7)
+    with Claimant(claims, "heir", TTL_S) as heir:
+        assert heir.take(7)
+        assert stalled.take(8)
+        assert stalled.keep([7, 8]) == [8], "a claim taken over was still reported held"
+        assert claims.redis.ttl(claims.key(8)) > TTL_S - 1, "keep did not renew the claim still held"
+        assert not stalled.holds(7)
+        assert not stalled.mark_done(7) and claims.holder(7) == "heir", "a lost claim was marked done"
+        assert not stalled.release(7) and claims.holder(7) == "heir", "a lost claim was freed"
+        assert stalled.mark_done(8) and claims.holder(8) == "done"
+        heir.mark_done(7)
+        assert not stalled.holds(7), "a task finished by another worker was reported held"
+
+
+# A chunk's push under its claims: real claims and models, a recording stand-in for Label Studio.
+
+
+class RecordingStudio:
+    """Stands in for LabelStudioApi: records pushes; no task has a prediction yet."""
+
+    def __init__(self) -> None:
+        self.created: list[int] = []
+
+    def prediction_ids(self, task: int, model_version: str) -> list[int]:
+        return []
+
+    def create_prediction(self, task: int, prediction: dict[str, object]) -> None:
+        self.created.append(task)
+
+    def delete_prediction(self, prediction_id: int) -> None:
+        raise AssertionError("nothing to replace")
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_detector_dir: Path, tiny_hf_sam_dir: Path) -> Runtime:
+    model = AutoModelForZeroShotObjectDetection.from_pretrained(tiny_detector_dir).eval()
+    detector = GroundingDinoDetector(model, AutoProcessor.from_pretrained(tiny_detector_dir))
+    thresholds = DetectionThresholds(box=0.0, text=0.0, max_detections=3, nms_iou=1.0)
+    pipeline = GroundedSam(detector, hf_segmenter(tiny_hf_sam_dir), thresholds)
+    return Runtime(pipeline=pipeline, fetcher=None, fingerprint={})  # type: ignore[arg-type]
+
+
+def chunk_of(runtime: Runtime, studio: RecordingStudio, claimant: Claimant) -> _Chunk:
+    config = parse_label_config((REPO / "label_config" / "rectangle.xml").read_text())
+    stats = WorkerStats(claimant.claims.redis)
+    return _Chunk(runtime, studio, {}, config, claimant.claims.model_version, claimant, stats)  # type: ignore[arg-type]
+
+
+def test_a_chunk_pushes_only_the_tasks_whose_claims_it_still_holds(claims: TaskClaims, runtime: Runtime) -> None:
+    """The models ran on two tasks; meanwhile task 2's claim lapsed and another worker took it. Only task 1 is
+    pushed and marked done; task 2 is skipped as lost, not failed, and stays the other worker's. Before, both
+    were pushed and task 2's claim was overwritten with "done"."""
+    studio = RecordingStudio()
+    mine = Claimant(claims, "returning", 600)
+    assert mine.take(1) and mine.take(2)
+    chunk = chunk_of(runtime, studio, mine)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    classes = text_classes(chunk.config)
+    segmented = list(stream_images(runtime, [image, image], classes))
+    claims.redis.delete(claims.key(2))  # as if it lapsed while this worker was cut off (lapsing is tested above)
+    with Claimant(claims, "heir", TTL_S) as heir:
+        assert heir.take(2)
+        pushed = [chunk.finish(task, image, found, classes) for task, found in zip((1, 2), segmented, strict=True)]
+        assert pushed == [True, False]
+        assert studio.created == [1], f"pushed tasks {studio.created}: a task whose claim was lost was pushed"
+        assert chunk.report.pushed == [1] and chunk.report.lost == [2] and not chunk.report.failed
+        assert claims.holder(1) == "done" and claims.holder(2) == "heir"
+
+
+def test_a_chunk_drops_lost_tasks_after_fetching_and_does_not_fail_them(claims: TaskClaims, runtime: Runtime) -> None:
+    """Back from a partition with its images: tasks taken over meanwhile are dropped before the models run; a
+    task whose work failed after its claim was lost is lost, not failed (its new holder does it)."""
+    studio = RecordingStudio()
+    mine = Claimant(claims, "returning", 600)
+    assert mine.take(3) and mine.take(4)
+    chunk = chunk_of(runtime, studio, mine)
+    claims.redis.delete(claims.key(4))  # as if it lapsed
+    with Claimant(claims, "heir", TTL_S) as heir:
+        assert heir.take(4)
+        fetched = [ImageFetchError("HTTP 503"), ImageFetchError("timed out")]
+        tasks, images = chunk.still_held([{"id": 3}, {"id": 4}], fetched)
+        assert tasks == [{"id": 3}] and images == fetched[:1]
+        assert chunk.report.lost == [4]
+        assert not chunk.finish(4, None, fetched[1], ())  # type: ignore[arg-type]
+        assert chunk.report.lost == [4, 4] and not chunk.report.failed, "a lost task's failure counted as failed"
+        assert not chunk.finish(3, None, fetched[0], ())  # type: ignore[arg-type]
+        assert chunk.report.failed == {3: "HTTP 503"} and claims.holder(3) is None, "an own failure is failed"
+        assert claims.holder(4) == "heir" and not studio.created
