@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -22,6 +22,10 @@ from backend.lsclient import LabelStudioApi
 from backend.settings import Settings
 
 POLL_S = 1.0
+# Tasks per POST /prelabel: each request stays far below the backend's MAX_REQUEST_BYTES (16 MiB by default)
+# for any ordinary task data; a project of any size goes in several requests.
+TASKS_PER_REQUEST = 2000
+_COUNTS = ("total", "queued", "running", "done", "failed")
 
 
 class BackendCallError(BackendError):
@@ -56,11 +60,13 @@ def prelabel(settings: Settings, backend: BackendClient, project: int, query: Ma
           f"{len(todo)} to pre-label", file=sys.stderr)
     if not todo:
         return 0
-    body = {"project": project, "label_config": label_config, "force": force,
-            "tasks": [{"id": t.id, "data": t.data} for t in todo]}
-    run_id = backend.call("POST", "/prelabel", json=body)["run_id"]
+    run_ids = []
+    for start in range(0, len(todo), TASKS_PER_REQUEST):
+        body = {"project": project, "label_config": label_config, "force": force,
+                "tasks": [{"id": t.id, "data": t.data} for t in todo[start : start + TASKS_PER_REQUEST]]}
+        run_ids.append(backend.call("POST", "/prelabel", json=body)["run_id"])
     try:
-        progress = _follow(backend, run_id, len(todo))
+        progress = _follow(backend, run_ids, len(todo))
     except KeyboardInterrupt:
         canceled = backend.call("DELETE", "/jobs", params={"project": project})["canceled"]
         print(f"\nstopped: {canceled} queued chunks canceled, running ones finish; run again to resume",
@@ -86,16 +92,24 @@ def _studio(settings: Settings) -> LabelStudioApi:
     return LabelStudioApi(settings.label_studio_url, settings.label_studio_api_key, settings.label_studio_timeout)
 
 
-def _follow(backend: BackendClient, run_id: str, total: int) -> dict[str, Any]:
-    """Poll the run until nothing is queued or running; a bar shows tasks finished, rate and ETA."""
+def _follow(backend: BackendClient, run_ids: Sequence[str], total: int) -> dict[str, Any]:
+    """Poll the runs until nothing is queued or running; a bar shows tasks finished, rate and ETA."""
     with tqdm(total=total, unit="task", desc="pre-labelling", file=sys.stderr) as bar:
         while True:
-            progress = backend.call("GET", f"/runs/{run_id}")
+            progress = _sum_progress([backend.call("GET", f"/runs/{run_id}") for run_id in run_ids])
             bar.update(progress["done"] + progress["failed"] - bar.n)
             bar.set_postfix(failed=progress["failed"], running=progress["running"])
             if progress["finished"]:
                 return progress
             time.sleep(POLL_S)
+
+
+def _sum_progress(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The counts of several runs (their tasks are disjoint) as one run's."""
+    total: dict[str, Any] = {key: sum(run[key] for run in runs) for key in _COUNTS}
+    total["failures"] = [line for run in runs for line in run["failures"]]
+    total["finished"] = all(run["finished"] for run in runs)
+    return total
 
 
 def _summary(progress: Mapping[str, Any], project: int) -> int:

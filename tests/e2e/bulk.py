@@ -1,17 +1,19 @@
 """Whole-project pre-labelling as a user runs it at scale: `serve` (API only) on a Redis, separate `worker`s,
 the `prelabel` command, and a project of many small images on the loopback image host.
 
-Shared by tests/e2e/test_bulk_prelabel.py and bench/bulk_workers.py.
+Shared by tests/e2e/test_bulk_prelabel.py, tests/e2e/test_network_partition.py and bench/bulk_workers.py.
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from redis import Redis
@@ -29,6 +31,10 @@ from tests.integration.conftest import Proc, Processes, wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 WAIT_S = 300.0
+# Reruns after an interruption or a lost worker: each queues what is left; one more covers a `retry`.
+MAX_RERUNS = 4
+_CANCELED = re.compile(r"stopped: (\d+) queued chunks canceled")
+T = TypeVar("T")
 
 
 def bulk_images(image_host: ImageServer, prefix: str, count: int) -> list[TestImage]:
@@ -79,8 +85,11 @@ class ScaledBackend:
 
     def add_worker(self) -> Proc:
         """A new `worker` process; returns once the API counts it (models loaded, listening)."""
-        assert self.api is not None
-        worker = self.processes.start(["worker"], self.env)
+        return self.join(self.processes.start(["worker"], self.env))
+
+    def join(self, worker: Proc) -> Proc:
+        """Count `worker` (started by the caller, anywhere) as one of this backend's; returns once it is
+        registered in Redis (models loaded, listening)."""
         self.workers.append(worker)
         deadline = time.monotonic() + WAIT_S
         # By pid: a SIGKILLed worker stays in rq's worker count until its registration expires.
@@ -98,7 +107,11 @@ class ScaledBackend:
         return int(wait_healthy(self.api, 0)["workers"])
 
     def registered(self, worker: Proc) -> bool:
-        return any(record.pid == worker.popen.pid for record in self._worker_records())
+        return self.record(worker) is not None
+
+    def record(self, worker: Proc) -> Worker | None:
+        """rq's record of `worker` in Redis (matched by pid: rq names workers itself), None if not registered."""
+        return next((record for record in self._worker_records() if record.pid == worker.popen.pid), None)
 
     @property
     def url(self) -> str:
@@ -117,11 +130,9 @@ class ScaledBackend:
         return self._redis
 
     def busy_job(self, worker: Proc) -> str | None:
-        """The id of the job `worker` is running now (rq's own record of the worker, matched by pid)."""
-        for record in self._worker_records():
-            if record.pid == worker.popen.pid:
-                return record.get_current_job_id()
-        return None
+        """The id of the job `worker` is running now (rq's own record of the worker)."""
+        record = self.record(worker)
+        return record.get_current_job_id() if record is not None else None
 
     def _worker_records(self) -> list[Worker]:
         redis = self.redis()
@@ -150,3 +161,53 @@ def finish(proc: Proc, timeout: float = WAIT_S) -> int:
     except subprocess.TimeoutExpired:
         proc.stop(signal.SIGKILL)
         raise AssertionError(f"command did not finish within {timeout:.0f} s:\n{proc.log()}") from None
+
+
+def wait_for(what: str, probe: Callable[[], T | None], running: Proc, timeout: float = 180.0) -> T:
+    """Poll `probe` until it returns something truthy; fail if `running` (e.g. the prelabel command) ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        if running.popen.poll() is not None:
+            raise AssertionError(
+                f"{running.log_path.stem} exited ({running.popen.returncode}) before {what}:\n{running.log()}"
+            )
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}:\n{running.log()}")
+
+
+def said(proc: Proc) -> str:
+    """What a command told the user, without its progress bar and HTTP log lines."""
+    lines = proc.log().replace("\r", "\n").splitlines()
+    return "\n".join(line for line in lines if line.strip() and "pre-labelling:" not in line and "httpx" not in line)
+
+
+def canceled_chunks(proc: Proc) -> int:
+    """How many queued chunks an interrupted `prelabel` says it canceled (fails if it did not say)."""
+    match = _CANCELED.search(proc.log())
+    assert match, f"the interrupted prelabel did not report canceled chunks:\n{said(proc)}"
+    return int(match.group(1))
+
+
+def prelabel_until_done(backend: ScaledBackend, project: int) -> list[str]:
+    """Run `prelabel` until it exits 0; after an exit 1 (failed chunks) run `retry`, as the command advises.
+
+    Returns the transcript of the commands (exit codes and what they said), for failure messages.
+    """
+    transcript = []
+    for _ in range(MAX_RERUNS):
+        run = backend.command(["prelabel", "--project", str(project)])
+        code = finish(run)
+        transcript.append(f"prelabel -> {code}\n{said(run)}")
+        if code == 0:
+            return transcript
+        assert code == 1 and f"grounded-sam retry --project {project}" in run.log(), (
+            f"prelabel exited {code}, not with failed chunks to retry (exit 1 and a retry hint):\n{said(run)}\n"
+            + "\n".join(transcript)
+        )
+        retry = backend.command(["retry", "--project", str(project)])
+        assert finish(retry) == 0, retry.log()
+        transcript.append(f"retry -> 0\n{said(retry)}")
+    raise AssertionError("prelabel never finished cleanly:\n" + "\n".join(transcript))

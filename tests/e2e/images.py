@@ -1,13 +1,17 @@
-"""Generated test images (with the size Label Studio shows them at) and a loopback image server."""
+"""Generated test images (with the size Label Studio shows them at) and an image server with gates.
+
+A gate holds the requests it matches (by image name and client address) until the test opens it, so a
+test decides when some tasks can finish instead of racing the machine's speed.
+"""
 
 from __future__ import annotations
 
 import http.server
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -72,14 +76,45 @@ def image_set(folder: Path, prefix: str, kinds: tuple[str, ...] = tuple(SIZES)) 
     return images
 
 
+# A gate never holds a request longer than this, even if a failed test forgot to open it.
+GATE_MAX_HOLD_S = 900.0
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Holds the requests `matches(image name, client address)` selects until `open()` (or GATE_MAX_HOLD_S).
+
+    `arrived` is set by the first request held, `clients` collects the addresses of those held.
+    """
+
+    matches: Callable[[str, str], bool]
+    opened: threading.Event = field(default_factory=threading.Event)
+    arrived: threading.Event = field(default_factory=threading.Event)
+    clients: set[str] = field(default_factory=set)
+
+    def hold(self, name: str, client: str) -> None:
+        """Block the calling request thread while the gate is closed, if it matches."""
+        if self.opened.is_set() or not self.matches(name, client):
+            return
+        self.clients.add(client)
+        self.arrived.set()
+        self.opened.wait(GATE_MAX_HOLD_S)
+
+    def open(self) -> None:
+        self.opened.set()
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """GET /<name> serves root/<name>; GET /slow/<name> first waits `slow_s` (a slow image host)."""
+    """GET /<name> serves root/<name>; GET /slow/<name> first waits `slow_s` (a slow image host); closed
+    gates hold the requests they match."""
 
     def do_GET(self) -> None:
         server: ImageServer = self.server.owner  # type: ignore[attr-defined]
         name = self.path.rsplit("/", 1)[-1]
         if self.path.startswith("/slow/"):
             time.sleep(server.slow_s)
+        for gate in list(server.gates):
+            gate.hold(name, self.client_address[0])
         path = server.root / name
         if not path.is_file():
             self.send_error(404)
@@ -100,24 +135,37 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @dataclass
 class ImageServer:
-    """Static images over HTTP on 127.0.0.1 (absolute image URLs in tasks)."""
+    """Static images over HTTP (absolute image URLs in tasks), on 127.0.0.1 unless told otherwise."""
 
     root: Path
     slow_s: float
     url: str = ""
+    gates: list[Gate] = field(default_factory=list)
 
     def url_for(self, name: str, *, slow: bool = False) -> str:
         return f"{self.url}/slow/{name}" if slow else f"{self.url}/{name}"
 
+    @contextmanager
+    def holding(self, matches: Callable[[str, str], bool]) -> Iterator[Gate]:
+        """A closed gate for the block: it opens when the test says, and at the latest when the block exits
+        (whatever way), so a held request never outlives a failed test."""
+        gate = Gate(matches)
+        self.gates.append(gate)
+        try:
+            yield gate
+        finally:
+            gate.open()
+            self.gates.remove(gate)
+
 
 @contextmanager
-def serve_images(root: Path, slow_s: float) -> Iterator[ImageServer]:
-    """Serve `root` until the block ends."""
+def serve_images(root: Path, slow_s: float, host: str = "127.0.0.1") -> Iterator[ImageServer]:
+    """Serve `root` on `host` (a free port) until the block ends."""
     state = ImageServer(root, slow_s)
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd = http.server.ThreadingHTTPServer((host, 0), _Handler)
     httpd.owner = state  # type: ignore[attr-defined]
     httpd.daemon_threads = True
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    state.url = f"http://{host}:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:

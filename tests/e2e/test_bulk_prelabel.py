@@ -4,26 +4,35 @@
 drives a 200-task project while one worker is SIGKILLed mid-chunk (and replaced) and the command itself is
 interrupted with Ctrl-C. Rerunning it (and `retry` where chunks failed, as its summary says) must leave
 exactly one valid prediction of the current model_version on every task: nothing lost, nothing twice.
+
+The images of the last GATED_CHUNKS chunks are held by the image server until the interrupt has landed,
+so whatever the machine's speed, work is still queued when Ctrl-C comes.
 """
 
 from __future__ import annotations
 
 import signal
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
 from tests.e2e.backends import setup_model_version
-from tests.e2e.bulk import ScaledBackend, bulk_images, finish, scaled_environment, url_project
-from tests.e2e.flows import REPO, assert_predictions_valid, predictions_by_task
+from tests.e2e.bulk import (
+    ScaledBackend,
+    bulk_images,
+    canceled_chunks,
+    finish,
+    prelabel_until_done,
+    said,
+    scaled_environment,
+    url_project,
+    wait_for,
+)
+from tests.e2e.flows import REPO, Project, assert_predictions_valid, predictions_by_task
 from tests.e2e.images import ImageServer
 from tests.e2e.labelstudio import LabelStudio
 from tests.integration.conftest import (
-    Proc,
     Processes,
     redis_url,  # noqa: F401  (session fixture: embedded valkey or $REDIS_URL)
 )
@@ -33,47 +42,19 @@ pytestmark = pytest.mark.e2e
 TASKS = 200
 CHUNK = 8
 CONFIG = REPO / "label_config" / "brush_and_rectangle.xml"
-# Reruns after the interruption: each queues what is left; one more round covers a `retry` of failed chunks.
-MAX_RERUNS = 4
-T = TypeVar("T")
+# Held chunks can be taken by at most 3 workers before the interrupt (the killed one, the survivor and its
+# replacement), so with 4 at least one is still queued when Ctrl-C comes.
+GATED_CHUNKS = 4
+# A held image must wait for its gate, not fail: the workers' read timeout outlasts every wait of the test.
+HELD_READ_TIMEOUT_S = 1200
 
 
-def wait_for(what: str, probe: Callable[[], T | None], running: Proc, timeout: float = 180.0) -> T:
-    """Poll `probe` until it returns something truthy; fail if `running` (the prelabel command) ends first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        if running.popen.poll() is not None:
-            pytest.fail(f"prelabel exited ({running.popen.returncode}) before {what}:\n{running.log()}")
-        time.sleep(0.25)
-    pytest.fail(f"timed out waiting for {what}:\n{running.log()}")
-
-
-def said(proc: Proc) -> str:
-    """What a command told the user, without its progress bar and HTTP log lines."""
-    lines = proc.log().replace("\r", "\n").splitlines()
-    return "\n".join(line for line in lines if line.strip() and "pre-labelling:" not in line and "httpx" not in line)
-
-
-def prelabel_until_done(backend: ScaledBackend, project: int) -> list[str]:
-    """Run `prelabel` until it exits 0; after an exit 1 (failed chunks) run `retry`, as the command advises."""
-    transcript = []
-    for _ in range(MAX_RERUNS):
-        run = backend.command(["prelabel", "--project", str(project)])
-        code = finish(run)
-        transcript.append(f"prelabel -> {code}\n{said(run)}")
-        if code == 0:
-            return transcript
-        assert code == 1 and f"grounded-sam retry --project {project}" in run.log(), (
-            f"prelabel exited {code}, not with failed chunks to retry (exit 1 and a retry hint):\n{said(run)}\n"
-            + "\n".join(transcript)
-        )
-        retry = backend.command(["retry", "--project", str(project)])
-        assert finish(retry) == 0, retry.log()
-        transcript.append(f"retry -> 0\n{said(retry)}")
-    pytest.fail("prelabel never finished cleanly:\n" + "\n".join(transcript))
+def last_chunks_images(ls: LabelStudio, project: Project, chunks: int) -> set[str]:
+    """Image names of the tasks `prelabel` puts in its last `chunks` chunks (it queues them in Label Studio's
+    task order, CHUNK at a time)."""
+    order = [int(task["id"]) for task in ls.tasks(project.id)]
+    assert len(order) == TASKS and TASKS % CHUNK == 0, (len(order), TASKS, CHUNK)
+    return {project.images[task].path.name for task in order[-chunks * CHUNK:]}
 
 
 def test_prelabel_a_project_with_two_workers_a_killed_worker_and_an_interrupt(
@@ -82,34 +63,37 @@ def test_prelabel_a_project_with_two_workers_a_killed_worker_and_an_interrupt(
 ) -> None:
     images = bulk_images(image_host, f"bulk-{uuid.uuid4().hex[:6]}", TASKS)
     project = url_project(label_studio, f"bulk-{uuid.uuid4().hex[:6]}", CONFIG, image_host, images)
+    held = last_chunks_images(label_studio, project, GATED_CHUNKS)
     env = scaled_environment(label_studio.url, api_keys["legacy"], tiny_detector_dir, tiny_hf_sam_dir, redis_url,
                              CHUNK)
     # Two workers (three, briefly) share the machine with Label Studio: one torch thread each, not one per core.
-    env["OMP_NUM_THREADS"] = "1"
+    env.update(OMP_NUM_THREADS="1", IMAGE_READ_TIMEOUT=str(HELD_READ_TIMEOUT_S))
     processes = Processes(tmp_path)
     try:
         backend = ScaledBackend(processes, env)
         backend.start(workers=2)
         version = setup_model_version(backend.api, str(project.id), project.label_config)  # type: ignore[arg-type]
 
-        first = backend.command(["prelabel", "--project", str(project.id)])
-        wait_for("two chunks were done", lambda: backend.jobs(project.id)["done"] >= 2 * CHUNK, first)
+        with image_host.holding(lambda name, _client: name in held) as gate:
+            first = backend.command(["prelabel", "--project", str(project.id)])
+            wait_for("two chunks were done", lambda: backend.jobs(project.id)["done"] >= 2 * CHUNK, first)
 
-        # A worker dies mid-chunk (OOM killer, lost machine); a replacement comes up.
-        victim = backend.workers[0]
-        killed_job = wait_for("the first worker was busy", lambda: backend.busy_job(victim), first)
-        victim.popen.send_signal(signal.SIGKILL)
-        victim.popen.wait()
-        killed_tasks = backend.job_tasks(killed_job)
-        backend.add_worker()
+            # A worker dies mid-chunk (OOM killer, lost machine); a replacement comes up.
+            victim = backend.workers[0]
+            killed_job = wait_for("the first worker was busy", lambda: backend.busy_job(victim), first)
+            victim.popen.send_signal(signal.SIGKILL)
+            victim.popen.wait()
+            killed_tasks = backend.job_tasks(killed_job)
+            backend.add_worker()
 
-        # Ctrl-C: queued chunks are canceled, running ones finish, the command exits 130.
-        wait_for(f"{TASKS // 3} tasks were done", lambda: backend.jobs(project.id)["done"] >= TASKS // 3, first)
-        first.popen.send_signal(signal.SIGINT)
-        assert finish(first) == 130, first.log()
-        assert "queued chunks canceled" in first.log(), first.log()
-        stored = len(predictions_by_task(label_studio, project.id))
-        assert 0 < stored < TASKS, f"after the interrupt {stored} of {TASKS} tasks have a prediction"
+            # Ctrl-C: queued chunks are canceled, running ones finish, the command exits 130.
+            wait_for(f"{TASKS // 3} tasks were done", lambda: backend.jobs(project.id)["done"] >= TASKS // 3, first)
+            first.popen.send_signal(signal.SIGINT)
+            assert finish(first) == 130, first.log()
+            assert canceled_chunks(first) >= 1, f"nothing was queued any more when Ctrl-C came:\n{said(first)}"
+            stored = len(predictions_by_task(label_studio, project.id))
+            assert 0 < stored <= TASKS - len(held), f"after the interrupt {stored} of {TASKS} tasks have a prediction"
+            gate.open()  # held chunks still running finish now
 
         transcript = prelabel_until_done(backend, project.id)
 
