@@ -117,7 +117,7 @@ class HfSamSegmenter:
         groups = [todo[start : start + self.image_batch] for start in range(0, len(todo), self.image_batch)]
         prepared = zip(groups, prefetched(partial(self._group_inputs, images, boxes_xyxy), groups), strict=True)
         ready: dict[int, tuple[Masks, np.ndarray]] = {}
-        for index, image in enumerate(images):
+        for index in range(len(images)):
             if not len(boxes_xyxy[index]):
                 yield _no_masks()
                 continue
