@@ -57,7 +57,7 @@ from backend.labelstudio.results import OutputOptions  # noqa: E402
 from backend.labelstudio.version import model_version  # noqa: E402
 from backend.pipeline.build import build_pipeline  # noqa: E402
 from backend.pipeline.grounded_sam import GroundedSam  # noqa: E402
-from backend.pipeline.packed import PackedMask  # noqa: E402
+from backend.packed_mask import PackedMask  # noqa: E402
 from backend.pipeline.segmenter import HfSamSegmenter, Masks, SegmentAnythingSegmenter  # noqa: E402
 from backend.pipeline.types import DetectionThresholds, ModelSpec, PostprocessOptions, Segmented  # noqa: E402
 

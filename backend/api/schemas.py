@@ -66,15 +66,15 @@ def project_key(project: str | None) -> str:
 
 
 def http_origin(hostname: str | None) -> str | None:
-    """/setup's `hostname` (Label Studio's LABEL_STUDIO_HOST) as an origin "scheme://host[:port]", or None
-    when it is unset or empty. Raises RequestDataError unless it is an http(s) origin: a host, an optional
-    port, no user info, path (a trailing slash is fine), query or fragment."""
+    """/setup's `hostname` (Label Studio's LABEL_STUDIO_HOST) as "scheme://host[:port][/path]" without a trailing
+    slash, or None when it is unset or empty. Raises RequestDataError unless it is an http(s) URL: a host, an
+    optional port and path, no user info, query or fragment."""
     if hostname is None or not hostname.strip():
         return None
     text = hostname.strip()
     problem = _origin_problem(text)
     if problem:
-        raise RequestDataError(f"hostname {text[:200]!r} is not an http(s) origin like https://ls.example:8080: {problem}")
+        raise RequestDataError(f"hostname {text[:200]!r} is not an http(s) URL like https://ls.example:8080: {problem}")
     return text.rstrip("/")
 
 
@@ -88,8 +88,9 @@ def _origin_problem(text: str) -> str | None:
         return "the scheme must be http or https"
     if "@" in parts.netloc:
         return "user info is not allowed"
-    if parts.path not in ("", "/") or parts.query or parts.fragment or text.endswith(("?", "#")):
-        return "no path, query or fragment is allowed"
+    # A path is kept: Label Studio may be served under one (LABEL_STUDIO_HOST=https://example.com/label-studio).
+    if parts.query or parts.fragment or text.endswith(("?", "#")):
+        return "no query or fragment is allowed"
     host = parts.hostname or ""
     if port == 0 or not host:
         return "it needs a host (and a port from 1 to 65535 if any)"

@@ -56,7 +56,7 @@ class FetchOptions:
     """
 
     label_studio_url: str | None
-    api_key: str | None
+    api_key: str | None = field(repr=False)  # a credential: never in a message
     connect_timeout: float
     read_timeout: float
     max_bytes: int
@@ -68,7 +68,10 @@ class FetchOptions:
     def __post_init__(self) -> None:
         timeouts = (self.connect_timeout, self.read_timeout, self.deadline)
         if min(timeouts) <= 0 or min(self.max_bytes, self.max_pixels) <= 0:
-            raise ValueError(f"timeouts and caps must be positive: {self}")
+            raise ValueError(
+                f"timeouts and caps must be positive: connect {self.connect_timeout}, read {self.read_timeout}, "
+                f"deadline {self.deadline}, bytes {self.max_bytes}, pixels {self.max_pixels}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +154,8 @@ class ImageFetcher:
         values = parse_qs(urlsplit(ref).query).get("d")
         if not values:
             raise ImageFetchError(f"{ref}: local-files URL without a ?d= path")
+        if "\x00" in values[-1]:  # os.path would raise ValueError: this task's error, not the chunk's
+            raise ImageFetchError(f"{ref}: local-files path contains a NUL byte")
         base = os.path.realpath(root)
         path = os.path.realpath(os.path.join(base, values[-1].lstrip("/")))
         if os.path.commonpath([base, path]) != base:

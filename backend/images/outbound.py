@@ -21,7 +21,8 @@ _PRIVATE = tuple(
     ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix: the last 32 bits are an IPv4 address
-_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+# Underscores are not valid in DNS host names, but Docker and Compose service names use them and resolve.
+_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,7 +69,9 @@ def address_kind(address: Address) -> str | None:
         return "link-local"
     if address.is_multicast:
         return "multicast"
-    if any(address in network for network in _PRIVATE if network.version == address.version):
+    if any(address in network for network in _PRIVATE if network.version == address.version) or (
+        address.version == 6 and address.is_site_local  # fec0::/10, deprecated but still routed privately
+    ):
         return "private"
     if address.is_private or address.is_reserved or not address.is_global:
         return "special-purpose"
@@ -94,7 +97,7 @@ def parse_hosts(text: str | None) -> tuple[str, ...]:
         name = entry.lower().rstrip(".")
         labels = name.removeprefix(".").split(".")
         if not all(_HOST_LABEL.match(label) for label in labels) or len(name) > 253:
-            raise ValueError(f"FETCH_ALLOW_HOSTS: {entry!r} is not a host name (ASCII letters, digits, '-', '.')")
+            raise ValueError(f"FETCH_ALLOW_HOSTS: {entry!r} is not a host name (ASCII letters, digits, '-', '_', '.')")
         if labels[-1].isdigit() or ip_literal(name) is not None:
             raise ValueError(f"FETCH_ALLOW_HOSTS: {entry!r} is an address; list addresses in FETCH_ALLOW_NETWORKS")
         hosts.append(name)

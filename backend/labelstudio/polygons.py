@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from backend.pipeline.packed import Mask, packed
+from backend.packed_mask import Mask, packed
 
 Polygon = list[list[float]]  # [[x, y], ...] in percent of the image (0..100), at least 3 points
 

@@ -20,10 +20,7 @@ from backend.labelstudio.config import ControlRef, LabelConfig, LabelSpec
 from backend.labelstudio.image_tags import ImageTagControl
 from backend.labelstudio.polygons import mask_to_polygons
 from backend.labelstudio.rle import mask_to_rle
-from backend.pipeline.packed import (  # numpy only: the pipeline's compact mask
-    Mask,
-    packed,
-)
+from backend.packed_mask import Mask, packed
 
 Box = tuple[float, float, float, float]
 

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 from label_studio_sdk.converter.brush import decode_rle
 
-from backend.pipeline.packed import Mask, PackedMask, packed
+from backend.packed_mask import Mask, PackedMask, packed
 
 WORD_BITS = 8
 # Bit sizes of a block's length field, picked by its 2-bit index, and the longest run each can hold.

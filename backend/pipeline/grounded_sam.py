@@ -12,7 +12,7 @@ from PIL import Image
 from backend.pipeline.detector import GroundingDinoDetector
 from backend.pipeline.masks import clean_mask
 from backend.pipeline.negatives import ClassPlan, build_class_plan, suppress_negatives
-from backend.pipeline.packed import PackedMask
+from backend.packed_mask import PackedMask
 from backend.pipeline.postprocess import finish
 from backend.pipeline.segmenter import Masks, Segmenter
 from backend.pipeline.shapes import sam_input

@@ -16,7 +16,7 @@ import math
 import cv2
 import numpy as np
 
-from backend.pipeline.packed import Mask, PackedMask, packed
+from backend.packed_mask import Mask, PackedMask, packed
 from backend.pipeline.types import PostprocessOptions
 
 

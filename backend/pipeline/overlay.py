@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from backend.pipeline.packed import packed
+from backend.packed_mask import packed
 from backend.pipeline.types import Instance
 
 MASK_ALPHA = 110  # of 255: the image stays visible under the masks

@@ -19,7 +19,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from backend.pipeline.packed import Mask, PackedMask, packed
+from backend.packed_mask import Mask, PackedMask, packed
 from backend.pipeline.types import Instance, PostprocessOptions, TextClass
 
 

@@ -22,7 +22,7 @@ import torch
 from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
 from backend.pipeline.memory import prefetched, run_halving
-from backend.pipeline.packed import PackedMask
+from backend.packed_mask import PackedMask
 
 if TYPE_CHECKING:
     from segment_anything import SamPredictor

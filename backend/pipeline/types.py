@@ -8,7 +8,7 @@ from typing import Literal
 
 import numpy as np
 
-from backend.pipeline.packed import PackedMask
+from backend.packed_mask import PackedMask
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,7 +105,9 @@ def test_requests_are_counted_by_route_template_and_unknown_paths_share_one_labe
     ("given", "origin"),
     [("http://ls:8080", "http://ls:8080"), ("https://LS.example.com/", "https://LS.example.com"),
      ("http://[::1]:8080/", "http://[::1]:8080"), ("http://label_studio:8080", "http://label_studio:8080"),
-     ("  http://10.0.0.2  ", "http://10.0.0.2"), ("", None), (None, None)],
+     ("  http://10.0.0.2  ", "http://10.0.0.2"), ("", None), (None, None),
+     # Label Studio served under a path (its LABEL_STUDIO_HOST may have one): /setup must not fail for it.
+     ("https://example.com/label-studio/", "https://example.com/label-studio")],
 )
 def test_setup_hostname_accepts_http_origins(given: str | None, origin: str | None) -> None:
     assert http_origin(given) == origin
@@ -113,7 +115,7 @@ def test_setup_hostname_accepts_http_origins(given: str | None, origin: str | No
 
 @pytest.mark.parametrize(
     "given",
-    ["::::", "ls:8080", "ftp://ls", "http://", "http://::::", "http://a@ls", "http://u:p@ls", "http://ls/path",
+    ["::::", "ls:8080", "ftp://ls", "http://", "http://::::", "http://a@ls", "http://u:p@ls",
      "http://ls?x=1", "http://ls/#f", "http://ls:99999", "http://ls:0", "http://[zz]:1", "http://l s", "javascript:alert(1)",
      "http://ls\x00x"],
 )

@@ -21,7 +21,7 @@ from backend.pipeline import memory
 from backend.pipeline.detector import GroundingDinoDetector
 from backend.pipeline.grounded_sam import GroundedSam
 from backend.pipeline.memory import DeviceOutOfMemoryError, run_halving
-from backend.pipeline.packed import stacked
+from backend.packed_mask import stacked
 from backend.pipeline.types import DetectionThresholds, Segmented, TextClass
 from backend.prelabel import _Chunk
 from tests.unit.test_segmenter import hf_segmenter

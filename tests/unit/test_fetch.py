@@ -12,7 +12,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -348,6 +348,20 @@ def test_local_files_are_read_from_disk_under_the_root(server: FakeLabelStudio, 
         assert fetcher.fetch("/data/local-files/?d=sub%20dir/a.jpg").size == (20, 40)
     for ref in ("/data/local-files/?d=../outside.png", "/data/local-files/?d=sub%20dir/../../outside.png"):
         assert "leaves the local files root" in str(_error(_fetcher(server, local_files_root=str(root)), ref))
+
+
+def test_local_files_path_with_a_nul_byte_fails_its_task_only(server: FakeLabelStudio, tmp_path: Path) -> None:
+    # os.path raises ValueError on an embedded NUL: it must come out as this task's ImageFetchError.
+    for ref in ("/data/local-files/?d=a%00b.png", "/data/local-files/?d=%00"):
+        assert "NUL byte" in str(_error(_fetcher(server, local_files_root=str(tmp_path)), ref))
+
+
+def test_fetch_options_never_show_the_api_key(server: FakeLabelStudio) -> None:
+    with _fetcher(server, api_key="SECRET-MARKER-7") as fetcher:
+        assert "SECRET-MARKER-7" not in repr(fetcher._options)
+    with pytest.raises(ValueError) as error:
+        replace(fetcher._options, deadline=0)
+    assert "SECRET-MARKER-7" not in str(error.value)
 
 
 def test_local_files_missing_on_disk_come_from_label_studio(server: FakeLabelStudio, tmp_path: Path) -> None:

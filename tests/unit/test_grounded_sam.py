@@ -15,7 +15,7 @@ from backend.errors import ModelLoadError
 from backend.pipeline.build import build_pipeline
 from backend.pipeline.detector import GroundingDinoDetector
 from backend.pipeline.grounded_sam import GroundedSam
-from backend.pipeline.packed import PackedMask
+from backend.packed_mask import PackedMask
 from backend.pipeline.types import (
     ClassOptions,
     Detection,

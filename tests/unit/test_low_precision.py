@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from backend.pipeline.build import _build_segmenter, build_pipeline
-from backend.pipeline.packed import PackedMask
+from backend.packed_mask import PackedMask
 from backend.pipeline.types import DetectionThresholds, Instance, ModelSpec, TextClass
 
 CLASSES = (TextClass("Cat", ("cat",)), TextClass("Dog", ("dog",)), TextClass("Car", ("car",)))

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForMaskGeneration, AutoProcessor
 
 from backend.pipeline.build import _load_sam_checkpoint
-from backend.pipeline.packed import stacked
+from backend.packed_mask import stacked
 from backend.pipeline.segmenter import (
     UPSAMPLE_BUDGET,
     HfSamSegmenter,

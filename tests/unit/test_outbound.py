@@ -288,6 +288,7 @@ def _redirect(server: Server, to: str, path: str = "/redirect") -> str:
         ("172.16.0.1", "private"),
         ("192.168.1.20", "private"),
         ("fd00:ec2::254", "private"),
+        ("fec0::1", "private"),  # site-local (deprecated)
         ("169.254.169.254", "link-local"),
         ("fe80::1", "link-local"),
         ("224.0.0.1", "multicast"),
@@ -315,7 +316,8 @@ def test_allowed_networks_apply_to_ipv4_mapped_addresses_too() -> None:
 
 
 def test_allowed_hosts_match_names_and_subdomains() -> None:
-    policy = OutboundPolicy(allow_hosts=parse_hosts("Images.Example, .corp.example"))
+    policy = OutboundPolicy(allow_hosts=parse_hosts("Images.Example, .corp.example, image_server"))
+    assert policy.host_allowed("image_server")  # Docker service names may have underscores
     assert policy.host_allowed("images.example") and policy.host_allowed("IMAGES.EXAMPLE.")
     assert policy.host_allowed("a.corp.example") and policy.host_allowed("a.b.corp.example")
     assert not policy.host_allowed("corp.example") and not policy.host_allowed("evilcorp.example")

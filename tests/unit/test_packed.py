@@ -10,7 +10,7 @@ from label_studio_sdk.converter.brush import mask2rle
 from backend.labelstudio.polygons import mask_to_polygons
 from backend.labelstudio.results import mask_box
 from backend.labelstudio.rle import mask_to_rle
-from backend.pipeline.packed import PackedMask, stacked
+from backend.packed_mask import PackedMask, stacked
 
 
 def cases() -> list[np.ndarray]:

@@ -14,7 +14,7 @@ from transformers import AutoModelForMaskGeneration, AutoProcessor
 
 from backend.errors import ModelLoadError
 from backend.pipeline.build import SamArchitecture, _load_sam_checkpoint, build_pipeline
-from backend.pipeline.packed import stacked
+from backend.packed_mask import stacked
 from backend.pipeline.segmenter import (
     HfSamSegmenter,
     SegmentAnythingSegmenter,

@@ -1,4 +1,5 @@
-"""A mask as its pixels' bounding box, bit-packed: what a full-resolution mask costs to keep. numpy/OpenCV only.
+"""A mask as its pixels' bounding box, bit-packed: what a full-resolution mask costs to keep. numpy/OpenCV only,
+shared by the model pipeline (which makes them) and the Label Studio format (which encodes them).
 
 A 48 MP image's mask is 48 MB as a bool (H, W) array and 192 MB as the float32 that upsampling makes; 100 of
 them do not fit a worker. `PackedMask` holds only the rows and columns between the mask's first and last
