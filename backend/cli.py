@@ -23,13 +23,16 @@ from pydantic import ValidationError
 from backend.settings import Settings, describe_settings_error
 
 if TYPE_CHECKING:
+    from redis import Redis
+
     from backend.queueing.connection import EmbeddedRedis
     from backend.supervisor import Supervisor
 
 log = logging.getLogger("backend")
 
-# Bounded shutdown: in-flight requests get a few seconds, a busy worker a few more to finish its job
-# (an unfinished job is then failed by the heartbeat sweep, visibly, like any killed worker's).
+# Bounded shutdown: in-flight requests get a few seconds, a busy worker a few more to finish its job; then the
+# worker is killed and its unfinished job queued again by the heartbeat sweep (its crash retry given back first:
+# a deliberate stop never makes a job poison).
 HTTP_STOP_GRACE_S = 5
 WORKER_STOP_GRACE_S = 10.0
 # Docker's HEALTHCHECK gives the command its own timeout; this one is for the request alone.
@@ -97,7 +100,7 @@ def _serve(settings: Settings, _: argparse.Namespace) -> int:
     if settings.redis_url:
         return _serve_api(settings)
     from backend.errors import BackendError
-    from backend.queueing.connection import EmbeddedRedis
+    from backend.queueing.connection import EmbeddedRedis, api_connection
 
     redis = EmbeddedRedis(Path(settings.embedded_redis_dir).expanduser(), settings.embedded_redis_maxmemory)
     try:
@@ -107,38 +110,49 @@ def _serve(settings: Settings, _: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     log.info("embedded Redis-compatible server on %s, data in %s", redis.url, redis.folder)
-    supervisor = _embedded_supervisor(settings, redis)
-    try:
-        return _serve_api(settings.model_copy(update={"redis_url": redis.url}), supervisor)
-    finally:
-        supervisor.stopping.set()
-        worker = supervisor.children[-1].process  # the worker (see _embedded_supervisor)
-        if worker is not None:
-            _stop(worker)
-        redis.stop()
-        supervisor.released.set()
+    with api_connection(redis.url) as registry:  # one connection for unregistering dead workers, all along
+        supervisor = _embedded_supervisor(settings, redis, registry)
+        try:
+            return _serve_api(settings.model_copy(update={"redis_url": redis.url}), supervisor)
+        finally:
+            # In order (the API has stopped): the worker finishes its job, then Redis; a restart in progress
+            # is waited for and stopped too.
+            supervisor.stop_all()
 
 
-def _embedded_supervisor(settings: Settings, redis: EmbeddedRedis) -> Supervisor:
-    """The embedded Redis and one worker, both started now and restarted whenever they die."""
+def _embedded_supervisor(settings: Settings, redis: EmbeddedRedis, registry: Redis) -> Supervisor:
+    """The embedded Redis (started already) and one worker (started now), restarted whenever they die."""
     from backend.supervisor import Child, RestartPolicy, Supervisor
 
     policy = RestartPolicy(settings.supervise_max_restarts, settings.supervise_window)
-    server = Child("embedded Redis", redis.start)
+    # A restart of Redis that is still waiting (a large append-only file loading) gives up when `serve` stops.
+    server = Child("embedded Redis", lambda: redis.start(cancel=supervisor.stopping), stop=lambda _: redis.stop())
     server.process = redis.process
-    worker = Child("worker", lambda: _spawn_worker(redis.url), on_death=lambda dead: _forget_worker(redis.url, dead))
+    worker = Child("worker", lambda: _spawn_worker(redis.url), on_death=lambda dead: _forget_worker(registry, dead),
+                   stop=lambda process: _stop(process, registry))
     worker.launch()
-    return Supervisor([server, worker], policy)
+    supervisor = Supervisor([server, worker], policy)
+    return supervisor
 
 
-def _forget_worker(redis_url: str, dead: subprocess.Popen[bytes]) -> None:
+def _spare_crash_retry(registry: Redis, pid: int) -> None:
     from redis.exceptions import RedisError
 
-    from backend.queueing.connection import api_connection
+    from backend.queueing.client import spare_crash_retry
+
+    try:
+        spare_crash_retry(registry, pid)
+    except RedisError as exc:  # the kill then counts as a crash, as any other
+        log.warning("could not keep the crash retry of worker %s's job: %s", pid, exc)
+
+
+def _forget_worker(registry: Redis, dead: subprocess.Popen[bytes]) -> None:
+    from redis.exceptions import RedisError
+
     from backend.queueing.worker import forget_worker
 
     try:
-        forget_worker(api_connection(redis_url), dead.pid)
+        forget_worker(registry, dead.pid)
     except RedisError as exc:  # Redis down too: rq's worker TTL forgets it later
         log.debug("could not unregister the dead worker %s: %s", dead.pid, exc)
 
@@ -196,13 +210,17 @@ def _spawn_worker(redis_url: str) -> subprocess.Popen[bytes]:
     )
 
 
-def _stop(worker: subprocess.Popen[bytes]) -> None:
+def _stop(worker: subprocess.Popen[bytes], registry: Redis | None = None) -> None:
+    """SIGTERM, then SIGKILL after WORKER_STOP_GRACE_S; before a kill, the job it runs gets its crash retry back
+    (through `registry`, the Redis the worker uses)."""
     if worker.poll() is None:
         worker.send_signal(signal.SIGTERM)  # rq: warm shutdown, the current job finishes
         try:
             worker.wait(WORKER_STOP_GRACE_S)
         except subprocess.TimeoutExpired:
             log.warning("worker did not stop within %.0f s; killing it", WORKER_STOP_GRACE_S)
+            if registry is not None:  # a deliberate kill is no crash: else two stops would make its job poison
+                _spare_crash_retry(registry, worker.pid)
             worker.kill()
             worker.wait()
 
@@ -215,7 +233,9 @@ def _health(settings: Settings, _: argparse.Namespace) -> int:
     host = f"[{host}]" if ":" in host and not host.startswith("[") else host
     url = f"http://{host}:{settings.port}/health"
     try:
-        response = httpx.get(url, auth=settings.basic_auth, timeout=HEALTH_TIMEOUT_S)
+        # trust_env=False: no HTTP(S)_PROXY (it would receive the credentials and answer for this machine) and
+        # no .netrc; this is a loopback request to this machine's own API.
+        response = httpx.get(url, auth=settings.basic_auth, timeout=HEALTH_TIMEOUT_S, trust_env=False)
         body = response.json()
     except (httpx.HTTPError, ValueError) as exc:
         print(f"DOWN: {url}: {exc or type(exc).__name__}")

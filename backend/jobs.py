@@ -30,7 +30,7 @@ from backend.pipeline.build import build_pipeline
 from backend.pipeline.grounded_sam import GroundedSam
 from backend.pipeline.negatives import ClassPlan
 from backend.pipeline.types import ClassOptions, Instance, Segmented, TextClass
-from backend.queueing.payloads import payload_config
+from backend.queueing.payloads import config_ttl, payload_config
 from backend.queueing.stats import WorkerStats
 from backend.settings import Settings
 
@@ -138,7 +138,10 @@ def fetch_image(runtime: Runtime, task: Mapping[str, Any], config: LabelConfig, 
 def checked_config(runtime: Runtime, payload: Mapping[str, Any]) -> tuple[LabelConfig, str]:
     """The payload's parsed config (read from Redis by reference) and model version, after checking this
     worker computes that version."""
-    config = parse_label_config(payload_config(get_current_job().connection, payload))
+    job = get_current_job()
+    # Every read extends the stored config's life as the API's store did, so the jobs queued behind find it.
+    ttl_s = config_ttl(job.timeout or 0, job.result_ttl or 0, job.failure_ttl or 0)
+    config = parse_label_config(payload_config(job.connection, payload, ttl_s))
     expected = model_version(runtime.fingerprint, config)
     if payload["model_version"] != expected:
         raise ModelVersionMismatchError(

@@ -4,7 +4,10 @@ A child that dies (killed, out of memory, exited) is started again after a back-
 death of that child within the window (1 s, 2 s, 4 s ... capped); when it dies once more after
 `max_restarts` restarts within the window, supervision gives up with CrashLoopError and `serve` stops with
 that message. The HTTP API keeps answering meanwhile. Nothing here knows rq or models: a child is a way to
-start a process and, optionally, something to do once it died.
+start a process, a way to stop it, and optionally something to do once it died.
+
+The owner ends supervision with `stop_all`: once it returns no child is being started or will be, and every
+process a child started has been stopped (a restart in progress is waited for, then stopped too).
 """
 
 from __future__ import annotations
@@ -39,16 +42,25 @@ class RestartPolicy:
         return min(self.max_backoff_s, self.first_backoff_s * 2 ** (deaths - 1))
 
 
+def terminate(process: subprocess.Popen[bytes]) -> None:
+    """The default way to stop a child: SIGTERM and reap."""
+    if process.poll() is None:
+        process.terminate()
+    process.wait()
+
+
 class Child:
-    """One supervised process: how to start it, the process now running, when it died recently."""
+    """One supervised process: how to start and stop it, the process now running, when it died recently."""
 
     def __init__(
         self, name: str, start: Callable[[], subprocess.Popen[bytes]],
         on_death: Callable[[subprocess.Popen[bytes]], None] | None = None,
+        stop: Callable[[subprocess.Popen[bytes]], None] = terminate,
     ) -> None:
         self.name = name
         self.start = start
         self.on_death = on_death
+        self.stop = stop
         self.process: subprocess.Popen[bytes] | None = None
         self.deaths: deque[float] = deque()
 
@@ -73,7 +85,21 @@ class Supervisor:
         self.children = list(children)
         self.policy = policy
         self.stopping = threading.Event()  # set by the owner: no more restarts
-        self.released = threading.Event()  # set by the owner once it stopped the children
+        self.released = threading.Event()  # set once the owner stopped the children
+        self._launching = threading.Lock()  # held while a child is (re)started, and while stop_all stops them
+
+    def stop_all(self) -> None:
+        """End supervision: no more (re)starts, then each child's process stopped, in reverse order of
+        `children` (the last started first), and `released` set. A restart in progress finishes first (a child
+        whose start can take long should give up when `stopping` is set), and its process is stopped too."""
+        self.stopping.set()
+        try:
+            with self._launching:
+                for child in reversed(self.children):
+                    if child.process is not None:
+                        child.stop(child.process)
+        finally:
+            self.released.set()
 
     def watch(self) -> None:
         """Restart children that die until `stopping` is set; CrashLoopError when one keeps dying."""
@@ -95,7 +121,9 @@ class Supervisor:
             if self.stopping.wait(delay):
                 return
             try:
-                child.launch()
+                with self._launching:
+                    if not self.stopping.is_set():  # stop_all may have begun during the back-off
+                        child.launch()
                 return
             except BackendError as exc:
                 how = f"did not start: {exc}"

@@ -17,7 +17,7 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 
 from backend.queueing.client import PredictionQueue, failure_reason, requeue_failed
-from backend.queueing.payloads import refresh_config
+from backend.queueing.payloads import refresh_config, refresh_configs
 
 RUN_KEY = "grounded-sam:run:{}"
 RUN_TTL_S = 7 * 24 * 3600
@@ -80,7 +80,9 @@ class BulkRuns:
             return None
         job_ids = json.loads(raw)["jobs"]
         self._queue.sweep_abandoned()
-        return _count(zip(job_ids, self._queue.fetch_jobs(job_ids), strict=True))
+        jobs = self._queue.fetch_jobs(job_ids)
+        self._refresh_waiting_configs(jobs)
+        return _count(zip(job_ids, jobs, strict=True))
 
     def project_progress(self, project: str) -> Progress:
         """Task counts of every bulk job of `project` still known to Redis."""
@@ -110,6 +112,15 @@ class BulkRuns:
                 refresh_config(self._redis, job.args[0], self._config_ttl_s)
             requeued += requeue_failed(job)  # a poison chunk (it took down workers) stays failed
         return requeued
+
+    def _refresh_waiting_configs(self, jobs: Iterable[Job | None]) -> None:
+        """Extend the life of the configs of the run's chunks still to run: a long run's tail waits longer than
+        the config's TTL from the request that stored it."""
+        if self._config_ttl_s is None:
+            return
+        waiting = (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.STARTED)
+        payloads = [job.args[0] for job in jobs if job is not None and job.get_status(refresh=False) in waiting]
+        refresh_configs(self._redis, payloads, self._config_ttl_s)
 
     def _project_job_ids(self, project: str) -> list[str]:
         queue = self._queue.bulk

@@ -3,9 +3,10 @@
 A claim is taken before computing and turned into a "done" mark after the push. A claim lives
 CLAIM_TTL_S and its holder renews it from a side thread while it works, so a claim outlives its worker
 by at most CLAIM_TTL_S: a killed worker's tasks are free again seconds later, not after the job timeout.
-A holder that was cut off or stalled past CLAIM_TTL_S has lost its claims, and every step after taking one
-checks it atomically (compare-and-act in Lua): it renews, pushes, marks done or frees only what still names
-it, so a worker coming back from a network partition leaves the tasks another worker took alone.
+A holder that was cut off or stalled past CLAIM_TTL_S has lost the claims another worker took meanwhile, and
+every step after taking one checks it atomically (compare-and-act in Lua): it renews, pushes, marks done or frees
+only what still names it (or what lapsed and nobody took: re-claimed), so a worker coming back from a network
+partition leaves the tasks another worker took alone and still does those nobody took.
 Together with the check against Label Studio's stored predictions this keeps one prediction per task and
 version under retries, overlapping runs and killed workers.
 """
@@ -29,20 +30,29 @@ DONE_TTL_S = 7 * 24 * 3600
 CLAIM_TTL_S = 15
 
 # Compare-and-act: touch a key only while it still names this owner (it may have lapsed and been retaken).
-# _KEEP renews each key still this owner's and answers, per key, 1 (still held, renewed) or 0 (lost).
+# A claim that lapsed and that nobody took (the key is gone) is still this owner's to have: taken again.
+# _KEEP renews (or re-takes) each key and answers, per key, 1 (held, renewed) or 0 (lost: another owner's, or done).
 _KEEP = """
 local held = {}
 for i, key in ipairs(KEYS) do
-  if redis.call('get', key) == ARGV[1] then redis.call('expire', key, ARGV[2]); held[i] = 1 else held[i] = 0 end
+  local value = redis.call('get', key)
+  if value == ARGV[1] then redis.call('expire', key, ARGV[2]); held[i] = 1
+  elseif not value then redis.call('set', key, ARGV[1], 'EX', ARGV[2]); held[i] = 1
+  else held[i] = 0 end
 end
 return held
 """
+# Done over this owner's claim, or over a lapsed one nobody took (nobody else can be pushing it).
 _FINISH = """
-if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3]); return 1 end
+local value = redis.call('get', KEYS[1])
+if value == ARGV[1] or not value then redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3]); return 1 end
 return 0
 """
+# A lapsed claim nobody took is free already: released (1) like one still held.
 _RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+local value = redis.call('get', KEYS[1])
+if value == ARGV[1] then return redis.call('del', KEYS[1]) end
+if not value then return 1 end
 return 0
 """
 
@@ -113,7 +123,8 @@ class Claimant:
         """Those of `tasks` this claimant still holds, each renewed for a full TTL in the same atomic step.
 
         A task whose claim lapsed (this worker was cut off or stalled) and was taken by another worker, or
-        finished by one, is lost: it is left out and forgotten, so this claimant never touches it again.
+        finished by one, is lost: it is left out and forgotten, so this claimant never touches it again. One
+        whose claim lapsed but that nobody took is claimed again and kept (otherwise nobody would predict it).
         """
         if not tasks:
             return []

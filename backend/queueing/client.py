@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import socket
 import time
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from redis import Redis
 from redis import exceptions as redis_errors
-from redis.exceptions import OutOfMemoryError, RedisError
+from redis.exceptions import OutOfMemoryError, RedisError, WatchError
 from rq import Queue, Retry, Worker
-from rq.exceptions import DuplicateJobError, NoSuchJobError
+from rq.exceptions import AbandonedJobError, DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
-from rq.registry import StartedJobRegistry
+from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.utils import as_text, current_timestamp, now
 
 from backend.errors import QueueUnavailableError, RedisFullError
+
+log = logging.getLogger(__name__)
 
 # Enqueued by dotted name so the API process never imports the model code.
 PREDICT_JOB = "backend.jobs.predict_task"
@@ -29,6 +35,9 @@ ABANDONED_SWEEP_S = 1.0
 # An exception raised by the job itself is its answer and is not retried (HeartbeatWorker.handle_job_failure).
 CRASH_RETRIES = 1
 _ABANDONED = "AbandonedJobError"
+# A sweep's compare-and-act on one expired entry is tried again this often when a concurrent write (a heartbeat,
+# another job starting) touched the registry or the job meanwhile; what is left, the next sweep takes.
+_SWEEP_ATTEMPTS = 5
 _RETRYABLE_STATUSES = {JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
 
 
@@ -125,8 +134,9 @@ class PredictionQueue:
     def wait(self, job_ids: Sequence[str], timeout: float) -> list[JobOutcome]:
         """Poll until every job finished or failed, or `timeout` seconds passed; outcomes in input order.
 
-        While waiting it moves jobs whose worker stopped heart-beating to the failed registry, so a
-        worker that dies mid-job turns into a visible failure instead of a silent wait.
+        While waiting it sweeps for jobs whose worker stopped heart-beating (`sweep_abandoned`): such a job is
+        queued again once, and fails as a poison task when its second worker dies too, so a worker that dies
+        mid-job costs a rerun or turns into a visible failure instead of a silent wait.
         """
         outcomes: dict[str, JobOutcome] = {}
         deadline = time.monotonic() + timeout
@@ -148,7 +158,7 @@ class PredictionQueue:
                 time.sleep(min(delay, max(0.0, deadline - now)))
                 delay = min(delay * 2, 0.2)
         except RedisError as exc:
-            raise QueueUnavailableError(f"lost Redis while waiting for jobs: {exc}") from exc
+            raise queue_error(exc, "waiting for the jobs") from exc
         return [outcomes.get(job_id, JobOutcome(job_id, "pending")) for job_id in job_ids]
 
     def sweep_abandoned(self) -> None:
@@ -219,11 +229,88 @@ def job_counts(queue: Queue) -> dict[str, int]:
 def sweep_abandoned(queues: Sequence[Queue]) -> None:
     """Jobs whose worker's heartbeat expired: queued again while they have crash retries, else failed.
 
-    rq's StartedJobRegistry.cleanup does both, from the job's Retry; rq also runs it on its own (registry
-    counts, worker maintenance), which is why the retry lives in the job and not here.
+    StartedJobRegistry.cleanup does both, from the job's Retry; rq also runs it on its own (registry counts,
+    job id listings, worker maintenance), which is why the retry lives in the job and not here, and why the
+    cleanup itself is replaced by `cleanup_started` (exactly one of concurrent sweeps acts on an entry).
     """
     for queue in queues:
         StartedJobRegistry(queue=queue).cleanup()
+
+
+def cleanup_started(
+    registry: StartedJobRegistry, timestamp: float | None = None, exception_handlers: list[Any] | None = None
+) -> None:
+    """rq's StartedJobRegistry.cleanup made safe to run concurrently: each expired entry is abandoned by exactly
+    one sweep.
+
+    rq's own reads the expired entries, then queues each job again (or fails it) and removes the entries in a
+    later transaction, so sweeps running together (every waiting request, every worker, rq's maintenance) each
+    queued the same job: it ran twice, and a poison job's extra queue entry ran after it was failed. Here each
+    entry is handled in one transaction that WATCHes the registry and the job: it queues (or fails) the job and
+    removes the entry together, only while the entry is still there and still expired (a late heartbeat that
+    renewed it means the run is alive: it is left alone). Installed as StartedJobRegistry.cleanup below.
+    """
+    score = timestamp if timestamp is not None else current_timestamp()
+    for entry in registry.connection.zrangebyscore(registry.key, 0, score):
+        _abandon(registry, as_text(entry), score, exception_handlers or [])
+
+
+def _abandon(registry: StartedJobRegistry, entry: str, score: float, exception_handlers: list[Any]) -> bool:
+    """Queue again (or fail) the job of one expired started-registry entry and remove the entry, atomically;
+    False when another sweep did it first, a heartbeat renewed it, or the write kept conflicting."""
+    job_id = registry.parse_job_id(entry)
+    with registry.connection.pipeline() as pipeline:
+        for _ in range(_SWEEP_ATTEMPTS):
+            try:
+                pipeline.watch(registry.key, registry.job_class.key_for(job_id))
+                expiry = pipeline.zscore(registry.key, entry)
+                if expiry is None or expiry > score:
+                    return False
+                job = _fetch_or_none(registry, job_id)
+                pipeline.multi()
+                if job is not None:
+                    _requeue_or_fail(registry, job, pipeline)
+                pipeline.zrem(registry.key, entry)
+                pipeline.execute()
+            except WatchError:
+                continue
+            if job is not None:
+                _after_abandoned(registry, job, exception_handlers)
+            return True
+    return False
+
+
+def _fetch_or_none(registry: StartedJobRegistry, job_id: str) -> Job | None:
+    try:
+        return registry.job_class.fetch(job_id, connection=registry.connection, serializer=registry.serializer)
+    except NoSuchJobError:
+        return None
+
+
+def _requeue_or_fail(registry: StartedJobRegistry, job: Job, pipeline: Any) -> None:
+    """rq's own handling of an abandoned job, queued on `pipeline`: retried while it has retries, else failed."""
+    if job.retries_left and job.retries_left > 0:
+        job.retry(registry.get_queue(), pipeline)
+        return
+    reason = f"Moved to {FailedJobRegistry.__name__}, due to {AbandonedJobError.__name__}, at {now()}"
+    job.set_status(JobStatus.FAILED, pipeline=pipeline)
+    job._handle_failure(reason, pipeline, worker_name="")
+
+
+def _after_abandoned(registry: StartedJobRegistry, job: Job, exception_handlers: list[Any]) -> None:
+    """What rq's cleanup does besides the requeue: failure callback, exception handlers, dependents."""
+    error = AbandonedJobError()
+    job.execute_failure_callback(registry.death_penalty_class, AbandonedJobError, error, traceback.extract_stack())
+    for handler in exception_handlers:
+        if handler(job, AbandonedJobError, error, traceback.extract_stack()) is False:
+            break
+    if job.get_status(refresh=False) == JobStatus.FAILED:
+        log.warning("job %s: its worker died (no heartbeat) and it has no crash retry left; failed", job.id)
+        registry.get_queue().enqueue_dependents(job, refresh_job_status=False)
+
+
+# Every StartedJobRegistry in the API and worker processes (both import this module), rq's own included.
+StartedJobRegistry.cleanup = cleanup_started  # type: ignore[method-assign]
 
 
 def requeue_failed(job: Job) -> bool:
@@ -235,6 +322,28 @@ def requeue_failed(job: Job) -> bool:
     # rq's own requeue: deleting a job abandoned by a dead worker fails (its execution is gone).
     job.requeue()
     return True
+
+
+# Gives a job the crash retry back (HINCRBY) only while the job is there: a finished job may have expired already.
+_SPARE = """
+if redis.call('hexists', KEYS[1], 'retries_left') == 1 then return redis.call('hincrby', KEYS[1], 'retries_left', 1) end
+return false
+"""
+
+
+def spare_crash_retry(redis: Redis, pid: int) -> str | None:
+    """Before a deliberate kill of the worker process `pid` on this host (a stop that outlived its grace): give
+    its current job back the crash retry the kill is about to spend, so a stop never counts as a worker the job
+    took down (a chunk that outlived two shutdowns was failed as poison). Returns that job's id, or None when
+    the worker runs none. Raises RedisError."""
+    host = socket.gethostname()
+    for worker in Worker.all(connection=redis, serializer=JSONSerializer):
+        if worker.pid == pid and worker.hostname == host:
+            job_id = worker.get_current_job_id()
+            if job_id is not None:
+                redis.eval(_SPARE, 1, Job.key_for(job_id))
+            return job_id
+    return None
 
 
 def killed_workers(job: Job) -> int:

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import IO
 
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.backoff import NoBackoff
+from redis.exceptions import BusyLoadingError, RedisError
+from redis.retry import Retry
 
 from backend.errors import EmbeddedRedisDirInUseError, QueueUnavailableError
 
@@ -29,6 +32,11 @@ API_CONNECT_TIMEOUT_S = 0.5
 API_SOCKET_TIMEOUT_S = 5.0
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 LOCK_FILE = "serve.lock"
+# A server still loading a large append-only file answers -LOADING: it is alive, and is waited for this long
+# (the `timeout` of EmbeddedRedis.start is for answering at all).
+EMBEDDED_REDIS_LOAD_TIMEOUT_S = 600.0
+EMBEDDED_REDIS_STOP_GRACE_S = 5.0
+WAIT_POLL_S = 0.05
 
 
 def api_connection(url: str) -> Redis:
@@ -95,24 +103,32 @@ class EmbeddedRedis:
         handle.flush()
         self._lock = handle
 
-    def start(self, timeout: float = 10.0) -> subprocess.Popen[bytes]:
-        """Start the server (again) and wait until it answers; QueueUnavailableError if it does not."""
+    def start(
+        self, timeout: float = 10.0, cancel: threading.Event | None = None,
+        load_timeout: float = EMBEDDED_REDIS_LOAD_TIMEOUT_S,
+    ) -> subprocess.Popen[bytes]:
+        """Start the server (again) and wait until it answers; QueueUnavailableError if it does not.
+
+        It must answer within `timeout`, or keep answering -LOADING (a large append-only file) for at most
+        `load_timeout`; setting `cancel` gives up at once. Whatever goes wrong (Ctrl-C included), the process
+        started here is stopped and reaped before the error propagates: no orphan keeps the port, and a later
+        start does not mistake it for its own server.
+        """
         self.lock()
         self.process = subprocess.Popen(
             self._args(), stdout=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent
         )
-        _wait_until_up(self.url, self.process, timeout)
+        try:
+            _wait_until_up(self.url, self.process, timeout, load_timeout, cancel)
+        except BaseException:
+            _terminate(self.process)
+            raise
         return self.process
 
     def stop(self) -> None:
         """Stop the server (SIGTERM: it flushes its append-only file) and release the folder."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            _terminate(self.process)
         if self._lock is not None:
             self._lock.close()
             self._lock = None
@@ -161,16 +177,47 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_until_up(url: str, server: subprocess.Popen[bytes], timeout: float) -> None:
-    client = Redis.from_url(url, socket_connect_timeout=0.2)
-    deadline = time.monotonic() + timeout
-    while True:
-        if server.poll() is not None:
-            raise QueueUnavailableError(f"the embedded Redis server exited with code {server.returncode}")
+def _terminate(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the server flushes its append-only file), SIGKILL after the grace; reaped either way."""
+    if process.poll() is None:
+        process.terminate()
         try:
-            client.ping()
-            return
-        except (RedisError, OSError):
-            if time.monotonic() > deadline:
-                raise QueueUnavailableError(f"the embedded Redis server did not answer within {timeout:g} s") from None
-            time.sleep(0.05)
+            process.wait(EMBEDDED_REDIS_STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_until_up(
+    url: str, server: subprocess.Popen[bytes], timeout: float, load_timeout: float, cancel: threading.Event | None
+) -> None:
+    """Return once `server` answers PING at `url`; QueueUnavailableError when it exits, stays silent past
+    `timeout`, keeps loading past `load_timeout`, or `cancel` is set."""
+    started = time.monotonic()
+    loading = False
+    # One attempt per PING (no redis-py retries with back-off) and a read timeout: a server that accepts but
+    # never answers (stopped, hung) must not hold this loop past its deadline.
+    with Redis.from_url(url, socket_connect_timeout=0.2, socket_timeout=1.0, retry=Retry(NoBackoff(), 0)) as client:
+        while True:
+            if server.poll() is not None:
+                raise QueueUnavailableError(f"the embedded Redis server exited with code {server.returncode}")
+            if cancel is not None and cancel.is_set():
+                raise QueueUnavailableError("the embedded Redis server's start was cancelled (shutting down)")
+            try:
+                client.ping()
+                return
+            except BusyLoadingError:
+                if not loading:
+                    log.info("the embedded Redis server is loading its append-only file; waiting up to %g s",
+                             load_timeout)
+                loading = True
+                if time.monotonic() > started + load_timeout:
+                    raise QueueUnavailableError(
+                        f"the embedded Redis server was still loading its data after {load_timeout:g} s"
+                    ) from None
+            except (RedisError, OSError):
+                if time.monotonic() > started + timeout:
+                    raise QueueUnavailableError(
+                        f"the embedded Redis server did not answer within {timeout:g} s"
+                    ) from None
+            time.sleep(WAIT_POLL_S)

@@ -12,8 +12,10 @@ Bulk chunk (`backend.prelabel.prelabel_chunk`, bulk queue), BULK_CHUNK_SIZE task
      "model_version": "gsam-...", "force": false, "label_studio_host": null | "https://ls.example"}
 
 A labeling config can be megabytes and every task of a project carries the same one, so a payload holds
-only its sha256; the text is stored once under CONFIG_KEY with a TTL refreshed by every request that
-uses it (see config_ttl), and workers read it by reference, cached by digest. Payloads queued before
+only its sha256; the text is stored once under CONFIG_KEY with a TTL (see config_ttl) refreshed by every
+request that uses it, every worker read of it (cached by digest, the TTL is refreshed even when the text
+comes from the cache) and every progress poll of a bulk run whose chunks are still queued, so a config lives
+as long as a job that refers to it waits, runs or stays readable. Payloads queued before
 references existed hold the text itself under "label_config"; workers still read those.
 """
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, NotRequired, TypedDict
 
 from redis import Redis
@@ -88,18 +90,33 @@ def refresh_config(redis: Redis, payload: Mapping[str, Any], ttl_s: int) -> None
         redis.expire(CONFIG_KEY.format(ref), ttl_s)
 
 
-def payload_config(redis: Redis, payload: Mapping[str, Any]) -> str:
+def refresh_configs(redis: Redis, payloads: Iterable[Mapping[str, Any]], ttl_s: int) -> None:
+    """`refresh_config` for each distinct config these payloads refer to, in one round trip."""
+    refs = {str(payload["label_config_ref"]) for payload in payloads if payload.get("label_config_ref")}
+    if refs:
+        with redis.pipeline(transaction=False) as pipeline:
+            for ref in sorted(refs):
+                pipeline.expire(CONFIG_KEY.format(ref), ttl_s)
+            pipeline.execute()
+
+
+def payload_config(redis: Redis, payload: Mapping[str, Any], ttl_s: int | None = None) -> str:
     """The labeling config text of a job payload: inline (older payloads) or read by its reference.
 
+    With `ttl_s` (workers: the job's config_ttl) the stored config's life is extended by every read, from the
+    cache too (and a cached text whose key expired is stored again), so queued jobs behind it still find it.
     Raises LabelConfigMissingError when the referenced config is gone from Redis.
     """
     inline = payload.get("label_config")
     if isinstance(inline, str):
         return inline
     digest = str(payload["label_config_ref"])
+    key = CONFIG_KEY.format(digest)
     text = _texts.get(digest)
+    if text is not None and ttl_s is not None and not redis.expire(key, ttl_s):
+        redis.set(key, text, ex=ttl_s, nx=True)
     if text is None:
-        raw = redis.get(CONFIG_KEY.format(digest))
+        raw = redis.get(key) if ttl_s is None else redis.getex(key, ex=ttl_s)
         if raw is None:
             raise LabelConfigMissingError(
                 f"the labeling config {digest[:12]} of this job is no longer in Redis (expired); "

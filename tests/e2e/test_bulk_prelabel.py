@@ -45,7 +45,7 @@ CONFIG = REPO / "label_config" / "brush_and_rectangle.xml"
 # Held chunks can be taken by at most 3 workers before the interrupt (the killed one, the survivor and its
 # replacement), so with 4 at least one is still queued when Ctrl-C comes.
 GATED_CHUNKS = 4
-# A held image must wait for its gate, not fail: the workers' read timeout outlasts every wait of the test.
+# A held image must wait for its gate, not fail: the workers' read timeout and fetch deadline outlast every wait.
 HELD_READ_TIMEOUT_S = 1200
 
 
@@ -67,7 +67,8 @@ def test_prelabel_a_project_with_two_workers_a_killed_worker_and_an_interrupt(
     env = scaled_environment(label_studio.url, api_keys["legacy"], tiny_detector_dir, tiny_hf_sam_dir, redis_url,
                              CHUNK)
     # Two workers (three, briefly) share the machine with Label Studio: one torch thread each, not one per core.
-    env.update(OMP_NUM_THREADS="1", IMAGE_READ_TIMEOUT=str(HELD_READ_TIMEOUT_S))
+    env.update(OMP_NUM_THREADS="1", IMAGE_READ_TIMEOUT=str(HELD_READ_TIMEOUT_S),
+               IMAGE_FETCH_DEADLINE=str(HELD_READ_TIMEOUT_S))
     processes = Processes(tmp_path)
     try:
         backend = ScaledBackend(processes, env)

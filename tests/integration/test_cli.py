@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import base64
+import http.server
 import json
+import os
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from redis import Redis
 
+from backend import cli
 from backend.labelstudio.templates import config_for_labels
-from tests.integration.conftest import free_port
+from backend.queueing.connection import api_connection, embedded_redis
+from tests.integration.conftest import REPO, free_port
 from tests.validation import assert_valid_prediction
 
 pytestmark = pytest.mark.integration
@@ -68,3 +77,85 @@ def test_invalid_settings_are_refused_up_front(model_env: dict[str, str]) -> Non
     result = _run(["worker"], {**model_env, "BOX_THRESHOLD": "1.5", "REDIS_URL": "redis://127.0.0.1:1"})
     assert result.returncode == 2
     assert "box_threshold" in result.stderr.lower()
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    """/health of a backend with basic auth ls:s3cret, UP."""
+
+    def do_GET(self) -> None:
+        token = "Basic " + base64.b64encode(b"ls:s3cret").decode()
+        status, body = (200, {"status": "UP", "workers": 1, "queued": 0}) if self.headers.get(
+            "Authorization") == token else (401, {"detail": "unauthorized"})
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def health_server() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield int(server.server_address[1])
+    server.shutdown()
+    server.server_close()
+
+
+class _Listener:
+    """A TCP listener standing in for a proxy: records whatever reaches it and closes the connection."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            with connection:
+                connection.settimeout(5)
+                try:
+                    self.received.append(connection.recv(65536))
+                except OSError:
+                    self.received.append(b"(connected)")
+
+
+def test_health_command_talks_to_this_machine_and_never_to_a_proxy(health_server: int) -> None:
+    """HTTP(S)_PROXY/ALL_PROXY set (as in many corporate containers): the credentials go to the API only, and the
+    answer is the API's (UP), not the proxy's."""
+    proxy = _Listener()
+    proxy_url = f"http://127.0.0.1:{proxy.port}"
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "redis_url")}
+    env.update(PYTHONPATH=str(REPO), HOST="127.0.0.1", PORT=str(health_server), BASIC_AUTH_USER="ls",
+               BASIC_AUTH_PASS="s3cret", HTTP_PROXY=proxy_url, http_proxy=proxy_url, ALL_PROXY=proxy_url,
+               all_proxy=proxy_url, HTTPS_PROXY=proxy_url)
+    try:
+        result = _run(["health"], env, timeout=60)
+    finally:
+        proxy.sock.close()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("UP: 1 workers"), result.stdout
+    assert proxy.received == []
+
+
+def test_dead_workers_are_unregistered_over_one_connection() -> None:
+    """Each worker death unregisters the dead worker; all of them over the one connection `serve` keeps, not a
+    new connection pool per death."""
+    with embedded_redis() as url, Redis.from_url(url) as admin:  # its own server: no other client connects
+        before = int(admin.info("stats")["total_connections_received"])
+        with api_connection(url) as registry:
+            for _ in range(3):
+                dead = subprocess.Popen([sys.executable, "-c", "pass"])
+                dead.wait()
+                cli._forget_worker(registry, dead)
+        assert int(admin.info("stats")["total_connections_received"]) - before == 1

@@ -384,3 +384,30 @@ def test_worker_logs_one_record_per_failed_job_and_does_not_retry_exceptions(
     queue.submit("boom" + prefix, {"n": "boom"})  # ordinary failure: a resubmit queues it again
     job = Job.fetch("boom" + prefix, connection=redis, serializer=JSONSerializer)
     assert job.get_status() == JobStatus.QUEUED and job.retries_left == CRASH_RETRIES
+
+
+def test_a_job_that_outlives_two_shutdowns_is_not_failed_as_poison(
+    processes: Processes, env: dict[str, str], gate: Gate
+) -> None:
+    """`serve` stopped twice while the same job runs (each time past WORKER_STOP_GRACE_S, so its worker is
+    killed): a deliberate stop is no crash, the job keeps its crash retry and runs again after each restart.
+    Before, the second stop made it "took down 2 workers" and it was never run again."""
+    gate.hold = 10**6  # the job's image never comes: it is in flight at each stop
+    serve = processes.serve(env)
+    thread, _ = _in_background(lambda: _predict(serve.url, gate.url))
+    for stop in (1, 2):
+        gate.wait_requests(stop)  # the job runs (again)
+        assert serve.stop(timeout=DEADLINE_S) == 0
+        assert "did not stop within" in serve.log(), "the worker was not killed: the test proves nothing"
+        serve = processes.serve(env)  # same EMBEDDED_REDIS_DIR and queue: the job is still there
+    thread.join(DEADLINE_S)
+    redis = _embedded_redis(serve.popen.pid)
+    job = _only_job(redis, env["QUEUE_NAME"])
+    _wait_for("the job to run again or fail", lambda: gate.requests >= 3 or job.get_status() == JobStatus.FAILED)
+    job.refresh()
+    assert job.get_status() != JobStatus.FAILED, failure_reason(job)
+    assert gate.requests == 3, "the job did not run again after the second stop"
+    assert job.retries_left == CRASH_RETRIES, "a deliberate stop spent the job's crash retry"
+    gate.release.set()
+    answer = _predict(serve.url, gate.url)
+    assert answer.status_code == 200 and answer.json()["results"][0]["result"], answer.text

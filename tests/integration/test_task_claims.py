@@ -204,3 +204,35 @@ def test_a_chunk_drops_lost_tasks_after_fetching_and_does_not_fail_them(claims: 
         assert not chunk.finish(3, None, fetched[0], ())  # type: ignore[arg-type]
         assert chunk.report.failed == {3: "HTTP 503"} and claims.holder(3) is None, "an own failure is failed"
         assert claims.holder(4) == "heir" and not studio.created
+
+
+def test_a_lapsed_claim_nobody_took_is_still_held_and_taken_again(claims: TaskClaims) -> None:
+    """Cut off past the TTL, but no other worker took the task: the claim is re-taken, not lost. Before, keep()
+    dropped it as lost and nobody ever predicted the task."""
+    stalled = Claimant(claims, "stalled", 1)  # not entered: nothing renews its claims, as when cut off
+    assert stalled.take(9) and stalled.take(10) and stalled.take(11)
+    lapsed(claims, 9)
+    lapsed(claims, 10)
+    lapsed(claims, 11)
+    assert stalled.keep([9]) == [9], "a lapsed claim nobody took was reported lost"
+    assert claims.holder(9) == "stalled" and claims.redis.ttl(claims.key(9)) > 0, "the lapsed claim was not re-taken"
+    assert stalled.holds(9)
+    assert stalled.mark_done(10) and claims.holder(10) == "done", "a lapsed claim nobody took could not be finished"
+    assert stalled.release(11) and claims.holder(11) is None
+
+
+def test_a_chunk_pushes_a_task_whose_claim_lapsed_and_nobody_took(claims: TaskClaims, runtime: Runtime) -> None:
+    """Back from a partition with its images, the chunk finds its claim lapsed and the task untaken: it claims it
+    again and pushes it (before, it was skipped as lost and the chunk ended "successfully" without it)."""
+    studio = RecordingStudio()
+    mine = Claimant(claims, "returning", 1)  # not entered: nothing renewed it while cut off
+    assert mine.take(12)
+    chunk = chunk_of(runtime, studio, mine)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    lapsed(claims, 12)
+    tasks, images = chunk.still_held([{"id": 12}], [image])
+    assert tasks == [{"id": 12}] and not chunk.report.lost, "a lapsed claim nobody took was dropped as lost"
+    classes = text_classes(chunk.config)
+    segmented = next(stream_images(runtime, images, classes))
+    assert chunk.finish(12, image, segmented, classes)
+    assert studio.created == [12] and chunk.report.pushed == [12] and claims.holder(12) == "done"

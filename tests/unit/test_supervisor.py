@@ -10,11 +10,28 @@ import time
 import pytest
 
 from backend.errors import CrashLoopError
-from backend.supervisor import Child, RestartPolicy, Supervisor, describe_exit
+from backend.supervisor import (
+    Child,
+    RestartPolicy,
+    Supervisor,
+    describe_exit,
+    terminate,
+)
 
 
 def _python(code: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", code])
+
+
+def _sleep() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["sleep", "60"])
+
+
+def _kill_all(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
 
 
 def test_backoff_doubles_per_recent_death_and_is_capped() -> None:
@@ -66,3 +83,97 @@ def test_a_living_child_is_left_alone_and_stopping_ends_the_watch() -> None:
         child.process.kill()
         child.process.wait()
     assert not watcher.is_alive()
+
+
+def test_stop_all_waits_for_a_restart_in_progress_and_stops_the_process_it_started() -> None:
+    """`serve` stopping while the supervisor is inside a restart: the process being started is not missed (the
+    old code stopped the dead process it read, and the new one ran on)."""
+    starts: list[subprocess.Popen[bytes]] = []
+    stopped: list[subprocess.Popen[bytes]] = []
+    restarting, finish_restart = threading.Event(), threading.Event()
+
+    def start() -> subprocess.Popen[bytes]:
+        starts.append(_sleep())
+        if len(starts) > 1:  # the restart: spawned, not yet returned when stop_all begins
+            restarting.set()
+            assert finish_restart.wait(30)
+        return starts[-1]
+
+    def stop(process: subprocess.Popen[bytes]) -> None:
+        stopped.append(process)
+        terminate(process)
+
+    child = Child("worker", start, stop=stop)
+    child.launch()
+    supervisor = Supervisor([child], RestartPolicy(max_restarts=5, window_s=60, first_backoff_s=0.01))
+    watcher = threading.Thread(target=supervisor.watch)
+    stopper = threading.Thread(target=supervisor.stop_all)
+    watcher.start()
+    try:
+        starts[0].kill()
+        assert restarting.wait(30)
+        stopper.start()
+        assert supervisor.stopping.wait(30)
+        finish_restart.set()
+        stopper.join(30)
+        watcher.join(30)
+        assert not stopper.is_alive() and not watcher.is_alive()
+        assert len(starts) == 2 and stopped == [starts[1]]
+        assert starts[1].returncode is not None and supervisor.released.is_set()
+    finally:
+        finish_restart.set()
+        supervisor.stopping.set()
+        _kill_all(starts)
+
+
+def test_no_child_is_started_once_stop_all_has_begun() -> None:
+    """A child dead and waiting out its back-off when `serve` stops is not started again; stop_all still stops
+    (reaps) what it has."""
+    starts: list[subprocess.Popen[bytes]] = []
+    died = threading.Event()
+
+    def start() -> subprocess.Popen[bytes]:
+        starts.append(_sleep())
+        return starts[-1]
+
+    child = Child("worker", start, on_death=lambda _: died.set())
+    child.launch()
+    supervisor = Supervisor([child], RestartPolicy(max_restarts=5, window_s=60, first_backoff_s=60))
+    watcher = threading.Thread(target=supervisor.watch)
+    watcher.start()
+    try:
+        starts[0].kill()
+        assert died.wait(30)
+        supervisor.stop_all()
+        watcher.join(30)
+        assert not watcher.is_alive()
+        assert len(starts) == 1 and starts[0].returncode is not None
+    finally:
+        supervisor.stopping.set()
+        _kill_all(starts)
+
+
+def test_stop_all_stops_the_children_last_started_first() -> None:
+    """`serve`'s order: the worker (listed after the Redis it needs) stops before the Redis."""
+    order: list[str] = []
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def child(name: str) -> Child:
+        def stop(process: subprocess.Popen[bytes]) -> None:
+            assert process.poll() is None, f"{name} was not running when stopped"
+            order.append(name)
+            terminate(process)
+
+        made = Child(name, _sleep, stop=stop)
+        made.launch()
+        assert made.process is not None
+        processes.append(made.process)
+        return made
+
+    supervisor = Supervisor([child("redis"), child("worker")], RestartPolicy(max_restarts=1, window_s=60))
+    try:
+        supervisor.stop_all()
+        assert order == ["worker", "redis"]
+        assert all(process.returncode is not None for process in processes)
+    finally:
+        _kill_all(processes)
