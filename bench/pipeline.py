@@ -55,9 +55,9 @@ from backend.images.fetch import decode_image  # noqa: E402
 from backend.labelstudio.config import parse_label_config  # noqa: E402
 from backend.labelstudio.results import OutputOptions  # noqa: E402
 from backend.labelstudio.version import model_version  # noqa: E402
+from backend.packed_mask import PackedMask  # noqa: E402
 from backend.pipeline.build import build_pipeline  # noqa: E402
 from backend.pipeline.grounded_sam import GroundedSam  # noqa: E402
-from backend.packed_mask import PackedMask  # noqa: E402
 from backend.pipeline.segmenter import HfSamSegmenter, Masks, SegmentAnythingSegmenter  # noqa: E402
 from backend.pipeline.types import DetectionThresholds, ModelSpec, PostprocessOptions, Segmented  # noqa: E402
 

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from backend.packed_mask import PackedMask
 from backend.pipeline.detector import GroundingDinoDetector
 from backend.pipeline.masks import clean_mask
 from backend.pipeline.negatives import ClassPlan, build_class_plan, suppress_negatives
-from backend.packed_mask import PackedMask
 from backend.pipeline.postprocess import finish
 from backend.pipeline.segmenter import Masks, Segmenter
 from backend.pipeline.shapes import sam_input

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
-from backend.pipeline.memory import prefetched, run_halving
 from backend.packed_mask import PackedMask
+from backend.pipeline.memory import prefetched, run_halving
 
 if TYPE_CHECKING:
     from segment_anything import SamPredictor

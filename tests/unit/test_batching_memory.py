@@ -17,11 +17,11 @@ from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
 from backend.errors import ImageFetchError
 from backend.jobs import Runtime
+from backend.packed_mask import stacked
 from backend.pipeline import memory
 from backend.pipeline.detector import GroundingDinoDetector
 from backend.pipeline.grounded_sam import GroundedSam
 from backend.pipeline.memory import DeviceOutOfMemoryError, run_halving
-from backend.packed_mask import stacked
 from backend.pipeline.types import DetectionThresholds, Segmented, TextClass
 from backend.prelabel import _Chunk
 from tests.unit.test_segmenter import hf_segmenter

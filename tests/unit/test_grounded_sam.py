@@ -12,10 +12,10 @@ from PIL import Image
 from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
 from backend.errors import ModelLoadError
+from backend.packed_mask import PackedMask
 from backend.pipeline.build import build_pipeline
 from backend.pipeline.detector import GroundingDinoDetector
 from backend.pipeline.grounded_sam import GroundedSam
-from backend.packed_mask import PackedMask
 from backend.pipeline.types import (
     ClassOptions,
     Detection,

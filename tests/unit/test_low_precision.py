@@ -19,8 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from backend.pipeline.build import _build_segmenter, build_pipeline
 from backend.packed_mask import PackedMask
+from backend.pipeline.build import _build_segmenter, build_pipeline
 from backend.pipeline.types import DetectionThresholds, Instance, ModelSpec, TextClass
 
 CLASSES = (TextClass("Cat", ("cat",)), TextClass("Dog", ("dog",)), TextClass("Car", ("car",)))

@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForMaskGeneration, AutoProcessor
 
-from backend.pipeline.build import _load_sam_checkpoint
 from backend.packed_mask import stacked
+from backend.pipeline.build import _load_sam_checkpoint
 from backend.pipeline.segmenter import (
     UPSAMPLE_BUDGET,
     HfSamSegmenter,

@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModelForMaskGeneration, AutoProcessor
 
 from backend.errors import ModelLoadError
-from backend.pipeline.build import SamArchitecture, _load_sam_checkpoint, build_pipeline
 from backend.packed_mask import stacked
+from backend.pipeline.build import SamArchitecture, _load_sam_checkpoint, build_pipeline
 from backend.pipeline.segmenter import (
     HfSamSegmenter,
     SegmentAnythingSegmenter,
