@@ -48,29 +48,38 @@ class BackendClient:
         return dict(response.json())
 
 
-def prelabel(settings: Settings, backend: BackendClient, project: int, query: Mapping[str, Any] | None,
-             force: bool) -> int:
+def prelabel(
+    settings: Settings, backend: BackendClient, project: int, query: Mapping[str, Any] | None, force: bool
+) -> int:
     """Queue the project's unlabelled tasks and follow them; exit code 0 when every task got a prediction."""
     studio = _studio(settings)
     label_config = studio.label_config(project)
     version = backend.call("POST", "/setup", json={"project": str(project), "schema": label_config})["model_version"]
     tasks = list(studio.tasks(project, query))
     todo = [t for t in tasks if force or version not in t.prediction_versions]
-    print(f"project {project}: {len(tasks)} tasks, {len(tasks) - len(todo)} already have {version}, "
-          f"{len(todo)} to pre-label", file=sys.stderr)
+    print(
+        f"project {project}: {len(tasks)} tasks, {len(tasks) - len(todo)} already have {version}, "
+        f"{len(todo)} to pre-label",
+        file=sys.stderr,
+    )
     if not todo:
         return 0
     run_ids = []
     for start in range(0, len(todo), TASKS_PER_REQUEST):
-        body = {"project": project, "label_config": label_config, "force": force,
-                "tasks": [{"id": t.id, "data": t.data} for t in todo[start : start + TASKS_PER_REQUEST]]}
+        body = {
+            "project": project,
+            "label_config": label_config,
+            "force": force,
+            "tasks": [{"id": t.id, "data": t.data} for t in todo[start : start + TASKS_PER_REQUEST]],
+        }
         run_ids.append(backend.call("POST", "/prelabel", json=body)["run_id"])
     try:
         progress = _follow(backend, run_ids, len(todo))
     except KeyboardInterrupt:
         canceled = backend.call("DELETE", "/jobs", params={"project": project})["canceled"]
-        print(f"\nstopped: {canceled} queued chunks canceled, running ones finish; run again to resume",
-              file=sys.stderr)
+        print(
+            f"\nstopped: {canceled} queued chunks canceled, running ones finish; run again to resume", file=sys.stderr
+        )
         return 130
     return _summary(progress, project)
 
@@ -88,7 +97,9 @@ def retry(backend: BackendClient, project: int) -> int:
 
 def _studio(settings: Settings) -> LabelStudioApi:
     if not (settings.label_studio_url and settings.label_studio_api_key):
-        raise BackendCallError("prelabel reads the project from Label Studio: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+        raise BackendCallError(
+            "prelabel reads the project from Label Studio: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"
+        )
     return LabelStudioApi(settings.label_studio_url, settings.label_studio_api_key, settings.label_studio_timeout)
 
 

@@ -128,8 +128,12 @@ def _embedded_supervisor(settings: Settings, redis: EmbeddedRedis, registry: Red
     # A restart of Redis that is still waiting (a large append-only file loading) gives up when `serve` stops.
     server = Child("embedded Redis", lambda: redis.start(cancel=supervisor.stopping), stop=lambda _: redis.stop())
     server.process = redis.process
-    worker = Child("worker", lambda: _spawn_worker(redis.url), on_death=lambda dead: _forget_worker(registry, dead),
-                   stop=lambda process: _stop(process, registry))
+    worker = Child(
+        "worker",
+        lambda: _spawn_worker(redis.url),
+        on_death=lambda dead: _forget_worker(registry, dead),
+        stop=lambda process: _stop(process, registry),
+    )
     worker.launch()
     supervisor = Supervisor([server, worker], policy)
     return supervisor
@@ -163,8 +167,13 @@ def _serve_api(settings: Settings, supervisor: Supervisor | None = None) -> int:
     from backend.api.app import create_app
     from backend.api.shutdown import JsonWhenCancelled
 
-    config = uvicorn.Config(JsonWhenCancelled(create_app(settings)), host=settings.host, port=settings.port,
-                            log_level=settings.log_level.lower(), timeout_graceful_shutdown=HTTP_STOP_GRACE_S)
+    config = uvicorn.Config(
+        JsonWhenCancelled(create_app(settings)),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=HTTP_STOP_GRACE_S,
+    )
     server = uvicorn.Server(config)
     failed = threading.Event()
     if supervisor is not None:

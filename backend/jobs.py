@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from PIL import Image
 from rq import get_current_job
+from rq.job import Job
 
 from backend.errors import BackendError
 from backend.images.fetch import ImageFetcher
@@ -69,6 +70,14 @@ def current_runtime() -> Runtime:
     return _runtime
 
 
+def current_job() -> Job:
+    """The rq job this thread runs; the job functions below run only as rq jobs."""
+    job = get_current_job()
+    if job is None:
+        raise RuntimeError("not running as an rq job")
+    return job
+
+
 def install(runtime: Runtime) -> None:
     """Register the worker's runtime once, before it takes jobs."""
     global _runtime
@@ -100,7 +109,7 @@ def predict_task(payload: dict[str, Any]) -> dict[str, Any]:
     runtime = current_runtime()
     task = payload["task"]
     config, version = checked_config(runtime, payload)
-    stats = WorkerStats(get_current_job().connection)
+    stats = WorkerStats(current_job().connection)
     started = time.perf_counter()
     try:
         with stats.stage("fetch"):
@@ -129,7 +138,9 @@ def _interactive_or_batch(
     return predict_image(runtime, image, config, version)
 
 
-def fetch_image(runtime: Runtime, task: Mapping[str, Any], config: LabelConfig, payload: Mapping[str, Any]) -> Image.Image:
+def fetch_image(
+    runtime: Runtime, task: Mapping[str, Any], config: LabelConfig, payload: Mapping[str, Any]
+) -> Image.Image:
     """The task's image, RGB with EXIF applied (ImageFetchError / TaskDataError when it cannot be had)."""
     ref = image_ref(task, config)
     return runtime.fetcher.fetch(ref, task_id=task_id(task), label_studio_host=payload.get("label_studio_host"))
@@ -138,9 +149,9 @@ def fetch_image(runtime: Runtime, task: Mapping[str, Any], config: LabelConfig, 
 def checked_config(runtime: Runtime, payload: Mapping[str, Any]) -> tuple[LabelConfig, str]:
     """The payload's parsed config (read from Redis by reference) and model version, after checking this
     worker computes that version."""
-    job = get_current_job()
+    job = current_job()
     # Every read extends the stored config's life as the API's store did, so the jobs queued behind find it.
-    ttl_s = config_ttl(job.timeout or 0, job.result_ttl or 0, job.failure_ttl or 0)
+    ttl_s = config_ttl(int(job.timeout or 0), job.result_ttl or 0, job.failure_ttl or 0)
     config = parse_label_config(payload_config(job.connection, payload, ttl_s))
     expected = model_version(runtime.fingerprint, config)
     if payload["model_version"] != expected:
@@ -175,8 +186,12 @@ def finish_image(runtime: Runtime, segmented: Segmented, classes: tuple[TextClas
 
 
 def to_prediction(
-    runtime: Runtime, instances: list[Instance], classes: tuple[TextClass, ...], config: LabelConfig,
-    image: Image.Image, version: str,
+    runtime: Runtime,
+    instances: list[Instance],
+    classes: tuple[TextClass, ...],
+    config: LabelConfig,
+    image: Image.Image,
+    version: str,
 ) -> dict[str, Any]:
     """Label Studio prediction of `instances` on `image` (regions sized to the image as displayed)."""
     objects = [_to_object(instance, classes) for instance in instances]

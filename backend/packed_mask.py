@@ -52,7 +52,8 @@ class PackedMask:
         """The packed form of a bool (H, W) mask."""
         if mask.ndim != 2:
             raise ValueError(f"mask must be a bool HxW array, got shape {mask.shape}")
-        return cls.from_window(mask, 0, 0, mask.shape)
+        height, width = mask.shape
+        return cls.from_window(mask, 0, 0, (height, width))
 
     @classmethod
     def from_window(cls, window: npt.NDArray[np.bool_], top: int, left: int, shape: tuple[int, int]) -> PackedMask:

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
-from rq import get_current_job
 
 from backend.errors import BackendError
 from backend.jobs import (
     Runtime,
     checked_config,
+    current_job,
     current_runtime,
     fetch_image,
     finish_image,
@@ -75,7 +75,7 @@ def prelabel_chunk(payload: dict[str, Any]) -> dict[str, Any]:
     runtime = current_runtime()
     if runtime.studio is None:
         raise StudioNotConfiguredError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY for workers doing bulk work")
-    job = get_current_job()
+    job = current_job()
     config, version = checked_config(runtime, payload)
     claims = TaskClaims(job.connection, str(payload["project"]), version)
     with Claimant(claims, owner=f"{job.worker_name or 'worker'}:{job.id}") as claimant:
@@ -119,9 +119,7 @@ class _Chunk:
             force = False  # what another worker finished meanwhile is already this version, fresh
             time.sleep(HELD_ELSEWHERE_POLL_S)
 
-    def claim(
-        self, tasks: Sequence[dict[str, Any]], force: bool
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def claim(self, tasks: Sequence[dict[str, Any]], force: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Split `tasks` into those to compute now and those another worker holds; done ones are skipped."""
         todo, held_elsewhere = [], []
         for task in tasks:
@@ -176,8 +174,9 @@ class _Chunk:
 
     def lose(self, tids: Sequence[int]) -> bool:
         """Skip tasks whose claims this chunk lost: another worker took them over or finished them. False."""
-        log.info("skipped tasks %s: this worker's claims lapsed and another worker took them over",
-                 ", ".join(map(str, tids)))
+        log.info(
+            "skipped tasks %s: this worker's claims lapsed and another worker took them over", ", ".join(map(str, tids))
+        )
         self.report.lost.extend(tids)
         return False
 
@@ -225,13 +224,19 @@ class _Chunk:
             return exc
 
     def finish(
-        self, tid: int, image: Image.Image, segmented: Segmented | BackendError, classes: tuple[TextClass, ...]
+        self,
+        tid: int,
+        image: Image.Image | BackendError,
+        segmented: Segmented | BackendError,
+        classes: tuple[TextClass, ...],
     ) -> bool:
         """Clean up, encode and push one task's result, or record its failure; True when pushed.
-        Runs on a finisher thread."""
+        Runs on a finisher thread. A failed fetch's error comes as both `image` and `segmented`."""
         try:
             if isinstance(segmented, BackendError):
                 raise segmented
+            if isinstance(image, BackendError):
+                raise image
             with self.stats.stage("postprocess"):
                 instances = finish_image(self.runtime, segmented, classes)
                 prediction = to_prediction(self.runtime, instances, classes, self.config, image, self.version)

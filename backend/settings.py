@@ -40,7 +40,9 @@ class Settings(BaseSettings):
     # HTTP
     host: str = Field("0.0.0.0", description="Interface the HTTP server binds to.")
     port: int = Field(9090, ge=1, le=65535, description="Port of the HTTP server.")
-    basic_auth_user: str | None = Field(None, description="With BASIC_AUTH_PASS: require HTTP basic auth on every route.")
+    basic_auth_user: str | None = Field(
+        None, description="With BASIC_AUTH_PASS: require HTTP basic auth on every route."
+    )
     basic_auth_pass: str | None = Field(None, description="Password for BASIC_AUTH_USER.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level of all processes.")
 
@@ -49,41 +51,58 @@ class Settings(BaseSettings):
         None, description="Redis to queue jobs on. Unset: `serve` starts an embedded server and one worker itself."
     )
     queue_name: str = Field(
-        "grounded-sam", description="Prefix of the two rq queues, <name>-interactive and <name>-bulk (workers take interactive first)."
+        "grounded-sam",
+        description="Prefix of the two rq queues, <name>-interactive and <name>-bulk (workers take interactive first).",
     )
     predict_timeout: float = Field(
-        90.0, gt=0, description="Seconds /predict waits for its jobs; keep under Label Studio's ML_TIMEOUT_PREDICT (100 s)."
+        90.0,
+        gt=0,
+        description="Seconds /predict waits for its jobs; keep under Label Studio's ML_TIMEOUT_PREDICT (100 s).",
     )
     sync_budget: float = Field(
-        45.0, gt=0, description="A /predict estimated to need longer (tasks x measured seconds/task / workers) is queued as bulk work and pushed to Label Studio."
+        45.0,
+        gt=0,
+        description="A /predict estimated to need longer (tasks x measured seconds/task / workers) is queued as bulk work and pushed to Label Studio.",
     )
     prior_task_seconds: float = Field(
         2.0, gt=0, description="Seconds per task assumed for that estimate until workers have measured it."
     )
     sync_max_tasks: int = Field(
-        64, ge=1, description="Most tasks one /predict computes while Label Studio waits; more go bulk (with LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY) or get 413."
+        64,
+        ge=1,
+        description="Most tasks one /predict computes while Label Studio waits; more go bulk (with LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY) or get 413.",
     )
     max_request_bytes: int = Field(
         16 * 2**20, gt=0, description="Largest request body accepted, in bytes; a larger one gets 413."
     )
     label_config_max_bytes: int = Field(
-        2**20, gt=0, description="Largest labeling config /setup, /predict and /prelabel accept, in bytes (UTF-8); a larger one gets 413."
+        2**20,
+        gt=0,
+        description="Largest labeling config /setup, /predict and /prelabel accept, in bytes (UTF-8); a larger one gets 413.",
     )
-    bulk_chunk_size: int = Field(8, ge=1, le=256, description="Tasks per bulk job (they share prompt encoding and model batches).")
+    bulk_chunk_size: int = Field(
+        8, ge=1, le=256, description="Tasks per bulk job (they share prompt encoding and model batches)."
+    )
     job_timeout: int = Field(600, gt=0, description="Seconds one job may run before rq stops it.")
     result_ttl: int = Field(3600, ge=0, description="Seconds a finished job's prediction stays in Redis for re-use.")
     failure_ttl: int = Field(24 * 3600, ge=0, description="Seconds a failed job stays in rq's failed registry.")
     worker_heartbeat: float = Field(
-        5.0, gt=0, description="Seconds between a busy worker's heartbeats; 3 missed beats after its worker dies a job is queued again, once (a second death fails it)."
+        5.0,
+        gt=0,
+        description="Seconds between a busy worker's heartbeats; 3 missed beats after its worker dies a job is queued again, once (a second death fails it).",
     )
     embedded_redis_dir: str = Field(
-        "~/.local/state/grounded-sam/redis", description="Folder where the embedded Redis (REDIS_URL unset) keeps its append-only file, so queued and finished work survive restarts; one `serve` per folder."
+        "~/.local/state/grounded-sam/redis",
+        description="Folder where the embedded Redis (REDIS_URL unset) keeps its append-only file, so queued and finished work survive restarts; one `serve` per folder.",
     )
     embedded_redis_maxmemory: str = Field(
-        "512mb", description="Memory limit of the embedded Redis; at the limit writes are refused (noeviction), queue state is never dropped."
+        "512mb",
+        description="Memory limit of the embedded Redis; at the limit writes are refused (noeviction), queue state is never dropped.",
     )
     supervise_max_restarts: int = Field(
-        3, ge=1, description="`serve` restarts its worker or embedded Redis when it dies (after 1 s, 2 s, ... up to 30 s); one that dies again after this many restarts within SUPERVISE_WINDOW stops `serve`."
+        3,
+        ge=1,
+        description="`serve` restarts its worker or embedded Redis when it dies (after 1 s, 2 s, ... up to 30 s); one that dies again after this many restarts within SUPERVISE_WINDOW stops `serve`.",
     )
     supervise_window: float = Field(300.0, gt=0, description="Seconds over which SUPERVISE_MAX_RESTARTS is counted.")
 
@@ -101,7 +120,10 @@ class Settings(BaseSettings):
         "float32", description="SAM precision. Grounding DINO always runs in float32."
     )
     sam_image_batch: int = Field(
-        1, ge=1, le=64, description="Images per SAM image-encoder forward in bulk chunks (transformers SAM). On a 2-core CPU 8 was 2.3x slower per image than 1; raise it on a GPU after measuring (bench/). Splits itself when GPU memory runs out."
+        1,
+        ge=1,
+        le=64,
+        description="Images per SAM image-encoder forward in bulk chunks (transformers SAM). On a 2-core CPU 8 was 2.3x slower per image than 1; raise it on a GPU after measuring (bench/). Splits itself when GPU memory runs out.",
     )
     box_threshold: float = Field(0.3, ge=0, le=1, description="Minimum detector score of a box.")
     text_threshold: float = Field(0.25, ge=0, le=1, description="Minimum score of the label chosen for a box.")
@@ -109,32 +131,55 @@ class Settings(BaseSettings):
     nms_iou: float = Field(0.7, ge=0, le=1, description="Boxes of one label overlapping more than this IoU are merged.")
 
     # Post-processing and output (Label attributes min_area / max_instances override the first two per label)
-    min_area: int = Field(0, ge=0, description="Fewest mask pixels an object needs to be returned; a Label's min_area overrides it.")
+    min_area: int = Field(
+        0, ge=0, description="Fewest mask pixels an object needs to be returned; a Label's min_area overrides it."
+    )
     max_instances: int | None = Field(
-        None, ge=1, description="Most objects of one label per image (unset: no limit); a Label's max_instances overrides it."
+        None,
+        ge=1,
+        description="Most objects of one label per image (unset: no limit); a Label's max_instances overrides it.",
     )
     negative_iou: float = Field(
-        0.5, ge=0, le=1, description="A box overlapping a box of one of its label's negative prompts by more than this IoU is dropped."
+        0.5,
+        ge=0,
+        le=1,
+        description="A box overlapping a box of one of its label's negative prompts by more than this IoU is dropped.",
     )
     dedup_iou: float = Field(
-        0.5, ge=0, le=1, description="Objects of different labels whose masks overlap more than this IoU are one object; the higher score keeps it (1: off)."
+        0.5,
+        ge=0,
+        le=1,
+        description="Objects of different labels whose masks overlap more than this IoU are one object; the higher score keeps it (1: off).",
     )
     dedup_score_margin: float = Field(
-        0.02, ge=0, le=1, description="Detection scores this close count as a tie there; the higher SAM mask score wins it."
+        0.02,
+        ge=0,
+        le=1,
+        description="Detection scores this close count as a tie there; the higher SAM mask score wins it.",
     )
-    mask_fill_holes: int = Field(100, ge=0, description="Holes in a mask of at most this many pixels are filled (0: off).")
+    mask_fill_holes: int = Field(
+        100, ge=0, description="Holes in a mask of at most this many pixels are filled (0: off)."
+    )
     mask_min_island: int = Field(
-        100, ge=0, description="Parts of a mask smaller than this many pixels are dropped, never its largest part (0: off)."
+        100,
+        ge=0,
+        description="Parts of a mask smaller than this many pixels are dropped, never its largest part (0: off).",
     )
-    mask_smoothing: float = Field(0.0, ge=0, description="Sigma in pixels of the Gaussian that smooths mask outlines (0: off).")
+    mask_smoothing: float = Field(
+        0.0, ge=0, description="Sigma in pixels of the Gaussian that smooths mask outlines (0: off)."
+    )
     rectangle_source: Literal["detector", "mask"] = Field(
-        "detector", description="Rectangles are the detector's box (detector) or the box around the cleaned mask (mask)."
+        "detector",
+        description="Rectangles are the detector's box (detector) or the box around the cleaned mask (mask).",
     )
-    polygon_tolerance: float = Field(1.0, ge=0, description="Most distance in pixels between a polygon and its mask's outline.")
+    polygon_tolerance: float = Field(
+        1.0, ge=0, description="Most distance in pixels between a polygon and its mask's outline."
+    )
 
     # Images
     label_studio_url: str | None = Field(
-        None, description="Label Studio base URL, for /data/upload and /data/local-files images (not localhost in Docker)."
+        None,
+        description="Label Studio base URL, for /data/upload and /data/local-files images (not localhost in Docker).",
     )
     label_studio_api_key: str | None = Field(
         None, description="Legacy token or personal access token of a Label Studio user who can read the tasks."
@@ -142,19 +187,25 @@ class Settings(BaseSettings):
     local_files_document_root: str | None = Field(
         None, description="Read /data/local-files/?d= images from this folder directly when it holds them."
     )
-    label_studio_timeout: float = Field(30.0, gt=0, description="Seconds for each Label Studio API call (pushing predictions, listing tasks).")
+    label_studio_timeout: float = Field(
+        30.0, gt=0, description="Seconds for each Label Studio API call (pushing predictions, listing tasks)."
+    )
     image_connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect when fetching an image.")
     image_read_timeout: float = Field(30.0, gt=0, description="Seconds to wait for image bytes.")
     image_max_bytes: int = Field(50 * 2**20, gt=0, description="Largest image file accepted, in bytes.")
-    image_max_pixels: int = Field(100_000_000, gt=0, description="Largest image accepted, in pixels (decompression bombs).")
+    image_max_pixels: int = Field(
+        100_000_000, gt=0, description="Largest image accepted, in pixels (decompression bombs)."
+    )
     image_fetch_deadline: float = Field(
         60.0, gt=0, description="Seconds one image fetch may take in all: redirects, connects and bytes included."
     )
     fetch_allow_networks: str | None = Field(
-        None, description="Comma-separated CIDRs or addresses image fetches may connect to although they are loopback, private, link-local or otherwise not public (e.g. 10.0.0.0/8,192.168.1.20)."
+        None,
+        description="Comma-separated CIDRs or addresses image fetches may connect to although they are loopback, private, link-local or otherwise not public (e.g. 10.0.0.0/8,192.168.1.20).",
     )
     fetch_allow_hosts: str | None = Field(
-        None, description="Comma-separated host names image fetches may connect to whatever they resolve to; a leading dot allows subdomains (.corp.example: a.corp.example, not corp.example)."
+        None,
+        description="Comma-separated host names image fetches may connect to whatever they resolve to; a leading dot allows subdomains (.corp.example: a.corp.example, not corp.example).",
     )
 
     @model_validator(mode="after")

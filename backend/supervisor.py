@@ -39,7 +39,7 @@ class RestartPolicy:
 
     def backoff(self, deaths: int) -> float:
         """Seconds before restarting a child that died `deaths` times (>= 1) within the window."""
-        return min(self.max_backoff_s, self.first_backoff_s * 2 ** (deaths - 1))
+        return min(self.max_backoff_s, self.first_backoff_s * 2.0 ** (deaths - 1))
 
 
 def terminate(process: subprocess.Popen[bytes]) -> None:
@@ -53,7 +53,9 @@ class Child:
     """One supervised process: how to start and stop it, the process now running, when it died recently."""
 
     def __init__(
-        self, name: str, start: Callable[[], subprocess.Popen[bytes]],
+        self,
+        name: str,
+        start: Callable[[], subprocess.Popen[bytes]],
         on_death: Callable[[subprocess.Popen[bytes]], None] | None = None,
         stop: Callable[[subprocess.Popen[bytes]], None] = terminate,
     ) -> None:
@@ -116,8 +118,15 @@ class Supervisor:
         while not self.stopping.is_set():
             deaths = self._record_death(child, how)
             delay = self.policy.backoff(deaths)
-            log.error("%s %s; restarting it in %.0f s (restart %d of %d within %.0f s)",
-                      child.name, how, delay, deaths, self.policy.max_restarts, self.policy.window_s)
+            log.error(
+                "%s %s; restarting it in %.0f s (restart %d of %d within %.0f s)",
+                child.name,
+                how,
+                delay,
+                deaths,
+                self.policy.max_restarts,
+                self.policy.window_s,
+            )
             if self.stopping.wait(delay):
                 return
             try:

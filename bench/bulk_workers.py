@@ -49,8 +49,14 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def measure(ls: LabelStudio, env: dict[str, str], workdir: Path, image_host: Any, images: list[Any], workers: int,
-            ) -> dict[str, Any]:
+def measure(
+    ls: LabelStudio,
+    env: dict[str, str],
+    workdir: Path,
+    image_host: Any,
+    images: list[Any],
+    workers: int,
+) -> dict[str, Any]:
     """One configuration: a fresh project, API + `workers` workers, `prelabel` timed from start to exit."""
     project = url_project(ls, f"bench-{workers}w-{uuid.uuid4().hex[:6]}", CONFIG, image_host, images)
     processes = Processes(workdir)
@@ -66,10 +72,17 @@ def measure(ls: LabelStudio, env: dict[str, str], workdir: Path, image_host: Any
         stored = len(ls.predictions(project.id))
     finally:
         processes.stop_all()
-    result = {"workers": workers, "project": project.id, "prelabel_exit_code": code, "seconds": round(seconds, 2),
-              "tasks_per_s": round(len(images) / seconds, 3), "predictions_stored": stored,
-              # Another process busy on the same cores shows here (this run's own processes add up to ~workers+1).
-              "loadavg_1min_before_after": [round(load_before, 2), round(load_after, 2)], "logs": str(workdir)}
+    result = {
+        "workers": workers,
+        "project": project.id,
+        "prelabel_exit_code": code,
+        "seconds": round(seconds, 2),
+        "tasks_per_s": round(len(images) / seconds, 3),
+        "predictions_stored": stored,
+        # Another process busy on the same cores shows here (this run's own processes add up to ~workers+1).
+        "loadavg_1min_before_after": [round(load_before, 2), round(load_after, 2)],
+        "logs": str(workdir),
+    }
     print(json.dumps(result), file=sys.stderr)
     return result
 
@@ -83,8 +96,11 @@ def main() -> int:
     args = parser.parse_args()
 
     with ExitStack() as stack:
-        workdir = Path(tempfile.mkdtemp(prefix="bench-bulk-")) if args.keep else Path(
-            stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-bulk-")))
+        workdir = (
+            Path(tempfile.mkdtemp(prefix="bench-bulk-"))
+            if args.keep
+            else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-bulk-")))
+        )
         print(f"work folder: {workdir}", file=sys.stderr)
         detector = build_tiny_grounding_dino(workdir / "models" / "grounding_dino")
         sam = build_tiny_hf_sam(workdir / "models" / "sam")
@@ -110,8 +126,12 @@ def main() -> int:
         "images": "generated PNG/JPEG, 64-118 x 48-96 px, absolute http URLs on a loopback image host",
         "models": "tiny random test models (tests/tiny_models.py), DEVICE=cpu",
         "label_studio": LABEL_STUDIO_VERSION,
-        "machine": {"cpu_model": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset")},
+        "machine": {
+            "cpu_model": cpu_model(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+        },
         "date": time.strftime("%Y-%m-%d"),
         "runs": [{k: v for k, v in run.items() if k != "logs"} for run in runs],
         "ratio_2_to_1_workers": round(two["tasks_per_s"] / one["tasks_per_s"], 3),

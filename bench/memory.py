@@ -114,8 +114,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     models = json.loads(args.models)
     checkpoint = models["sam_checkpoint"] if args.sam == "pth" else None
-    spec = ModelSpec(detector=models["detector"], sam=models["sam"], sam_checkpoint=checkpoint, sam_model_type="vit_b",
-                     device=args.device)
+    spec = ModelSpec(
+        detector=models["detector"],
+        sam=models["sam"],
+        sam_checkpoint=checkpoint,
+        sam_model_type="vit_b",
+        device=args.device,
+    )
     thresholds = DetectionThresholds(box=0.0, text=0.0, max_detections=args.objects)
     pipeline = build_pipeline(spec, thresholds, PostprocessOptions())
     config = parse_label_config(LABEL_CONFIG.read_text())
@@ -125,8 +130,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     def predict(image: Any) -> tuple[int, int]:
         instances = pipeline.run(image, plan)
-        objects = [PredictedObject(classes[i.detection.class_index].name, i.score, i.detection.box_xyxy, i.mask)
-                   for i in instances]
+        objects = [
+            PredictedObject(classes[i.detection.class_index].name, i.score, i.detection.box_xyxy, i.mask)
+            for i in instances
+        ]
         prediction = build_prediction(objects, config, image.width, image.height, "bench")
         return len(instances), json.dumps(prediction).encode()
 
@@ -168,8 +175,23 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_size(size: str, models: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--child", "--size", size, "--models", json.dumps(models), "--code", args.code,
-               "--sam", args.sam, "--objects", str(args.objects), "--device", args.device]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--size",
+        size,
+        "--models",
+        json.dumps(models),
+        "--code",
+        args.code,
+        "--sam",
+        args.sam,
+        "--objects",
+        str(args.objects),
+        "--device",
+        args.device,
+    ]
     if args.threads:
         command += ["--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=args.timeout)

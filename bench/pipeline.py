@@ -102,7 +102,12 @@ def build_models(directory: Path, models: str, sam: str, sam_size: str, device: 
         if sam == "hf":
             return {"detector": str(detector), "sam": str(build_tiny_hf_sam(directory / "sam")), "sam_type": "vit_h"}
         checkpoint = build_tiny_sam_checkpoint(directory / "sam.pth")
-        return {"detector": str(detector), "sam": str(checkpoint), "sam_checkpoint": str(checkpoint), "sam_type": "vit_b"}
+        return {
+            "detector": str(detector),
+            "sam": str(checkpoint),
+            "sam_checkpoint": str(checkpoint),
+            "sam_type": "vit_b",
+        }
     return _build_full(directory, sam, sam_size, device)
 
 
@@ -112,13 +117,44 @@ def _bert_vocab() -> dict[str, int]:
     import string
 
     fixed = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103, ".": 1012, "?": 1029}
-    words = ("a an the of and with on in cat dog car person traffic light bicycle bus truck bird tree sign road "
-             "automobile cone label object thing red green blue small large").split()
+    words = [
+        "a",
+        "an",
+        "the",
+        "of",
+        "and",
+        "with",
+        "on",
+        "in",
+        "cat",
+        "dog",
+        "car",
+        "person",
+        "traffic",
+        "light",
+        "bicycle",
+        "bus",
+        "truck",
+        "bird",
+        "tree",
+        "sign",
+        "road",
+        "automobile",
+        "cone",
+        "label",
+        "object",
+        "thing",
+        "red",
+        "green",
+        "blue",
+        "small",
+        "large",
+    ]
     chars = [c for c in string.ascii_lowercase + string.digits + string.punctuation if c not in ".?"]
     pieces = [*chars, *(f"##{c}" for c in string.ascii_lowercase + string.digits), *words]
     free = (i for i in range(30522) if i not in fixed.values())
     vocab = dict(fixed)
-    vocab.update(zip(pieces, free))
+    vocab.update(zip(pieces, free, strict=False))
     vocab.update((f"[unused{i}]", i) for i in free)
     return vocab
 
@@ -150,7 +186,7 @@ def _build_full(directory: Path, sam: str, sam_size: str, device: str) -> dict[s
             try:
                 with torch.device(device):
                     return factory()
-            except Exception as error:  # noqa: BLE001 - any failure: the CPU build below is the fallback
+            except Exception as error:
                 print(f"building on {device} failed ({error}); building on the CPU", flush=True)
         return factory()
 
@@ -193,8 +229,20 @@ def ensure_models(args: argparse.Namespace) -> tuple[dict[str, str], float, temp
         return json.loads(marker.read_text())["paths"], 0.0, holder
     started = time.perf_counter()
     subprocess.run(
-        [sys.executable, __file__, "--build-into", str(directory), "--models", args.models, "--sam", args.sam,
-         "--sam-size", args.sam_size, "--device", args.device],
+        [
+            sys.executable,
+            __file__,
+            "--build-into",
+            str(directory),
+            "--models",
+            args.models,
+            "--sam",
+            args.sam,
+            "--sam-size",
+            args.sam_size,
+            "--device",
+            args.device,
+        ],
         check=True,
     )
     return json.loads(marker.read_text())["paths"], time.perf_counter() - started, holder
@@ -357,8 +405,8 @@ def ellipse_masks(masks: tuple[PackedMask, ...], boxes: np.ndarray) -> tuple[Pac
 
     out = []
     for mask, (x0, y0, x1, y1) in zip(masks, boxes, strict=True):
-        centre = (int(round((x0 + x1) / 2)), int(round((y0 + y1) / 2)))
-        axes = (max(int(round((x1 - x0) / 2)), 1), max(int(round((y1 - y0) / 2)), 1))
+        centre = (round((x0 + x1) / 2), round((y0 + y1) / 2))
+        axes = (max(round((x1 - x0) / 2), 1), max(round((y1 - y0) / 2), 1))
         top, left = max(centre[1] - axes[1], 0), max(centre[0] - axes[0], 0)
         bottom, right = min(centre[1] + axes[1] + 1, mask.height), min(centre[0] + axes[0] + 1, mask.width)
         if bottom <= top or right <= left:  # wholly outside the image
@@ -444,7 +492,10 @@ def stage_table(stages: Stages, wall: float, images: int) -> dict[str, float]:
         "sam_encoder": s["sam_encoder"],
         "sam_decoder": s["sam_decoder"],
         "sam_upsample": s["sam_upsample"],
-        "sam_other": s["segmenter_total"] - s["sam_preprocess"] - s["sam_encoder"] - s["sam_decoder"]
+        "sam_other": s["segmenter_total"]
+        - s["sam_preprocess"]
+        - s["sam_encoder"]
+        - s["sam_decoder"]
         - s["sam_upsample"],
         "postprocess": s["postprocess"],
         "rle": s["rle"],
@@ -497,9 +548,14 @@ class Bench:
         are per thread) the same work runs in order on this thread."""
         if self.stages.enabled:
             return [self._finish_segmented(image, segmented) for image, segmented in self._stream(encoded, map)]
-        with ThreadPoolExecutor(prelabel.FETCH_THREADS) as decoders, ThreadPoolExecutor(prelabel.FINISH_THREADS) as pool:
-            futures = [pool.submit(self._finish_segmented, image, segmented)
-                       for image, segmented in self._stream(encoded, decoders.map)]
+        with (
+            ThreadPoolExecutor(prelabel.FETCH_THREADS) as decoders,
+            ThreadPoolExecutor(prelabel.FINISH_THREADS) as pool,
+        ):
+            futures = [
+                pool.submit(self._finish_segmented, image, segmented)
+                for image, segmented in self._stream(encoded, decoders.map)
+            ]
             return [future.result() for future in futures]
 
     def _stream(
@@ -588,8 +644,12 @@ def compare(single: Sequence[str], batched: Sequence[str]) -> dict[str, Any]:
     same_regions = sum(
         len(json.loads(a)["result"]) == len(json.loads(b)["result"]) for a, b in zip(single, batched, strict=True)
     )
-    return {"identical_json": same_json, "same_region_count": same_regions, "images": len(single),
-            "json_bytes_per_image": float(np.mean([len(text) for text in batched]))}
+    return {
+        "identical_json": same_json,
+        "same_region_count": same_regions,
+        "images": len(single),
+        "json_bytes_per_image": float(np.mean([len(text) for text in batched])),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -624,14 +684,26 @@ def machine(device: torch.device) -> dict[str, Any]:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             info["gpu_driver"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=20,
+                capture_output=True,
+                text=True,
+                timeout=20,
             ).stdout.strip()
     return info
 
 
 def versions() -> dict[str, str | None]:
-    names = ["torch", "transformers", "torchvision", "numpy", "pillow", "opencv-python-headless", "label-studio-sdk",
-             "segment-anything", "safetensors", "tokenizers"]
+    names = [
+        "torch",
+        "transformers",
+        "torchvision",
+        "numpy",
+        "pillow",
+        "opencv-python-headless",
+        "label-studio-sdk",
+        "segment-anything",
+        "safetensors",
+        "tokenizers",
+    ]
     out: dict[str, str | None] = {}
     for name in names:
         try:
@@ -639,10 +711,15 @@ def versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "backend"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "backend"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         out["repo_commit"] = commit + ("+dirty backend/" if dirty else "")
     return out
 
@@ -652,31 +729,45 @@ def print_report(report: dict[str, Any]) -> None:
     m = report["machine"]
     hardware = m.get("gpu") or m["cpu"]
     print()
-    print(f"pipeline bench: {p['images']} images {p['size']}, {p['objects']} objects, models {p['models']} "
-          f"(SAM {p['sam']} {report['models']['sam_type']} {p['sam_dtype']}), {p['device']}, batch {p['batch']}, "
-          f"masks {p['masks']}")
+    print(
+        f"pipeline bench: {p['images']} images {p['size']}, {p['objects']} objects, models {p['models']} "
+        f"(SAM {p['sam']} {report['models']['sam_type']} {p['sam_dtype']}), {p['device']}, batch {p['batch']}, "
+        f"masks {p['masks']}"
+    )
     print(f"hardware: {hardware}; {m['cpus_usable']} CPUs usable, torch threads {m['torch_threads']}")
-    print(f"thresholds: {report['thresholds']} -- random weights pass almost every query, so box/text thresholds "
-          f"are 0 and max_detections = --objects: SAM gets the same box count on both paths")
+    print(
+        f"thresholds: {report['thresholds']} -- random weights pass almost every query, so box/text thresholds "
+        f"are 0 and max_detections = --objects: SAM gets the same box count on both paths"
+    )
     runs = report["runs"]
     throughput = report["throughput_pass"]
     single, batched = runs[throughput]["single"], runs[throughput]["batched"]
-    print(f"\nthroughput ({throughput} pass): straightforward {single['images_per_s']:.3f} img/s, "
-          f"batched {batched['images_per_s']:.3f} img/s, ratio batched/straightforward {report['ratio']:.3f}")
+    print(
+        f"\nthroughput ({throughput} pass): straightforward {single['images_per_s']:.3f} img/s, "
+        f"batched {batched['images_per_s']:.3f} img/s, ratio batched/straightforward {report['ratio']:.3f}"
+    )
     if "staged" in runs:
         s_rows, b_rows = runs["staged"]["single"], runs["staged"]["batched"]
         print(f"\nper stage, ms/img ('staged' pass{', synchronised at every stage' if p['device'] == 'cuda' else ''})")
         print(f"{'stage':<18}{'straight':>11}{'batched':>11}  what")
         for key, what in STAGES:
-            print(f"{key:<18}{s_rows['stages_ms_per_image'][key]:>11.2f}{b_rows['stages_ms_per_image'][key]:>11.2f}  {what}")
+            single_ms, batched_ms = s_rows["stages_ms_per_image"][key], b_rows["stages_ms_per_image"][key]
+            print(f"{key:<18}{single_ms:>11.2f}{batched_ms:>11.2f}  {what}")
         print(f"{'total':<18}{s_rows['ms_per_image']:>11.2f}{b_rows['ms_per_image']:>11.2f}")
-        print(f"SAM boxes/img {s_rows['sam_boxes_per_image']:.2f} / {b_rows['sam_boxes_per_image']:.2f}, "
-              f"regions/img {s_rows['regions_per_image']:.2f} / {b_rows['regions_per_image']:.2f}, "
-              f"RLE ints/mask {s_rows['rle_ints_per_mask']:.0f}, mask fill {s_rows['mask_fill_mean']:.2f}")
-    memory = f"\npeak RSS {report['memory']['peak_rss_mb']:.0f} MB (after load {report['memory']['rss_after_load_mb']:.0f} MB)"
+        print(
+            f"SAM boxes/img {s_rows['sam_boxes_per_image']:.2f} / {b_rows['sam_boxes_per_image']:.2f}, "
+            f"regions/img {s_rows['regions_per_image']:.2f} / {b_rows['regions_per_image']:.2f}, "
+            f"RLE ints/mask {s_rows['rle_ints_per_mask']:.0f}, mask fill {s_rows['mask_fill_mean']:.2f}"
+        )
+    memory = (
+        f"\npeak RSS {report['memory']['peak_rss_mb']:.0f} MB "
+        f"(after load {report['memory']['rss_after_load_mb']:.0f} MB)"
+    )
     if "cuda_max_allocated_mb" in single:
-        memory += (f"; CUDA max allocated straightforward {single['cuda_max_allocated_mb']:.0f} MB, "
-                   f"batched {batched['cuda_max_allocated_mb']:.0f} MB (weights {report['memory']['cuda_weights_mb']:.0f} MB)")
+        memory += (
+            f"; CUDA max allocated straightforward {single['cuda_max_allocated_mb']:.0f} MB, "
+            f"batched {batched['cuda_max_allocated_mb']:.0f} MB (weights {report['memory']['cuda_weights_mb']:.0f} MB)"
+        )
     print(memory)
     print(f"agreement: {report['agreement']}")
 
@@ -685,31 +776,53 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=16, help="images per path")
-    parser.add_argument("--size", default="1920x1080", help="WxH, or several comma-separated (images take them in turn)")
+    parser.add_argument(
+        "--size", default="1920x1080", help="WxH, or several comma-separated (images take them in turn)"
+    )
     parser.add_argument("--objects", type=int, default=5, help="shapes drawn per image = max detections (SAM boxes)")
     parser.add_argument("--models", choices=("tiny", "full"), default="tiny")
-    parser.add_argument("--sam", choices=("hf", "pth"), default="hf", help="transformers SamModel or segment-anything .pth")
+    parser.add_argument(
+        "--sam", choices=("hf", "pth"), default="hf", help="transformers SamModel or segment-anything .pth"
+    )
     parser.add_argument("--sam-size", choices=tuple(SAM_SIZES), default="vit_h", help="SAM encoder of --models full")
     parser.add_argument("--sam-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    parser.add_argument("--sam-image-batch", type=int, default=1,
-                        help="images per SAM encoder forward on the batched path (SAM_IMAGE_BATCH)")
+    parser.add_argument(
+        "--sam-image-batch",
+        type=int,
+        default=1,
+        help="images per SAM encoder forward on the batched path (SAM_IMAGE_BATCH)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--batch", type=int, default=8, help="images per run_batch call on the batched path")
     parser.add_argument("--label-config", default=str(ROOT / "label_config" / "brush.xml"))
-    parser.add_argument("--masks", choices=("model", "ellipse"), default="model",
-                        help="model: the random-weight SAM masks as they come; ellipse: after SAM has run, each "
-                             "mask is replaced by the ellipse in its box so that cleanup/RLE/JSON cost what "
-                             "object-like masks cost (the swap's time is excluded)")
+    parser.add_argument(
+        "--masks",
+        choices=("model", "ellipse"),
+        default="model",
+        help="model: the random-weight SAM masks as they come; ellipse: after SAM has run, each "
+        "mask is replaced by the ellipse in its box so that cleanup/RLE/JSON cost what "
+        "object-like masks cost (the swap's time is excluded)",
+    )
     parser.add_argument("--noise", type=float, default=8.0, help="pixel noise sigma of the generated images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls of each path (one batch each)")
-    parser.add_argument("--passes", choices=("both", "staged"), default="both",
-                        help="both: a pass without stage timers for images/s (the batched path overlapping CPU "
-                             "work with the models as the worker does), then one with them; staged: only that one")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice). On a shared "
-                        "CPU, 1 avoids OpenMP threads waiting on each other, which slows many small ops (tiny models)")
+    parser.add_argument(
+        "--passes",
+        choices=("both", "staged"),
+        default="both",
+        help="both: a pass without stage timers for images/s (the batched path overlapping CPU "
+        "work with the models as the worker does), then one with them; staged: only that one",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: torch's choice). On a shared "
+        "CPU, 1 avoids OpenMP threads waiting on each other, which slows many small ops (tiny models)",
+    )
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions (production does not)")
     parser.add_argument("--image-cache", help="keep generated PNGs here and reuse them (default: generate each run)")
     parser.add_argument("--model-dir", help="keep built models here and reuse them (default: a temporary folder)")
@@ -772,8 +885,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name in passes:
         runs[name], outputs = bench.measure_pass(encoded, staged=name == "staged")
         memory[f"peak_rss_mb_after_{name}_pass"] = peak_rss_mb()
-        print(f"{name} pass: straightforward {runs[name]['single']['images_per_s']:.3f} img/s, "
-              f"batched {runs[name]['batched']['images_per_s']:.3f} img/s", flush=True)
+        print(
+            f"{name} pass: straightforward {runs[name]['single']['images_per_s']:.3f} img/s, "
+            f"batched {runs[name]['batched']['images_per_s']:.3f} img/s",
+            flush=True,
+        )
     throughput = passes[0]
     memory["peak_rss_mb"] = peak_rss_mb()
 
@@ -784,20 +900,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "parameters": {k: v for k, v in vars(args).items() if k not in ("build_into",)},
         "machine": machine(device) | {"load_average_at_start": load_at_start},
         "versions": versions(),
-        "models": {**paths, "build_s": build_s, "load_s": load_s, "image_processors": processors, "describe": pipeline.describe()},
+        "models": {
+            **paths,
+            "build_s": build_s,
+            "load_s": load_s,
+            "image_processors": processors,
+            "describe": pipeline.describe(),
+        },
         "thresholds": asdict(thresholds),
         "note": "random weights: box/text thresholds 0 and max_detections = --objects, so SAM decodes the same "
-                "number of boxes per image on both paths. "
-                + ("Masks after SAM replaced by the ellipse in each box (--masks ellipse; swap time excluded), so "
-                   "cleanup, RLE and JSON see object-like shapes."
-                   if args.masks == "ellipse" else
-                   "Masks as the random-weight SAM gives them: cleanup, RLE and JSON cost differs from trained "
-                   "weights' masks."),
+        "number of boxes per image on both paths. "
+        + (
+            "Masks after SAM replaced by the ellipse in each box (--masks ellipse; swap time excluded), so "
+            "cleanup, RLE and JSON see object-like shapes."
+            if args.masks == "ellipse"
+            else "Masks as the random-weight SAM gives them: cleanup, RLE and JSON cost differs from trained "
+            "weights' masks."
+        ),
         "image_bytes_mean": float(np.mean([len(data) for data in encoded])),
         "images_s": images_s,
         "throughput_pass": throughput,
         "ratio": runs[throughput]["batched"]["images_per_s"] / runs[throughput]["single"]["images_per_s"],
-        "ratio_per_pass": {name: run["batched"]["images_per_s"] / run["single"]["images_per_s"] for name, run in runs.items()},
+        "ratio_per_pass": {
+            name: run["batched"]["images_per_s"] / run["single"]["images_per_s"] for name, run in runs.items()
+        },
         "runs": runs,
         "memory": memory,
         "agreement": compare(outputs["single"], outputs["batched"]),

@@ -156,8 +156,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", default="1920x1080", help="WIDTHxHEIGHT of every mask")
     parser.add_argument("--masks", type=int, default=20, help="masks per family")
     parser.add_argument("--passes", type=int, default=3, help="timed passes over every family's masks")
-    parser.add_argument("--smoothing", type=float, default=0.0,
-                        help="sigma of the cleanup's smoothing (production's default 0: off)")
+    parser.add_argument(
+        "--smoothing", type=float, default=0.0, help="sigma of the cleanup's smoothing (production's default 0: off)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the JSON report here")
     return parser.parse_args(argv)
@@ -168,8 +169,9 @@ def measure_family(masks: Sequence[Mask], options: PostprocessOptions, passes: i
     return {
         "masks": masks_stats(masks),
         "rle": compare(masks, sdk_rle, mask_to_rle, passes),
-        "cleanup": compare(masks, partial(whole_image_cleanup, options=options), partial(clean_mask, options=options),
-                           passes),
+        "cleanup": compare(
+            masks, partial(whole_image_cleanup, options=options), partial(clean_mask, options=options), passes
+        ),
     }
 
 
@@ -177,9 +179,11 @@ def print_family(family: str, result: dict[str, Any]) -> None:
     """One line per step: old and new median ms per mask, speed-up, agreement."""
     for step in ("rle", "cleanup"):
         r = result[step]
-        print(f"{family:7s} {step:8s} old {r['old_ms_per_mask']['median']:8.2f} ms/mask, "
-              f"new {r['new_ms_per_mask']['median']:7.2f} ms/mask, x{r['speedup_median']:.1f}, "
-              f"identical: {r['identical']}")
+        print(
+            f"{family:7s} {step:8s} old {r['old_ms_per_mask']['median']:8.2f} ms/mask, "
+            f"new {r['new_ms_per_mask']['median']:7.2f} ms/mask, x{r['speedup_median']:.1f}, "
+            f"identical: {r['identical']}"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import pytest
 # Tests never reach the model hub. Set before anything imports huggingface_hub: it reads this once, at import.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from tests.tiny_models import build_tiny_grounding_dino, build_tiny_hf_sam, build_tiny_sam_checkpoint  # noqa: E402
+from tests.tiny_models import build_tiny_grounding_dino, build_tiny_hf_sam, build_tiny_sam_checkpoint
 
 
 @pytest.fixture(scope="session")

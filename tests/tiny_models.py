@@ -34,10 +34,40 @@ SEED = 0
 
 # Grounding DINO hard-codes these bert-base-uncased ids ([CLS], [SEP], '.', '?') in a buffer.
 _FIXED_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103, ".": 1012, "?": 1029}
-_WORDS = (
-    "a an the of and with on in red green blue small large left right car cat dog person traffic light "
-    "cone tree sign road bus truck bicycle bird label object thing"
-).split()
+_WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "and",
+    "with",
+    "on",
+    "in",
+    "red",
+    "green",
+    "blue",
+    "small",
+    "large",
+    "left",
+    "right",
+    "car",
+    "cat",
+    "dog",
+    "person",
+    "traffic",
+    "light",
+    "cone",
+    "tree",
+    "sign",
+    "road",
+    "bus",
+    "truck",
+    "bicycle",
+    "bird",
+    "label",
+    "object",
+    "thing",
+]
 
 
 def _vocab() -> dict[str, int]:
@@ -50,7 +80,7 @@ def _vocab() -> dict[str, int]:
     size = max(_FIXED_IDS.values()) + 1 + len(pieces)
     free = (i for i in range(size) if i not in _FIXED_IDS.values())
     vocab = dict(_FIXED_IDS)
-    vocab.update(zip(pieces, free))
+    vocab.update(zip(pieces, free, strict=False))
     vocab.update((f"[unused{i}]", i) for i in free)
     return vocab
 

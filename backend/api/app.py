@@ -43,8 +43,12 @@ PROBE_SOCKET_TIMEOUT_S = 0.5
 
 def probe_connection(url: str) -> Redis:
     """The connection of /health and /setup: sub-second timeouts, no retries."""
-    return Redis.from_url(url, socket_connect_timeout=PROBE_CONNECT_TIMEOUT_S,
-                          socket_timeout=PROBE_SOCKET_TIMEOUT_S, retry_on_timeout=False)
+    return Redis.from_url(
+        url,
+        socket_connect_timeout=PROBE_CONNECT_TIMEOUT_S,
+        socket_timeout=PROBE_SOCKET_TIMEOUT_S,
+        retry_on_timeout=False,
+    )
 
 
 def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
@@ -162,7 +166,13 @@ def _install_routes(app: FastAPI, service: PredictionService, metrics: Metrics) 
         context = (body.params or {}).get("context")
         tasks = body.task_dicts()
         report = await _predict_in_thread(
-            predict_slots, deadline, service.predict, project_key(body.project), tasks, body.label_config, context,
+            predict_slots,
+            deadline,
+            service.predict,
+            project_key(body.project),
+            tasks,
+            body.label_config,
+            context,
             deadline,
         )
         metrics.predict_seconds.observe(time.monotonic() - arrived_at(request.scope))

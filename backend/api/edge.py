@@ -82,8 +82,9 @@ class BasicAuth:
         if scope["type"] != "http" or self.allows(_header(scope, b"authorization")):
             await self.app(scope, receive, send)
             return
-        await send_json(send, 401, {"detail": "authentication required"},
-                        [(b"www-authenticate", b'Basic realm="Login required"')])
+        await send_json(
+            send, 401, {"detail": "authentication required"}, [(b"www-authenticate", b'Basic realm="Login required"')]
+        )
 
 
 class BodyLimit:
@@ -95,8 +96,10 @@ class BodyLimit:
         self.max_bytes = max_bytes
 
     def _too_large(self, size: str) -> dict[str, str]:
-        return {"detail": f"request body too large: {size}, more than MAX_REQUEST_BYTES={self.max_bytes}; "
-                          "send fewer tasks per request (or raise MAX_REQUEST_BYTES)"}
+        return {
+            "detail": f"request body too large: {size}, more than MAX_REQUEST_BYTES={self.max_bytes}; "
+            "send fewer tasks per request (or raise MAX_REQUEST_BYTES)"
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -37,7 +37,10 @@ class Metrics:
     def __init__(self, read_redis: Callable[[], Iterable[Metric]]) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "grounded_sam_http_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
+            "grounded_sam_http_requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=self.registry,
         )
         self.predict_seconds = Histogram(
             "grounded_sam_predict_seconds",
@@ -46,7 +49,9 @@ class Metrics:
             registry=self.registry,
         )
         self.tasks = Counter(
-            "grounded_sam_predict_tasks", "Tasks answered by /predict, by outcome (ok, failed, queued)", ["outcome"],
+            "grounded_sam_predict_tasks",
+            "Tasks answered by /predict, by outcome (ok, failed, queued)",
+            ["outcome"],
             registry=self.registry,
         )
         self.registry.register(_RedisCollector(read_redis))

@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily, Metric
 from redis import Redis
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from backend.errors import (
     BackendError,
@@ -43,6 +44,7 @@ from backend.queueing.payloads import (
     store_config,
 )
 from backend.queueing.stats import metric_families, seconds_per_task
+from backend.redis_replies import text
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,7 +97,8 @@ class PredictionService:
         size = len(label_config.encode())
         if size > self.settings.label_config_max_bytes:
             raise RequestTooLargeError(
-                f"labeling config of {size} bytes, more than LABEL_CONFIG_MAX_BYTES={self.settings.label_config_max_bytes}"
+                f"labeling config of {size} bytes, "
+                f"more than LABEL_CONFIG_MAX_BYTES={self.settings.label_config_max_bytes}"
             )
         return parse_label_config(label_config)
 
@@ -109,7 +112,10 @@ class PredictionService:
         Redis trouble is logged, not raised: /setup must answer within Label Studio's 3 s (/health reports Redis).
         """
         version = self.model_version_for(label_config)
-        fields = {"model_version": version, **({"label_studio_host": origin} if origin else {})}
+        fields: dict[FieldT, EncodableT] = {
+            "model_version": version,
+            **({"label_studio_host": origin} if origin else {}),
+        }
         key = PROJECT_KEY.format(project)
         now = time.time()
         try:
@@ -127,16 +133,20 @@ class PredictionService:
         """model_versions this backend has answered /setup with, across projects set up in PROJECT_TTL_S."""
         try:
             self.redis.zremrangebyscore(PROJECTS_KEY, "-inf", time.time())
-            projects = [value.decode() for value in self.redis.zrange(PROJECTS_KEY, 0, -1)]
+            projects = [text(value) for value in self.redis.zrange(PROJECTS_KEY, 0, -1)]
             pipe = self.redis.pipeline(transaction=False)
             for project in projects:
                 pipe.hget(PROJECT_KEY.format(project), "model_version")
-            return sorted({value.decode() for value in pipe.execute() if value is not None})
+            return sorted({text(value) for value in pipe.execute() if value is not None})
         except RedisError as exc:
             raise queue_error(exc, "reading the model versions") from exc
 
     def predict(
-        self, project: str, tasks: Sequence[dict[str, Any]], label_config: str, context: object = None,
+        self,
+        project: str,
+        tasks: Sequence[dict[str, Any]],
+        label_config: str,
+        context: object = None,
         deadline: float | None = None,
     ) -> PredictReport:
         """Queue every task, wait until `deadline` (time.monotonic(); default PREDICT_TIMEOUT from now), and
@@ -166,8 +176,9 @@ class PredictionService:
             )
         ref = self._store_config(label_config)
         host = self._label_studio_host(project)
-        job_ids = [self._submit(project, task, ref, version, config, context if interactive else None, host)
-                   for task in tasks]
+        job_ids = [
+            self._submit(project, task, ref, version, config, context if interactive else None, host) for task in tasks
+        ]
         queued = [job_id for job_id in job_ids if job_id is not None]
         outcomes = {o.job_id: o for o in self.queue.wait(queued, max(0.0, deadline - time.monotonic()))}
         pending = [o for o in outcomes.values() if o.state == "pending"]
@@ -189,8 +200,14 @@ class PredictionService:
         chunks = []
         for start in range(0, len(slim), size):
             part = slim[start : start + size]
-            payload: ChunkPayload = {"project": project, "tasks": part, "label_config_ref": ref,
-                                     "model_version": version, "force": force, "label_studio_host": host}
+            payload: ChunkPayload = {
+                "project": project,
+                "tasks": part,
+                "label_config_ref": ref,
+                "model_version": version,
+                "force": force,
+                "label_studio_host": host,
+            }
             job_id = chunk_job_id(project, [t["id"] for t in part], version, force)
             chunks.append(ChunkSpec(job_id, dict(payload)))
         try:
@@ -209,7 +226,9 @@ class PredictionService:
     def queue_metrics(self) -> Iterator[Metric]:
         """Prometheus families read from Redis: workers, jobs per queue and state, worker statistics."""
         ping(self.redis)
-        yield GaugeMetricFamily("grounded_sam_workers", "Workers listening on the queues", value=self.queue.worker_count())
+        yield GaugeMetricFamily(
+            "grounded_sam_workers", "Workers listening on the queues", value=self.queue.worker_count()
+        )
         jobs = GaugeMetricFamily("grounded_sam_jobs", "Jobs per queue and state", labels=["queue", "state"])
         for queue in self.queue.queues:
             for state, count in job_counts(queue).items():
@@ -236,7 +255,7 @@ class PredictionService:
             value = self.redis.hget(PROJECT_KEY.format(project), "label_studio_host")
         except RedisError as exc:
             raise queue_error(exc, "reading the project's setup") from exc
-        return value.decode() if value is not None else None
+        return text(value) if value is not None else None
 
     def _can_push(self) -> bool:
         """Whether workers can push predictions to Label Studio (the bulk path's precondition)."""
@@ -250,8 +269,14 @@ class PredictionService:
         return tasks * per_task / max(1, self.queue.worker_count()) > self.settings.sync_budget
 
     def _submit(
-        self, project: str, task: dict[str, Any], config_ref: str, version: str, config: LabelConfig,
-        context: object, host: str | None,
+        self,
+        project: str,
+        task: dict[str, Any],
+        config_ref: str,
+        version: str,
+        config: LabelConfig,
+        context: object,
+        host: str | None,
     ) -> str | None:
         """Queue one task's job on the interactive queue; None (nothing queued) when it has no image."""
         try:
@@ -272,9 +297,7 @@ class PredictionService:
         self.queue.submit(job_id, dict(payload))
         return job_id
 
-    def _result(
-        self, job_id: str | None, outcomes: dict[str, JobOutcome], version: str
-    ) -> tuple[dict[str, Any], bool]:
+    def _result(self, job_id: str | None, outcomes: dict[str, JobOutcome], version: str) -> tuple[dict[str, Any], bool]:
         """The task's prediction and whether it succeeded; failures become an empty prediction.
 
         A failed job is logged at DEBUG only: the worker logged its reason once already.

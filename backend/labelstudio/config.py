@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from label_studio_sdk._legacy.exceptions import LabelStudioXMLSyntaxErrorSentryIgnored
-from label_studio_sdk.label_interface import LabelInterface
 from label_studio_sdk.label_interface.control_tags import (
     BrushLabelsTag,
     ControlTag,
@@ -23,11 +22,13 @@ from label_studio_sdk.label_interface.control_tags import (
     RectangleLabelsTag,
     TextAreaTag,
 )
+from label_studio_sdk.label_interface.interface import LabelInterface
 from label_studio_sdk.label_interface.object_tags import ImageTag
 
 from backend.errors import LabelConfigError
 from backend.labelstudio.image_tags import ImageTagControl, find_image_tag
 from backend.labelstudio.label_attrs import LabelOptions, merge_options, read_label_attrs
+from backend.labelstudio.sdk_tags import tag_name
 from backend.lru import SizedLru
 
 ControlKind = Literal["brush", "rectangle", "polygon"]
@@ -114,12 +115,12 @@ def _parse(xml: str) -> LabelConfig:
     if not images:
         raise LabelConfigError("the labeling config has no <Image> tag")
     for image in images:
-        controls = _controls_for(interface, image.name)
+        controls = _controls_for(interface, tag_name(image))
         if controls:
             return _build(xml, interface, image, controls)
     raise LabelConfigError(
         "no <BrushLabels>, <RectangleLabels> or <PolygonLabels> in the labeling config has toName pointing at "
-        f"an <Image> (images: {', '.join(image.name for image in images)})"
+        f"an <Image> (images: {', '.join(tag_name(image) for image in images)})"
     )
 
 
@@ -155,20 +156,21 @@ def _build(
             f'<Image name="{image.name}"> must take its value from the task, like value="$image" '
             f"(got {image.value!r}; image lists are not supported)"
         )
-    refs = {kind: ControlRef(from_name=control.name, to_name=image.name) for kind, control in controls.items()}
+    image_name = tag_name(image)
+    refs = {kind: ControlRef(from_name=tag_name(control), to_name=image_name) for kind, control in controls.items()}
     labels = _labels(controls)
     all_controls = list(interface.controls or ())
     values = [spec.value for spec in labels]
     return LabelConfig(
-        image_name=image.name,
+        image_name=image_name,
         image_key=image.value_name,
         brush=refs.get("brush"),
         rectangle=refs.get("rectangle"),
         polygon=refs.get("polygon"),
         labels=labels,
-        image_tag=find_image_tag(xml, all_controls, image.name, values),
-        prompt=next((ControlRef(c.name, image.name) for c in all_controls if _is_prompt(c, image.name)), None),
-        smart=_smart_controls(all_controls, image.name, set(values)),
+        image_tag=find_image_tag(xml, all_controls, image_name, values),
+        prompt=next((ControlRef(tag_name(c), image_name) for c in all_controls if _is_prompt(c, image_name)), None),
+        smart=_smart_controls(all_controls, image_name, set(values)),
     )
 
 
@@ -179,7 +181,7 @@ def _labels(controls: dict[ControlKind, ControlTag]) -> tuple[LabelSpec, ...]:
         if not control.labels:
             raise LabelConfigError(f'<{control.tag} name="{control.name}"> has no <Label> children')
         for value in control.labels:
-            attrs = control.labels_attrs[value].attr
+            attrs = (control.labels_attrs or {})[value].attr
             phrases, options = read_label_attrs(value, attrs, f'<{control.tag} name="{control.name}">')
             spec = LabelSpec(value=value, phrases=phrases, controls=(kind,), options=options)
             merged[value] = _merge(merged[value], spec) if value in merged else spec
@@ -204,15 +206,15 @@ def _smart_controls(controls: list[ControlTag], image_name: str, served: set[str
     """KeyPointLabels/RectangleLabels with smart="true" (or smartOnly) on the image; their labels must be served."""
     smart = []
     for control in controls:
-        flags = (str(control.attr.get(key, "")).lower() for key in ("smart", "smartOnly"))
+        flags = (str((control.attr or {}).get(key, "")).lower() for key in ("smart", "smartOnly"))
         if not (isinstance(control, _SMART_TYPES) and _points_at(control, image_name) and "true" in flags):
             continue
-        unknown = [value for value in control.labels if value not in served]
+        unknown = [value for value in control.labels or () if value not in served]
         if unknown:
             raise LabelConfigError(
                 f'smart <{control.tag} name="{control.name}"> has labels no BrushLabels, RectangleLabels or '
                 f"PolygonLabels on the image has: {', '.join(map(repr, unknown))}; a smart prompt's mask "
                 "is returned with its label"
             )
-        smart.append(ControlRef(control.name, image_name))
+        smart.append(ControlRef(tag_name(control), image_name))
     return tuple(smart)

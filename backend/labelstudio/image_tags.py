@@ -15,6 +15,8 @@ from typing import Literal
 from label_studio_sdk.label_interface.control_tags import ChoicesTag, ControlTag, TaxonomyTag
 from lxml import etree
 
+from backend.labelstudio.sdk_tags import tag_name
+
 TagKind = Literal["choices", "taxonomy"]
 
 
@@ -41,15 +43,15 @@ def find_image_tag(
         if not isinstance(control, ChoicesTag | TaxonomyTag) or image_name not in (control.to_name or ()):
             continue
         taxonomy = isinstance(control, TaxonomyTag)
-        choices = _taxonomy_paths(xml, control.name) if taxonomy else [(value,) for value in control.labels]
+        choices = _taxonomy_paths(xml, tag_name(control)) if taxonomy else [(value,) for value in control.labels or ()]
         paths = tuple((label, path) for label in labels if (path := _first_ending(choices, label)) is not None)
         if paths:
             return ImageTagControl(
-                from_name=control.name,
+                from_name=tag_name(control),
                 to_name=image_name,
                 kind="taxonomy" if taxonomy else "choices",
                 paths=paths,
-                single=not taxonomy and not control.is_multiple_choice,
+                single=isinstance(control, ChoicesTag) and not control.is_multiple_choice,
             )
     return None
 

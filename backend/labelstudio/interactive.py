@@ -25,10 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from backend.errors import BackendError
 from backend.labelstudio.config import LabelConfig, LabelSpec
 from backend.labelstudio.results import PredictedObject, mask_box
+from backend.packed_mask import Mask
 
 
 class InteractiveContextError(BackendError, ValueError):
@@ -52,12 +54,12 @@ class SamPrompt:
     clicks: tuple[Click, ...]
     box: tuple[float, float, float, float] | None
 
-    def points_px(self, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    def points_px(self, width: int, height: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
         """Clicks in pixels of a width x height image: points (N, 2) float32 xy, positive (N,) bool."""
         points = np.array([(c.x * width / 100.0, c.y * height / 100.0) for c in self.clicks], np.float32)
         return points.reshape(-1, 2), np.array([c.positive for c in self.clicks], dtype=bool)
 
-    def to_object(self, mask: np.ndarray, score: float) -> PredictedObject | None:
+    def to_object(self, mask: Mask, score: float) -> PredictedObject | None:
         """SAM's answer as the object to return: this label, SAM's score, the box around the bool (H, W)
         mask; None when the mask is empty (nothing to return)."""
         box = mask_box(mask)

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from backend.errors import LabelConfigError
 
-T = TypeVar("T")
+T = TypeVar("T", int, float)
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,7 +110,7 @@ def _object_values(
 ) -> list[tuple[str, ControlRef, str, dict[str, Any]]]:
     """(region id, control, type, value) of every region of one object."""
     width, height = size
-    values = []
+    values: list[tuple[str, ControlRef, str, dict[str, Any]]] = []
     if config.brush is not None and "brush" in spec.controls:
         rle = mask_to_rle(_checked_mask(obj, config.brush, width, height))
         values.append((f"{index}-brush", config.brush, "brushlabels", {"format": "rle", "rle": rle}))

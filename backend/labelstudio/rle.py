@@ -47,14 +47,15 @@ def mask_to_rle(mask: Mask) -> list[int]:
     widths, codes = _run_blocks(4 * lengths, np.where(painted, 255, 0))
     widths = np.concatenate([[32, HEADER_TAIL_BITS], widths])
     codes = np.concatenate([[byte_count, HEADER_TAIL_CODE], codes])
-    return _pack(widths, codes).tolist()
+    packed_ints: list[int] = _pack(widths, codes).tolist()
+    return packed_ints
 
 
 def rle_to_mask(rle: Sequence[int], height: int, width: int) -> npt.NDArray[np.bool_]:
     """Bool HxW mask (alpha > 0) of a Label Studio RLE. Raises ValueError when it does not encode HxWx4 bytes."""
     if height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive, got {height}x{width}")
-    flat = decode_rle(rle)
+    flat: npt.NDArray[np.uint8] = decode_rle(rle)
     if flat.size != height * width * 4:
         raise ValueError(f"RLE decodes to {flat.size} bytes, not {height}x{width}x4 = {height * width * 4}")
     return flat.reshape(height, width, 4)[:, :, 3] > 0

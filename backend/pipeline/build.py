@@ -20,6 +20,7 @@ from transformers import (
     PreTrainedModel,
     ProcessorMixin,
 )
+from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from backend.errors import ModelLoadError
 from backend.pipeline.detector import GroundingDinoDetector
@@ -46,7 +47,8 @@ def build_pipeline(
 ) -> GroundedSam:
     """Load both models on `spec.device` in eval mode; raises ModelLoadError saying what was tried."""
     model, processor = _load_hf(spec.detector, AutoModelForZeroShotObjectDetection, torch.float32, "detector")
-    detector = GroundingDinoDetector(model.to(spec.device), processor)
+    # PreTrainedModel.to is wrapped with functools.wraps(nn.Module.to), which mypy takes for an unbound function.
+    detector = GroundingDinoDetector(model.to(spec.device), processor)  # type: ignore[arg-type]
     return GroundedSam(detector, _build_segmenter(spec), thresholds, postprocess)
 
 
@@ -56,10 +58,12 @@ def _build_segmenter(spec: ModelSpec) -> Segmenter:
         sam = _load_sam_checkpoint(Path(spec.sam_checkpoint), spec.sam_model_type)
         return SegmentAnythingSegmenter(sam.to(spec.device), spec.sam_checkpoint, dtype)
     model, processor = _load_hf(spec.sam, AutoModelForMaskGeneration, dtype, "SAM model")
-    return HfSamSegmenter(model.to(spec.device), processor, image_batch=spec.sam_image_batch)
+    return HfSamSegmenter(model.to(spec.device), processor, image_batch=spec.sam_image_batch)  # type: ignore[arg-type]
 
 
-def _load_hf(source: str, auto_model: type, dtype: torch.dtype, what: str) -> tuple[PreTrainedModel, ProcessorMixin]:
+def _load_hf(
+    source: str, auto_model: type[_BaseAutoModelClass], dtype: torch.dtype, what: str
+) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Model (eval, on CPU) and processor from a hub id or a folder written by save_pretrained."""
     try:
         processor = AutoProcessor.from_pretrained(source)

@@ -27,7 +27,7 @@ class GroundingDinoDetector:
     def describe(self) -> dict[str, str]:
         """Plain values that identify the detector (for the model version)."""
         return {
-            "source": self._model.name_or_path,
+            "source": self._model.name_or_path or "",
             "architecture": type(self._model).__name__,
             "dtype": str(self._model.dtype),
         }
@@ -76,8 +76,15 @@ class GroundingDinoDetector:
         def detect_group(members: Sequence[int]) -> list[list[Detection]]:
             logits, boxes = self._forward([pixels[i] for i in members], plan)
             return [
-                self._select(logits[row], boxes[row], images[index].size, prepared[index][1], plan, thresholds,
-                             class_box_thresholds)
+                self._select(
+                    logits[row],
+                    boxes[row],
+                    images[index].size,
+                    prepared[index][1],
+                    plan,
+                    thresholds,
+                    class_box_thresholds,
+                )
                 for row, index in enumerate(members)
             ]
 
@@ -106,7 +113,7 @@ class GroundingDinoDetector:
         """One image's detections from its logits (C, Q, L) and cxcywh boxes (C, Q, 4) normalised to `frame`
         (width, height in pixels); boxes clipped to the image's `size` (width, height)."""
         box_scores, class_scores, classes = _score(logits, plan)
-        box_cut = thresholds.box
+        box_cut: float | torch.Tensor = thresholds.box
         if class_box_thresholds is not None:
             box_cut = box_scores.new_tensor(class_box_thresholds)[classes]
         keep = (box_scores > box_cut) & (class_scores > thresholds.text)
@@ -158,9 +165,7 @@ def _score(logits: torch.Tensor, plan: PromptPlan) -> tuple[torch.Tensor, torch.
     return probs.amax(dim=-1), class_scores, classes
 
 
-def _to_pixels(
-    cxcywh: torch.Tensor, width: int, height: int, frame: tuple[float, float] | None = None
-) -> torch.Tensor:
+def _to_pixels(cxcywh: torch.Tensor, width: int, height: int, frame: tuple[float, float] | None = None) -> torch.Tensor:
     """(N, 4) cxcywh normalised to `frame` (width, height in pixels; default: the image's) → (N, 4) xyxy
     pixels, clipped to the width x height image (the frame is larger where the image was padded)."""
     centre, extent = cxcywh[:, :2], cxcywh[:, 2:]
@@ -178,7 +183,7 @@ def _class_nms(
     class exceeds `iou_threshold`. The loop runs once per kept box, so `limit` bounds it.
     """
     remaining = scores.argsort(descending=True)
-    kept = []
+    kept: list[torch.Tensor] = []
     while remaining.numel() and len(kept) < limit:
         best, rest = remaining[0], remaining[1:]
         kept.append(best)

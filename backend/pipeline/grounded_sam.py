@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from PIL import Image
 
@@ -88,13 +90,15 @@ class GroundedSam:
         object, per-class max_instances; best detection score first. CPU only (numpy/OpenCV)."""
         if not segmented.detections:
             return []
+        if segmented.masks is None or segmented.scores is None:
+            raise ValueError("a Segmented with detections must have their masks and scores")
         instances = [
             Instance(detection=detection, mask=clean_mask(mask, self._postprocess), mask_score=float(score))
             for detection, mask, score in zip(segmented.detections, segmented.masks, segmented.scores, strict=True)
         ]
         return finish(instances, plan.classes, self._postprocess)
 
-    def segment_boxes(self, image: Image.Image, boxes_xyxy: np.ndarray) -> list[PromptedMask]:
+    def segment_boxes(self, image: Image.Image, boxes_xyxy: npt.NDArray[np.floating[Any]]) -> list[PromptedMask]:
         """SAM alone, one cleaned mask per box: boxes_xyxy (N, 4) float, xyxy pixels of `image` (RGB)."""
         with torch.inference_mode():
             masks, scores = self._segmenter.segment(sam_input(np.array(image)), np.asarray(boxes_xyxy, np.float32))
@@ -103,8 +107,8 @@ class GroundedSam:
     def segment_points(
         self,
         image: Image.Image,
-        points_xy: np.ndarray,
-        positive: np.ndarray,
+        points_xy: npt.NDArray[np.floating[Any]],
+        positive: npt.NDArray[np.bool_],
         box_xyxy: tuple[float, float, float, float] | None = None,
     ) -> PromptedMask:
         """SAM alone, one cleaned mask for clicked points: points_xy (N, 2) float pixels of `image` (RGB),
@@ -135,5 +139,6 @@ class GroundedSam:
 
 def _unpadded(masks: Masks, image: Image.Image) -> Masks:
     """SAM's masks of `image`, cut to its size where `sam_input` padded it."""
-    return tuple(mask if mask.shape == (image.height, image.width) else mask.clipped(image.height, image.width)
-                 for mask in masks)
+    return tuple(
+        mask if mask.shape == (image.height, image.width) else mask.clipped(image.height, image.width) for mask in masks
+    )

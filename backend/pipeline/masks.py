@@ -12,14 +12,20 @@ It takes the pipeline's PackedMask (and gives one back): only that window is eve
 from __future__ import annotations
 
 import math
+from typing import overload
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from backend.packed_mask import Mask, PackedMask, packed
 from backend.pipeline.types import PostprocessOptions
 
 
+@overload
+def clean_mask(mask: PackedMask, options: PostprocessOptions) -> PackedMask: ...
+@overload
+def clean_mask(mask: npt.NDArray[np.bool_], options: PostprocessOptions) -> npt.NDArray[np.bool_]: ...
 def clean_mask(mask: Mask, options: PostprocessOptions) -> Mask:
     """`fill_holes`, then `remove_islands`, then `smooth`, with the sizes of `options`, of a PackedMask
     (returns a PackedMask) or a bool (H, W) mask (returns a bool (H, W) mask)."""
@@ -38,7 +44,7 @@ def clean_packed(mask: PackedMask, options: PostprocessOptions) -> PackedMask:
     return PackedMask.from_window(part, top, left, mask.shape)
 
 
-def fill_holes(mask: np.ndarray, max_area: int) -> np.ndarray:
+def fill_holes(mask: npt.NDArray[np.bool_], max_area: int) -> npt.NDArray[np.bool_]:
     """Fill every hole (background part not touching the image border) of at most `max_area` pixels."""
     if max_area <= 0 or mask.all():
         return mask.copy()
@@ -50,7 +56,7 @@ def fill_holes(mask: np.ndarray, max_area: int) -> np.ndarray:
     return mask | small[labels]
 
 
-def remove_islands(mask: np.ndarray, min_area: int) -> np.ndarray:
+def remove_islands(mask: npt.NDArray[np.bool_], min_area: int) -> npt.NDArray[np.bool_]:
     """Drop every part of the mask smaller than `min_area` pixels except the largest, which always stays.
 
     A small object therefore keeps its one part; whether it is kept at all is the min_area filter's call.
@@ -65,7 +71,7 @@ def remove_islands(mask: np.ndarray, min_area: int) -> np.ndarray:
     return keep[labels]
 
 
-def smooth(mask: np.ndarray, sigma: float) -> np.ndarray:
+def smooth(mask: npt.NDArray[np.bool_], sigma: float) -> npt.NDArray[np.bool_]:
     """Gaussian-blur the mask with `sigma` pixels and keep what is at least half covered (0: unchanged)."""
     if sigma <= 0:
         return mask.copy()
@@ -98,7 +104,7 @@ def _blur_reach(sigma: float) -> int:
     return math.ceil(4 * sigma) + 1 if sigma > 0 else 0
 
 
-def _components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, np.ndarray]:
+def _components(mask: npt.NDArray[np.bool_], connectivity: int) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
     """Connected parts of a bool mask: int32 label image (0: outside the mask) and cv2 stats per label."""
     _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=connectivity)
-    return labels, stats
+    return np.asarray(labels, np.int32), np.asarray(stats, np.int32)

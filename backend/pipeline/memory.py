@@ -44,8 +44,9 @@ def run_halving(run: Callable[[Sequence[T]], list[R]], items: Sequence[T], what:
     if len(items) <= 1:
         raise DeviceOutOfMemoryError(f"one {what} does not fit in the device's memory: {reason}")
     middle = len(items) // 2
-    log.warning("out of device memory on %d %ss; running them as %d + %d", len(items), what, middle,
-                len(items) - middle)
+    log.warning(
+        "out of device memory on %d %ss; running them as %d + %d", len(items), what, middle, len(items) - middle
+    )
     return run_halving(run, items[:middle], what) + run_halving(run, items[middle:], what)
 
 

@@ -36,9 +36,9 @@ def draw_overlay(image: Image.Image, instances: Sequence[Instance], class_names:
         detection = instance.detection
         draw.rectangle(detection.box_xyxy, outline=_colour(instance), width=2)
         text = f"{class_names[detection.class_index]} {detection.score:.2f}"
-        left, top = detection.box_xyxy[:2]
+        box_left, box_top = detection.box_xyxy[:2]
         height = font.getbbox(text)[3]
-        origin = (left, top - height if top >= height else top)  # above the box where it fits
+        origin = (box_left, box_top - height if box_top >= height else box_top)  # above the box where it fits
         draw.rectangle(draw.textbbox(origin, text, font=font), fill=_colour(instance))
         draw.text(origin, text, fill=(0, 0, 0), font=font)
     return canvas.convert("RGB")

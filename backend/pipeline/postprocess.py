@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from fractions import Fraction
+from typing import overload
 
 import numpy as np
 
@@ -97,6 +98,10 @@ def _wins_near_tie(candidate: Instance, kept: Instance, margin: float) -> bool:
     return near and candidate.mask_score > kept.mask_score
 
 
+@overload
+def _option(classes: Sequence[TextClass], instance: Instance, name: str, default: int) -> int: ...
+@overload
+def _option(classes: Sequence[TextClass], instance: Instance, name: str, default: int | None) -> int | None: ...
 def _option(classes: Sequence[TextClass], instance: Instance, name: str, default: int | None) -> int | None:
-    value = getattr(classes[instance.detection.class_index].options, name)
+    value: int | None = getattr(classes[instance.detection.class_index].options, name)
     return default if value is None else value

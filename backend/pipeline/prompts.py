@@ -81,6 +81,8 @@ def build_prompt_plan(classes: Sequence[TextClass], tokenizer: PreTrainedTokeniz
     if encoded["input_ids"].shape[1] > max_tokens:
         raise ValueError("the tokenizer counts a whole prompt longer than its phrases; it is not BERT-like")
     separator_id = tokenizer.convert_tokens_to_ids(SEPARATOR)
+    if not isinstance(separator_id, int):  # a single token gives a single id
+        raise ValueError(f"the tokenizer gives no single id for {SEPARATOR!r}")
     spans = tuple(
         span
         for row, phrase_classes in enumerate(owners)

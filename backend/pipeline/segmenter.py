@@ -15,9 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
@@ -43,27 +44,33 @@ Decode = Callable[[slice], tuple[torch.Tensor, torch.Tensor]]
 # upsample(logits (k, 1, h, w)) -> masks (k, H, W) bool at the image's size, on the model's device.
 Upsample = Callable[[torch.Tensor], torch.Tensor]
 Masks = tuple[PackedMask, ...]
+Pixels = npt.NDArray[np.uint8]  # an RGB image (H, W, 3)
+Floats = npt.NDArray[np.floating[Any]]  # boxes (N, 4) or points (N, 2), in pixels
+Flags = npt.NDArray[np.bool_]  # per point: positive
+Scores = npt.NDArray[np.float32]  # predicted IoU per mask (N,)
 
 
 class Segmenter(Protocol):
     """Anything that turns boxes on an image into one mask per box."""
 
-    def segment(self, image: np.ndarray, boxes_xyxy: np.ndarray) -> tuple[Masks, np.ndarray]:
+    def segment(self, image: Pixels, boxes_xyxy: Floats) -> tuple[Masks, Scores]:
         """image: (H, W, 3) uint8 RGB; boxes_xyxy: (N, 4) float, xyxy pixels of that image.
 
         Returns N masks (PackedMask of H x W) and predicted IoU scores (N,) float32 in [0, 1], in box order.
         """
         ...
 
-    def segment_stream(
-        self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray]
-    ) -> Iterator[tuple[Masks, np.ndarray]]:
+    def segment_stream(self, images: Sequence[Pixels], boxes_xyxy: Sequence[Floats]) -> Iterator[tuple[Masks, Scores]]:
         """`segment` for several images, each with its own boxes: one (masks, scores) pair per image, in
         order, each yielded as soon as it is ready."""
         ...
 
     def segment_points(
-        self, image: np.ndarray, points_xy: np.ndarray, positive: np.ndarray, box_xyxy: np.ndarray | None
+        self,
+        image: Pixels,
+        points_xy: Floats,
+        positive: Flags,
+        box_xyxy: Floats | None,
     ) -> tuple[PackedMask, float]:
         """One mask for one prompt: points_xy (N, 2) float pixels, positive (N,) bool (False: background),
         box_xyxy (4,) pixels or None; at least one point or the box.
@@ -81,7 +88,11 @@ class HfSamSegmenter:
     """transformers SamModel (also SamHQModel, Sam2Model) with its processor; any dtype the model was loaded in."""
 
     def __init__(
-        self, model: PreTrainedModel, processor: ProcessorMixin, box_batch: int = BOX_BATCH, image_batch: int = 1,
+        self,
+        model: PreTrainedModel,
+        processor: ProcessorMixin,
+        box_batch: int = BOX_BATCH,
+        image_batch: int = 1,
         upsample_budget: int = UPSAMPLE_BUDGET,
     ) -> None:
         self._model = model
@@ -92,31 +103,27 @@ class HfSamSegmenter:
 
     def describe(self) -> dict[str, str]:
         return {
-            "source": self._model.name_or_path,
+            "source": self._model.name_or_path or "",
             "architecture": type(self._model).__name__,
             "dtype": str(self._model.dtype),
         }
 
-    def segment(self, image: np.ndarray, boxes_xyxy: np.ndarray) -> tuple[Masks, np.ndarray]:
+    def segment(self, image: Pixels, boxes_xyxy: Floats) -> tuple[Masks, Scores]:
         """See `Segmenter.segment`."""
         return self.segment_batch([image], [boxes_xyxy])[0]
 
-    def segment_batch(
-        self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray]
-    ) -> list[tuple[Masks, np.ndarray]]:
+    def segment_batch(self, images: Sequence[Pixels], boxes_xyxy: Sequence[Floats]) -> list[tuple[Masks, Scores]]:
         """`segment_stream`, all at once."""
         return list(self.segment_stream(images, boxes_xyxy))
 
-    def segment_stream(
-        self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray]
-    ) -> Iterator[tuple[Masks, np.ndarray]]:
+    def segment_stream(self, images: Sequence[Pixels], boxes_xyxy: Sequence[Floats]) -> Iterator[tuple[Masks, Scores]]:
         """See `Segmenter.segment_stream`. The images that have boxes go through the image encoder
         `image_batch` at a time (halved where the device runs out of memory), each image's boxes decoded on
         its own embedding; the processor prepares the next group on a side thread meanwhile."""
         todo = [i for i, boxes in enumerate(boxes_xyxy) if len(boxes)]
         groups = [todo[start : start + self.image_batch] for start in range(0, len(todo), self.image_batch)]
         prepared = zip(groups, prefetched(partial(self._group_inputs, images, boxes_xyxy), groups), strict=True)
-        ready: dict[int, tuple[Masks, np.ndarray]] = {}
+        ready: dict[int, tuple[Masks, Scores]] = {}
         for index in range(len(images)):
             if not len(boxes_xyxy[index]):
                 yield _no_masks()
@@ -129,11 +136,15 @@ class HfSamSegmenter:
             yield ready.pop(index)
 
     def segment_points(
-        self, image: np.ndarray, points_xy: np.ndarray, positive: np.ndarray, box_xyxy: np.ndarray | None
+        self,
+        image: Pixels,
+        points_xy: Floats,
+        positive: Flags,
+        box_xyxy: Floats | None,
     ) -> tuple[PackedMask, float]:
         """See `Segmenter.segment_points`. Only the best proposal is upsampled."""
         multimask = _check_prompt(points_xy, positive, box_xyxy)
-        given = {}
+        given: dict[str, Any] = {}
         if len(points_xy):
             given |= {"input_points": [[points_xy.tolist()]], "input_labels": [[positive.astype(int).tolist()]]}
         if box_xyxy is not None:
@@ -149,22 +160,32 @@ class HfSamSegmenter:
         return pack_masks(self._upsample(out.pred_masks[0, :, best : best + 1], sizes))[0], score
 
     def _group_inputs(
-        self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray], indices: Sequence[int]
+        self,
+        images: Sequence[Pixels],
+        boxes_xyxy: Sequence[Floats],
+        indices: Sequence[int],
     ) -> BatchFeature:
         """The processor's output for the images at `indices` with their boxes (CPU work)."""
         # The processor wants as many boxes for every image: shorter lists are padded with their last box.
         boxes = [boxes_xyxy[i] for i in indices]
         most = max(len(image_boxes) for image_boxes in boxes)
         padded = [b.tolist() + [b[-1].tolist()] * (most - len(b)) for b in boxes]
-        return self._processor(
-            images=[images[i] for i in indices], input_boxes=padded, input_data_format="channels_last",
+        prepared: BatchFeature = self._processor(
+            images=[images[i] for i in indices],
+            input_boxes=padded,
+            input_data_format="channels_last",
             return_tensors="pt",
         )
+        return prepared
 
     def _encode_and_decode(
-        self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray], group: Sequence[int],
-        group_inputs: BatchFeature, indices: Sequence[int],
-    ) -> list[tuple[Masks, np.ndarray]]:
+        self,
+        images: Sequence[Pixels],
+        boxes_xyxy: Sequence[Floats],
+        group: Sequence[int],
+        group_inputs: BatchFeature,
+        indices: Sequence[int],
+    ) -> list[tuple[Masks, Scores]]:
         """One encoder forward for the images at `indices` (the prepared `group`, or a part of it after an
         out-of-memory split), then each image's boxes decoded on its embedding."""
         same = list(indices) == list(group)
@@ -177,13 +198,17 @@ class HfSamSegmenter:
             own = {key: value[row : row + 1] for key, value in embeddings.items()}
             sizes = {key: inputs[key][row : row + 1] for key in _SIZE_KEYS if key in inputs}
             image_boxes = all_boxes[row : row + 1, : len(boxes_xyxy[index])]
-            results.append(self._decode_boxes(own, image_boxes, sizes, images[index].shape[:2]))
+            height, width = images[index].shape[:2]
+            results.append(self._decode_boxes(own, image_boxes, sizes, (height, width)))
         return results
 
     def _decode_boxes(
-        self, embeddings: Mapping[str, torch.Tensor], boxes: torch.Tensor, sizes: Mapping[str, torch.Tensor],
+        self,
+        embeddings: Mapping[str, torch.Tensor],
+        boxes: torch.Tensor,
+        sizes: Mapping[str, torch.Tensor],
         shape: tuple[int, int],
-    ) -> tuple[Masks, np.ndarray]:
+    ) -> tuple[Masks, Scores]:
         """One image's boxes (1, N, 4), in the model's input frame, decoded on its embedding (1, ...);
         `shape`: the image's (H, W)."""
 
@@ -196,7 +221,9 @@ class HfSamSegmenter:
 
     def _embed(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The image encoder's output for the processed images (B, ...), as forward kwargs."""
-        embeddings = self._model.get_image_embeddings(inputs["pixel_values"].to(self._model.device, self._model.dtype))
+        pixels = inputs["pixel_values"].to(self._model.device, self._model.dtype)
+        # nn.Module.__getattr__ is typed Tensor | Module; every SAM model class defines get_image_embeddings.
+        embeddings = self._model.get_image_embeddings(pixels)  # type: ignore[operator]
         if isinstance(embeddings, tuple):  # SamHQ also returns the ViT's intermediate features
             return {"image_embeddings": embeddings[0], "intermediate_embeddings": embeddings[1]}
         return {"image_embeddings": embeddings}
@@ -208,7 +235,10 @@ class HfSamSegmenter:
         sizes: the processor's original_sizes (and reshaped_input_sizes) of that one image, (1, 2) each.
         """
         reshaped = {key: sizes[key] for key in _SIZE_KEYS[1:] if key in sizes}
-        masks = self._processor.post_process_masks(logits[None].float(), sizes["original_sizes"], **reshaped)
+        # ProcessorMixin does not declare it; every SAM processor class (SAM, SAM-HQ, SAM 2) defines it.
+        masks: list[torch.Tensor] = self._processor.post_process_masks(  # type: ignore[attr-defined]
+            logits[None].float(), sizes["original_sizes"], **reshaped
+        )
         return masks[0][:, 0]
 
 
@@ -220,7 +250,11 @@ class SegmentAnythingSegmenter:
     """
 
     def __init__(
-        self, sam: Sam, source: str, dtype: torch.dtype, box_batch: int = BOX_BATCH,
+        self,
+        sam: Sam,
+        source: str,
+        dtype: torch.dtype,
+        box_batch: int = BOX_BATCH,
         upsample_budget: int = UPSAMPLE_BUDGET,
     ) -> None:
         # The package's __init__ imports torchvision; importing here keeps the transformers path free of it.
@@ -235,7 +269,7 @@ class SegmentAnythingSegmenter:
     def describe(self) -> dict[str, str]:
         return {"source": self._source, "architecture": "segment_anything.Sam", "dtype": str(self._dtype)}
 
-    def segment(self, image: np.ndarray, boxes_xyxy: np.ndarray) -> tuple[Masks, np.ndarray]:
+    def segment(self, image: Pixels, boxes_xyxy: Floats) -> tuple[Masks, Scores]:
         """See `Segmenter.segment`."""
         if len(boxes_xyxy) == 0:
             return _no_masks()
@@ -246,17 +280,20 @@ class SegmentAnythingSegmenter:
                 logits, iou = self._decode(None, None, boxes[part], multimask=False)
                 return logits, iou[:, 0]
 
-            per_call = masks_per_call(*image.shape[:2], self._upsample_budget)
+            height, width = image.shape[:2]
+            per_call = masks_per_call(height, width, self._upsample_budget)
             return _decode_all(decode, self._upsample, len(boxes_xyxy), self._box_batch, per_call)
 
-    def segment_stream(
-        self, images: Sequence[np.ndarray], boxes_xyxy: Sequence[np.ndarray]
-    ) -> Iterator[tuple[Masks, np.ndarray]]:
+    def segment_stream(self, images: Sequence[Pixels], boxes_xyxy: Sequence[Floats]) -> Iterator[tuple[Masks, Scores]]:
         """See `Segmenter.segment_stream`: image by image, since SamPredictor holds one image's embedding."""
         return (self.segment(image, boxes) for image, boxes in zip(images, boxes_xyxy, strict=True))
 
     def segment_points(
-        self, image: np.ndarray, points_xy: np.ndarray, positive: np.ndarray, box_xyxy: np.ndarray | None
+        self,
+        image: Pixels,
+        points_xy: Floats,
+        positive: Flags,
+        box_xyxy: Floats | None,
     ) -> tuple[PackedMask, float]:
         """See `Segmenter.segment_points`. Only the best proposal is upsampled."""
         multimask = _check_prompt(points_xy, positive, box_xyxy)
@@ -281,22 +318,24 @@ class SegmentAnythingSegmenter:
         model = predictor.model
         points = None if coords is None else (coords, labels)
         sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=None)
-        return model.mask_decoder(
+        decoded: tuple[torch.Tensor, torch.Tensor] = model.mask_decoder(
             image_embeddings=predictor.features,
             image_pe=model.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask,
         )
+        return decoded
 
     def _upsample(self, logits: torch.Tensor) -> torch.Tensor:
         """Low-res logits (k, 1, 256, 256) → (k, H, W) bool at the set image's size: the rest of predict_torch."""
         predictor = self._predictor
-        masks = predictor.model.postprocess_masks(logits, predictor.input_size, predictor.original_size)
-        return masks[:, 0] > predictor.model.mask_threshold
+        masks: torch.Tensor = predictor.model.postprocess_masks(logits, predictor.input_size, predictor.original_size)
+        threshold: float = predictor.model.mask_threshold
+        return masks[:, 0] > threshold
 
     @contextmanager
-    def _image_set(self, image: np.ndarray) -> Iterator[SamPredictor]:
+    def _image_set(self, image: Pixels) -> Iterator[SamPredictor]:
         """The predictor holding `image`'s embedding, in inference mode (the models are called directly, not
         through the package's no_grad predict_torch), under autocast when SAM runs in low precision."""
         predictor = self._predictor
@@ -308,10 +347,11 @@ class SegmentAnythingSegmenter:
             finally:
                 predictor.reset_image()  # drop the image's features until the next call
 
-    def _boxes(self, boxes_xyxy: np.ndarray, image: np.ndarray) -> torch.Tensor:
+    def _boxes(self, boxes_xyxy: Floats, image: Pixels) -> torch.Tensor:
         """(N, 4) xyxy pixels → the model's input frame, float32 on its device."""
         boxes = torch.as_tensor(boxes_xyxy, dtype=torch.float32, device=self._predictor.device)
-        return self._predictor.transform.apply_boxes_torch(boxes, image.shape[:2])
+        transformed: torch.Tensor = self._predictor.transform.apply_boxes_torch(boxes, image.shape[:2])
+        return transformed
 
 
 def masks_per_call(height: int, width: int, budget: int = UPSAMPLE_BUDGET) -> int:
@@ -319,16 +359,17 @@ def masks_per_call(height: int, width: int, budget: int = UPSAMPLE_BUDGET) -> in
     return max(1, budget // (4 * height * width))
 
 
-def _decode_all(
-    decode: Decode, upsample: Upsample, count: int, box_batch: int, per_call: int
-) -> tuple[Masks, np.ndarray]:
+def _decode_all(decode: Decode, upsample: Upsample, count: int, box_batch: int, per_call: int) -> tuple[Masks, Scores]:
     """Run `decode` over boxes in slices of `box_batch` (halved where the device runs out of memory), each
     slice's logits upsampled `per_call` at a time and packed; `count` masks, scores (count,) float32."""
 
     def decode_part(boxes: Sequence[int]) -> list[tuple[list[PackedMask], torch.Tensor]]:
         logits, scores = decode(slice(boxes[0], boxes[-1] + 1))
-        masks = [mask for start in range(0, len(logits), per_call) for mask in
-                 pack_masks(upsample(logits[start : start + per_call]))]
+        masks = [
+            mask
+            for start in range(0, len(logits), per_call)
+            for mask in pack_masks(upsample(logits[start : start + per_call]))
+        ]
         return [(masks, scores)]
 
     slices = [range(start, min(start + box_batch, count)) for start in range(0, count, box_batch)]
@@ -354,7 +395,11 @@ def pack_masks(masks: torch.Tensor) -> list[PackedMask]:
     return packed
 
 
-def _check_prompt(points_xy: np.ndarray, positive: np.ndarray, box_xyxy: np.ndarray | None) -> bool:
+def _check_prompt(
+    points_xy: Floats,
+    positive: Flags,
+    box_xyxy: Floats | None,
+) -> bool:
     """Validate an interactive prompt's shapes; True when it is one lone point (ask for three masks)."""
     if points_xy.ndim != 2 or points_xy.shape[1] != 2 or positive.shape != (len(points_xy),):
         raise ValueError(f"points must be (N, 2) with (N,) labels, got {points_xy.shape} and {positive.shape}")
@@ -371,6 +416,6 @@ def _best(scores: torch.Tensor) -> tuple[int, float]:
     return best, float(scores[best].float().clamp(0, 1))
 
 
-def _no_masks() -> tuple[Masks, np.ndarray]:
+def _no_masks() -> tuple[Masks, Scores]:
     """The answer for zero boxes, without running SAM: no masks, scores (0,)."""
     return (), np.zeros(0, dtype=np.float32)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
 
 DETECTOR_MAX_ASPECT = 4.0
@@ -39,7 +40,7 @@ def detector_input(image: Image.Image) -> tuple[Image.Image, tuple[float, float]
     return canvas, (padded_w * width / small_w, padded_h * height / small_h)
 
 
-def sam_input(pixels: np.ndarray) -> np.ndarray:
+def sam_input(pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     """`pixels` (H, W, 3) as SAM can take them: the array itself, or a copy padded with black at the bottom
     or right to SAM_MAX_ASPECT; masks of the copy's size are cut back to (H, W) by the caller."""
     height, width = pixels.shape[:2]

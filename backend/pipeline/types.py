@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 
 from backend.packed_mask import PackedMask
 
@@ -76,7 +77,7 @@ class Segmented:
 
     detections: tuple[Detection, ...]
     masks: tuple[PackedMask, ...] | None = field(repr=False)
-    scores: np.ndarray | None = field(repr=False)
+    scores: npt.NDArray[np.float32] | None = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,8 @@ from types import TracebackType
 from redis import Redis
 from redis.exceptions import RedisError
 
+from backend.redis_replies import text
+
 log = logging.getLogger(__name__)
 
 DONE = b"done"
@@ -74,7 +76,7 @@ class TaskClaims:
     def holder(self, task: int) -> str | None:
         """Who holds the task now: a claimant's owner id, "done", or None when nobody does."""
         value = self.redis.get(self.key(task))
-        return value.decode() if value is not None else None
+        return text(value) if value is not None else None
 
 
 class Claimant:

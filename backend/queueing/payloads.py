@@ -24,12 +24,17 @@ from __future__ import annotations
 import hashlib
 import sys
 from collections.abc import Iterable, Mapping
-from typing import Any, NotRequired, TypedDict
+from typing import Any, TypedDict
 
 from redis import Redis
 
 from backend.errors import LabelConfigMissingError
 from backend.lru import SizedLru
+
+if sys.version_info >= (3, 11):
+    from typing import NotRequired
+else:  # Python 3.10: typing_extensions comes with pydantic
+    from typing_extensions import NotRequired
 
 CONFIG_KEY = "grounded-sam:config:{}"
 # Beyond the longest a job stays readable (finished or failed), the config outlives it by this margin.

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from redis import Redis
 
+from backend.redis_replies import text
+
 PREFIX = "grounded-sam:stats"
 BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 STAGES = ("fetch", "model", "push", "task")
@@ -66,19 +68,23 @@ def seconds_per_task(redis: Redis) -> float | None:
 def metric_families(redis: Redis) -> Iterator[HistogramMetricFamily | CounterMetricFamily]:
     """Prometheus families of everything workers recorded."""
     latency = HistogramMetricFamily(
-        "grounded_sam_worker_stage_seconds", "Worker latency per stage (fetch, model, postprocess, push, task)", labels=["stage"]
+        "grounded_sam_worker_stage_seconds",
+        "Worker latency per stage (fetch, model, postprocess, push, task)",
+        labels=["stage"],
     )
     for stage in STAGES:
-        raw = {k.decode(): v.decode() for k, v in redis.hgetall(f"{PREFIX}:stage:{stage}").items()}
+        raw = {text(k): text(v) for k, v in redis.hgetall(f"{PREFIX}:stage:{stage}").items()}
         if raw:
             latency.add_metric([stage], _cumulative(raw), float(raw.get("sum", 0)))
     yield latency
     images = CounterMetricFamily("grounded_sam_images_processed", "Images run through the models by workers")
     images.add_metric([], float(redis.hget(f"{PREFIX}:counters", "images") or 0))
     yield images
-    failures = CounterMetricFamily("grounded_sam_task_failures", "Tasks that failed in workers, by reason", labels=["reason"])
+    failures = CounterMetricFamily(
+        "grounded_sam_task_failures", "Tasks that failed in workers, by reason", labels=["reason"]
+    )
     for reason, count in redis.hgetall(f"{PREFIX}:failures").items():
-        failures.add_metric([reason.decode()], float(count))
+        failures.add_metric([text(reason)], float(count))
     yield failures
 
 

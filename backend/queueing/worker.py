@@ -58,7 +58,7 @@ class HeartbeatWorker(SimpleWorker):
 
     def __init__(self, *args: object, heartbeat_s: float = 5.0, **kwargs: object) -> None:
         # The job description is the whole payload (labeling config included): the job id is enough.
-        super().__init__(*args, log_job_description=False, **kwargs)  # type: ignore[arg-type]
+        super().__init__(*args, log_job_description=False, **kwargs)  # type: ignore[arg-type, misc]
         self.heartbeat_s = heartbeat_s
         self._still_running_it = self.connection.register_script(_STILL_RUNNING_IT)
 
@@ -115,8 +115,9 @@ class HeartbeatWorker(SimpleWorker):
                 return False
         except RedisError:
             return False
-        log.warning("job %s: this run was abandoned (no heartbeat) and the job queued again; its outcome is dropped",
-                    job.id)
+        log.warning(
+            "job %s: this run was abandoned (no heartbeat) and the job queued again; its outcome is dropped", job.id
+        )
         with suppress(RedisError), self.connection.pipeline() as pipeline:
             self.cleanup_execution(job, pipeline=pipeline)
             pipeline.execute()
@@ -171,5 +172,3 @@ def forget_worker(redis: Redis, pid: int) -> None:
     for worker in Worker.all(connection=redis, serializer=JSONSerializer):
         if worker.pid == pid and worker.hostname == host:
             worker.register_death()
-
-

@@ -26,8 +26,12 @@ from playwright.sync_api import Page, ViewportSize, sync_playwright
 
 # Debian's Chromium, headless, with nothing that phones home or updates itself.
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--no-first-run",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
 ]
 VIEWPORT: ViewportSize = {"width": 1400, "height": 900}
 TIMEOUT_MS = 60_000

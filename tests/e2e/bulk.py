@@ -48,8 +48,9 @@ def bulk_images(image_host: ImageServer, prefix: str, count: int) -> list[TestIm
     return images
 
 
-def url_project(ls: LabelStudio, title: str, config_path: Path, image_host: ImageServer,
-                images: list[TestImage]) -> Project:
+def url_project(
+    ls: LabelStudio, title: str, config_path: Path, image_host: ImageServer, images: list[TestImage]
+) -> Project:
     """A project whose tasks name `images` as absolute http URLs on the image host (one import call)."""
     label_config = config_path.read_text()
     project = ls.create_project(title, label_config)
@@ -60,8 +61,9 @@ def url_project(ls: LabelStudio, title: str, config_path: Path, image_host: Imag
     return Project(project, label_config, match_tasks(stored, images))
 
 
-def scaled_environment(label_studio_url: str, api_key: str, detector: Path, sam: Path, redis_url: str,
-                       chunk_size: int) -> dict[str, str]:
+def scaled_environment(
+    label_studio_url: str, api_key: str, detector: Path, sam: Path, redis_url: str, chunk_size: int
+) -> dict[str, str]:
     """Environment shared by `serve` (API only, since REDIS_URL is set), the workers and `prelabel`."""
     env = backend_environment(label_studio_url, api_key, detector, sam)
     env.update(REDIS_URL=redis_url, BULK_CHUNK_SIZE=str(chunk_size))

@@ -50,9 +50,7 @@ def blocks(values: np.ndarray) -> np.ndarray:
         return np.nanmean(tiles, axis=(1, 3))
 
 
-def assert_region_painted(
-    shown: np.ndarray, hidden: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]
-) -> int:
+def assert_region_painted(shown: np.ndarray, hidden: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> int:
     """Assert `mask` (bool, image-sized) is painted in `colour` where it is, and nothing is painted elsewhere.
 
     shown/hidden: RGB screenshots (HxWx3) of the image area (see image_area) with only this region shown / with none.

@@ -83,7 +83,10 @@ def api_keys(label_studio: LabelStudio) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def backends(
-    label_studio: LabelStudio, api_keys: dict[str, str], tiny_detector_dir: Path, tiny_hf_sam_dir: Path,
+    label_studio: LabelStudio,
+    api_keys: dict[str, str],
+    tiny_detector_dir: Path,
+    tiny_hf_sam_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[BackendPool]:
     """Backend `serve` processes with tiny random models, one per API key kind, started on first use."""

@@ -40,8 +40,15 @@ def draw_scene(width: int, height: int, background: tuple[int, int, int]) -> Ima
     return image
 
 
-def write_image(folder: Path, name: str, width: int, height: int,
-                background: tuple[int, int, int] = (120, 170, 90), *, exif_rotated: bool = False) -> TestImage:
+def write_image(
+    folder: Path,
+    name: str,
+    width: int,
+    height: int,
+    background: tuple[int, int, int] = (120, 170, 90),
+    *,
+    exif_rotated: bool = False,
+) -> TestImage:
     """Write `name` (PNG or JPEG by suffix) of `width` x `height` pixels as stored; return it with its displayed size.
 
     exif_rotated: a JPEG with EXIF Orientation=6, displayed `height` x `width`.

@@ -115,9 +115,21 @@ class LabelStudio:
             self._copy_database(seed)
         with open(self.log_path, "wb") as log:
             self._process = subprocess.Popen(
-                [str(self.venv / "bin" / "label-studio"), "start", "--no-browser", "--internal-host", "127.0.0.1",
-                 "--port", str(self.port), "--data-dir", str(self.data_dir)],
-                env=self._environment(), stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                [
+                    str(self.venv / "bin" / "label-studio"),
+                    "start",
+                    "--no-browser",
+                    "--internal-host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--data-dir",
+                    str(self.data_dir),
+                ],
+                env=self._environment(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
             )
         self._wait_ready()
         self._client = httpx.Client(
@@ -138,7 +150,8 @@ class LabelStudio:
 
     def _environment(self) -> dict[str, str]:
         inherited = {
-            key: value for key, value in os.environ.items()
+            key: value
+            for key, value in os.environ.items()
             if key not in _FALLBACK_NAMES and not key.startswith(("LABEL_STUDIO_", "HEARTEX_", "DJANGO_"))
         }
         creds = self.credentials
@@ -239,9 +252,15 @@ class LabelStudio:
     def add_local_storage(self, project: int, folder: Path, *, sync: bool) -> int:
         """Add a Local Files source storage over `folder` (inside `documents`); sync it to make tasks when asked."""
         storage = self.call(
-            "POST", "/api/storages/localfiles",
-            json={"project": project, "path": str(folder), "use_blob_urls": True, "title": folder.name,
-                  "regex_filter": r".*\.(png|jpe?g)$"},
+            "POST",
+            "/api/storages/localfiles",
+            json={
+                "project": project,
+                "path": str(folder),
+                "use_blob_urls": True,
+                "title": folder.name,
+                "regex_filter": r".*\.(png|jpe?g)$",
+            },
         )
         if sync:
             self.call("POST", f"/api/storages/localfiles/{storage['id']}/sync")
@@ -262,8 +281,9 @@ class LabelStudio:
 
     def connect_ml(self, project: int, url: str, title: str = "grounded-sam") -> dict[str, Any]:
         """Settings → Model → Connect model. Label Studio calls /health and /setup before answering."""
-        return dict(self.call("POST", "/api/ml", json={"url": url, "project": project, "title": title,
-                                                        "is_interactive": False}))
+        return dict(
+            self.call("POST", "/api/ml", json={"url": url, "project": project, "title": title, "is_interactive": False})
+        )
 
     def ml_backend(self, ml_id: int) -> dict[str, Any]:
         """The connection's state (Label Studio re-runs /health and /setup for this)."""
@@ -276,8 +296,11 @@ class LabelStudio:
         """
         selected = {"all": True, "excluded": []} if task_ids is None else {"all": False, "included": task_ids}
         return self.request(
-            "POST", "/api/dm/actions", params={"id": action, "project": project},
-            json={"selectedItems": selected}, timeout=self.ml_timeout_predict + 60,
+            "POST",
+            "/api/dm/actions",
+            params={"id": action, "project": project},
+            json={"selectedItems": selected},
+            timeout=self.ml_timeout_predict + 60,
         )
 
     def retrieve_predictions(self, project: int, task_ids: list[int] | None = None) -> httpx.Response:

@@ -181,8 +181,9 @@ class NamespacedProcesses:
     def start(self, host: Host, command: list[str], env: dict[str, str], name: str) -> Proc:
         log_path = self._logs / f"{host.role}-{name}-{len(self._started)}.log"
         with open(log_path, "wb") as log_file:
-            popen = subprocess.Popen([*host.exec_prefix(), *command], env=env, stdout=log_file,
-                                     stderr=subprocess.STDOUT)
+            popen = subprocess.Popen(
+                [*host.exec_prefix(), *command], env=env, stdout=log_file, stderr=subprocess.STDOUT
+            )
         proc = Proc(popen, log_path, env=env)
         self._started.append(proc)
         return proc

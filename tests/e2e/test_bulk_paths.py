@@ -33,15 +33,20 @@ CHUNK = 4
 
 @pytest.fixture()
 def scaled(
-    label_studio: LabelStudio, api_keys: dict[str, str], redis_url: str,  # noqa: F811
-    tiny_detector_dir: Path, tiny_hf_sam_dir: Path, tmp_path: Path,
+    label_studio: LabelStudio,
+    api_keys: dict[str, str],
+    redis_url: str,  # noqa: F811
+    tiny_detector_dir: Path,
+    tiny_hf_sam_dir: Path,
+    tmp_path: Path,
 ) -> Iterator[Callable[..., ScaledBackend]]:
     """Start an API on the shared Redis plus `workers` worker processes, with extra settings; all stopped after."""
     processes = Processes(tmp_path)
 
     def start(workers: int, **settings: str) -> ScaledBackend:
-        env = scaled_environment(label_studio.url, api_keys["legacy"], tiny_detector_dir, tiny_hf_sam_dir,
-                                 redis_url, CHUNK)
+        env = scaled_environment(
+            label_studio.url, api_keys["legacy"], tiny_detector_dir, tiny_hf_sam_dir, redis_url, CHUNK
+        )
         env.update(OMP_NUM_THREADS="1", **settings)
         backend = ScaledBackend(processes, env)
         backend.start(workers=workers)
@@ -112,10 +117,15 @@ def test_editor_request_goes_ahead_of_bulk_work_and_failures_are_counted_and_ret
     run = backend.command(["prelabel", "--project", str(project.id)])
     poll("the first chunk to finish", lambda: backend.jobs(project.id)["done"] >= CHUNK)
     other_task, other_image = list(project.images.items())[-1]
-    editor = httpx.post(f"{backend.url}/predict", timeout=120, json={
-        "tasks": [{"id": other_task, "data": {"image": image_host.url_for(other_image.path.name)}}],
-        "label_config": project.label_config, "project": f"{project.id}.0",
-    })
+    editor = httpx.post(
+        f"{backend.url}/predict",
+        timeout=120,
+        json={
+            "tasks": [{"id": other_task, "data": {"image": image_host.url_for(other_image.path.name)}}],
+            "label_config": project.label_config,
+            "project": f"{project.id}.0",
+        },
+    )
     assert editor.status_code == 200, editor.text
     assert editor.json()["results"][0]["model_version"] == version
     queued_after_editor = backend.jobs(project.id)["queued"]
@@ -133,7 +143,7 @@ def test_editor_request_goes_ahead_of_bulk_work_and_failures_are_counted_and_ret
     assert metric(metrics, "grounded_sam_images_processed_total") >= 47
     assert metric(metrics, 'grounded_sam_worker_stage_seconds_count{stage="model"}') >= 47
     assert metric(metrics, 'grounded_sam_worker_stage_seconds_count{stage="push"}') >= 47
-    bulk_queue = f'{backend.env["QUEUE_NAME"]}-bulk'
+    bulk_queue = f"{backend.env['QUEUE_NAME']}-bulk"
     assert metric(metrics, f'grounded_sam_jobs{{queue="{bulk_queue}",state="failed"}}') == 1
     assert metric(metrics, f'grounded_sam_jobs{{queue="{bulk_queue}",state="queued"}}') == 0
 
@@ -159,8 +169,14 @@ def test_two_prelabel_runs_at_once_and_a_forced_rerun_keep_one_prediction_per_ta
 
     # --force with a Data Manager filter recomputes just those tasks and replaces their predictions.
     chosen = sorted(project.images)[:8]
-    query = {"filters": {"conjunction": "and", "items": [
-        {"filter": "filter:tasks:id", "operator": "less_or_equal", "type": "Number", "value": chosen[-1]}]}}
+    query = {
+        "filters": {
+            "conjunction": "and",
+            "items": [
+                {"filter": "filter:tasks:id", "operator": "less_or_equal", "type": "Number", "value": chosen[-1]}
+            ],
+        }
+    }
     before = {p["task"]: p["id"] for p in label_studio.predictions(project.id)}
     forced = backend.command(["prelabel", "--project", str(project.id), "--force", "--filter", json.dumps(query)])
     assert finish(forced) == 0, forced.log()

@@ -54,21 +54,26 @@ def last_chunks_images(ls: LabelStudio, project: Project, chunks: int) -> set[st
     task order, CHUNK at a time)."""
     order = [int(task["id"]) for task in ls.tasks(project.id)]
     assert len(order) == TASKS and TASKS % CHUNK == 0, (len(order), TASKS, CHUNK)
-    return {project.images[task].path.name for task in order[-chunks * CHUNK:]}
+    return {project.images[task].path.name for task in order[-chunks * CHUNK :]}
 
 
 def test_prelabel_a_project_with_two_workers_a_killed_worker_and_an_interrupt(
-    label_studio: LabelStudio, api_keys: dict[str, str], image_host: ImageServer, redis_url: str,  # noqa: F811
-    tiny_detector_dir: Path, tiny_hf_sam_dir: Path, tmp_path: Path,
+    label_studio: LabelStudio,
+    api_keys: dict[str, str],
+    image_host: ImageServer,
+    redis_url: str,  # noqa: F811
+    tiny_detector_dir: Path,
+    tiny_hf_sam_dir: Path,
+    tmp_path: Path,
 ) -> None:
     images = bulk_images(image_host, f"bulk-{uuid.uuid4().hex[:6]}", TASKS)
     project = url_project(label_studio, f"bulk-{uuid.uuid4().hex[:6]}", CONFIG, image_host, images)
     held = last_chunks_images(label_studio, project, GATED_CHUNKS)
-    env = scaled_environment(label_studio.url, api_keys["legacy"], tiny_detector_dir, tiny_hf_sam_dir, redis_url,
-                             CHUNK)
+    env = scaled_environment(label_studio.url, api_keys["legacy"], tiny_detector_dir, tiny_hf_sam_dir, redis_url, CHUNK)
     # Two workers (three, briefly) share the machine with Label Studio: one torch thread each, not one per core.
-    env.update(OMP_NUM_THREADS="1", IMAGE_READ_TIMEOUT=str(HELD_READ_TIMEOUT_S),
-               IMAGE_FETCH_DEADLINE=str(HELD_READ_TIMEOUT_S))
+    env.update(
+        OMP_NUM_THREADS="1", IMAGE_READ_TIMEOUT=str(HELD_READ_TIMEOUT_S), IMAGE_FETCH_DEADLINE=str(HELD_READ_TIMEOUT_S)
+    )
     processes = Processes(tmp_path)
     try:
         backend = ScaledBackend(processes, env)

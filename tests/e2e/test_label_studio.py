@@ -80,7 +80,7 @@ def test_every_example_config_gets_one_valid_prediction_per_task(
         assert len(label_studio.predictions(project.id)) == len(project.images)
 
     if key_kind == "pat":  # the personal access token really went through the refresh exchange
-        assert "POST /api/token/refresh/ HTTP/1.1\" 200" in label_studio.log_text()
+        assert 'POST /api/token/refresh/ HTTP/1.1" 200' in label_studio.log_text()
 
 
 def test_labeling_view_paints_predicted_masks(
@@ -93,8 +93,10 @@ def test_labeling_view_paints_predicted_masks(
     report stay in this test's tmp_path; with E2E_UPDATE_PREVIEW=1 the first page becomes label_config/preview.png.
     """
     config = BRUSH.read_text()
-    images = [write_image(tmp_path, "street.png", 480, 320, background=(128, 128, 128)),
-              write_image(tmp_path, "phone.jpg", 300, 200, background=(128, 128, 128), exif_rotated=True)]
+    images = [
+        write_image(tmp_path, "street.png", 480, 320, background=(128, 128, 128)),
+        write_image(tmp_path, "phone.jpg", 300, 200, background=(128, 128, 128), exif_rotated=True),
+    ]
     project_id = label_studio.create_project("browser-brush", config)
     label_studio.import_uploads(project_id, [image.path for image in images])
     project = Project(project_id, config, match_tasks(label_studio.tasks(project_id), images))
@@ -131,13 +133,20 @@ def _open_in_browser(
     """Run browser_view.py in the tool environment (it has Playwright) for (task, regions, out) triples."""
     result = tasks[0][2].parent / "browser.json"
     args = {
-        "chromium": chromium, "url": ls.url, "email": ls.credentials.email, "password": ls.credentials.password,
+        "chromium": chromium,
+        "url": ls.url,
+        "email": ls.credentials.email,
+        "password": ls.credentials.password,
         "project": project,
         "tasks": [{"task": task, "regions": regions, "out": str(out)} for task, regions, out in tasks],
         "result": str(result),
     }
-    run = subprocess.run([str(tool_env / "bin" / "python"), str(BROWSER_VIEW), json.dumps(args)],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [str(tool_env / "bin" / "python"), str(BROWSER_VIEW), json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, f"browser check failed:\n{run.stdout}\n{run.stderr}"
     return list(json.loads(result.read_text()))
 
@@ -170,8 +179,10 @@ def test_unreadable_image_gets_an_empty_prediction_and_the_others_are_valid(
     uploads = image_set(tmp_path, "ok", ("landscape", "exif6"))
     label_studio.import_uploads(project_id, [image.path for image in uploads])
     hosted = write_image(image_host.root, "hosted.png", 260, 200)  # an absolute http:// URL, fetched directly
-    label_studio.import_tasks(project_id, [{"data": {"image": image_host.url_for("hosted.png")}},
-                                           {"data": {"image": image_host.url_for("missing.png")}}])
+    label_studio.import_tasks(
+        project_id,
+        [{"data": {"image": image_host.url_for("hosted.png")}}, {"data": {"image": image_host.url_for("missing.png")}}],
+    )
     tasks = label_studio.tasks(project_id)
     [bad] = [int(t["id"]) for t in tasks if t["data"]["image"].endswith("missing.png")]
     project = Project(project_id, config, match_tasks([t for t in tasks if t["id"] != bad], [*uploads, hosted]))

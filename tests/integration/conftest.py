@@ -155,7 +155,7 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 class _ImageHandler(http.server.BaseHTTPRequestHandler):
     """Serves files from the server's `root`; /slow/<name> waits `slow_s` first."""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         root: Path = self.server.root  # type: ignore[attr-defined]
         name = self.path.rsplit("/", 1)[-1]
         if self.path.startswith("/slow/"):

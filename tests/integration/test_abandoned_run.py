@@ -52,7 +52,10 @@ def until(what: str, probe: Callable[[], bool], timeout: float = WAIT_S) -> None
 def start_worker(redis_url: str, queue: str) -> subprocess.Popen[str]:  # noqa: F811
     """A HeartbeatWorker process that takes one job from `queue` and exits once it is empty (burst)."""
     return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import logging
             from redis import Redis
             from rq import Queue
@@ -63,8 +66,12 @@ def start_worker(redis_url: str, queue: str) -> subprocess.Popen[str]:  # noqa: 
             queue = Queue({queue!r}, connection=redis, serializer=JSONSerializer)
             worker = HeartbeatWorker([queue], connection=redis, serializer=JSONSerializer, heartbeat_s={HEARTBEAT_S})
             worker.work(burst=True, with_scheduler=False)
-        """)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        """),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -74,8 +81,15 @@ def frozen_mid_job(redis_url: str, stale_raises: bool) -> tuple[Redis, Queue, Jo
     name = f"abandoned-{uuid.uuid4().hex[:8]}"
     queue = Queue(name, connection=redis, serializer=JSONSerializer)
     counter, resume = f"{name}:runs", f"{name}:resume"
-    job = queue.enqueue("tests.integration.test_abandoned_run.stale_or_fresh", counter, resume, stale_raises,
-                        job_id=f"{name}-job", retry=Retry(max=1), job_timeout=600)
+    job = queue.enqueue(
+        "tests.integration.test_abandoned_run.stale_or_fresh",
+        counter,
+        resume,
+        stale_raises,
+        job_id=f"{name}-job",
+        retry=Retry(max=1),
+        job_timeout=600,
+    )
     worker_a = start_worker(redis_url, name)
 
     def running() -> bool:
@@ -98,10 +112,12 @@ def resumed(worker_a: subprocess.Popen[str], redis: Redis, resume: str) -> str:
 
 @pytest.mark.parametrize("stale_raises", [True, False], ids=["stale-run-fails", "stale-run-returns"])
 def test_a_run_abandoned_and_redone_elsewhere_does_not_overwrite_the_jobs_outcome(
-    redis_url: str, stale_raises: bool  # noqa: F811
+    redis_url: str,  # noqa: F811
+    stale_raises: bool,
 ) -> None:
     redis, queue, job, worker_a, resume = frozen_mid_job(redis_url, stale_raises)
     try:
+
         def requeued() -> bool:
             sweep_abandoned([queue])
             return job.get_status(refresh=True) == JobStatus.QUEUED

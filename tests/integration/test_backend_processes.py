@@ -33,7 +33,9 @@ def _task(task_id: int, url: str) -> dict[str, object]:
     return {"id": task_id, "data": {"image": url}}
 
 
-def _predict(url: str, tasks: list[dict[str, object]], label_config: str = BRUSH_AND_RECT, **kwargs: object) -> httpx.Response:
+def _predict(
+    url: str, tasks: list[dict[str, object]], label_config: str = BRUSH_AND_RECT, **kwargs: object
+) -> httpx.Response:
     body = {"tasks": tasks, "label_config": label_config, "project": "7.1700000000", "params": {"context": None}}
     return httpx.post(f"{url}/predict", json=body, timeout=90, **kwargs)  # type: ignore[arg-type]
 
@@ -50,8 +52,13 @@ def test_embedded_serve_predicts_in_order_and_shuts_down_clean(
     children = psutil.Process(serve.popen.pid).children(recursive=True)
     assert len(children) >= 2, "expected the embedded Redis server and the worker as children"
 
-    tasks = [_task(1, landscape), _task(2, f"{image_server.url}/missing.png"), _task(3, portrait), _task(4, exif),
-             {"id": 5, "data": {}}]
+    tasks = [
+        _task(1, landscape),
+        _task(2, f"{image_server.url}/missing.png"),
+        _task(3, portrait),
+        _task(4, exif),
+        {"id": 5, "data": {}},
+    ]
     response = _predict(serve.url, tasks)
     assert response.status_code == 200, response.text
     results = response.json()["results"]
@@ -121,8 +128,13 @@ def test_bad_inputs_get_clear_answers(processes: Processes, model_env: dict[str,
     """No Image / no supported control → 400 and nothing queued; malformed JSON → 422."""
     env = {**model_env, "REDIS_URL": redis_url}
     api = processes.serve(env, wait_workers=0)
-    no_image = "<View><BrushLabels name='m' toName='t'><Label value='a'/></BrushLabels><Text name='t' value='$t'/></View>"
-    no_control = "<View><Image name='image' value='$image'/><Choices name='c' toName='image'><Choice value='x'/></Choices></View>"
+    no_image = (
+        "<View><BrushLabels name='m' toName='t'><Label value='a'/></BrushLabels><Text name='t' value='$t'/></View>"
+    )
+    no_control = (
+        "<View><Image name='image' value='$image'/>"
+        "<Choices name='c' toName='image'><Choice value='x'/></Choices></View>"
+    )
     for config in (no_image, no_control, "<View><Image"):
         response = _predict(api.url, [_task(1, "http://example.invalid/a.png")], label_config=config)
         assert response.status_code == 400, response.text
@@ -135,9 +147,7 @@ def test_bad_inputs_get_clear_answers(processes: Processes, model_env: dict[str,
     assert httpx.post(f"{api.url}/predict", json={"tasks": "x", "label_config": BRUSH_AND_RECT}).status_code == 422
 
 
-def test_redis_unreachable_health_says_so_and_predict_503_fast(
-    processes: Processes, model_env: dict[str, str]
-) -> None:
+def test_redis_unreachable_health_says_so_and_predict_503_fast(processes: Processes, model_env: dict[str, str]) -> None:
     """With Redis gone, /health reports it and /predict answers 503 in well under Label Studio's timeouts."""
     env = {**model_env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
     port = free_port()
@@ -161,8 +171,14 @@ def test_redis_unreachable_health_says_so_and_predict_503_fast(
 def test_basic_auth_guards_every_route(processes: Processes, model_env: dict[str, str], redis_url: str) -> None:
     env = {**model_env, "REDIS_URL": redis_url, "BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "s3cret"}
     api = processes.serve(env, wait_workers=0, auth=("ls", "s3cret"))
-    for method, path in (("GET", "/health"), ("POST", "/setup"), ("POST", "/predict"), ("GET", "/metrics"),
-                         ("GET", "/versions"), ("POST", "/webhook")):
+    for method, path in (
+        ("GET", "/health"),
+        ("POST", "/setup"),
+        ("POST", "/predict"),
+        ("GET", "/metrics"),
+        ("GET", "/versions"),
+        ("POST", "/webhook"),
+    ):
         assert httpx.request(method, f"{api.url}{path}").status_code == 401, path
         assert httpx.request(method, f"{api.url}{path}", auth=("ls", "wrong")).status_code == 401, path
     assert httpx.get(f"{api.url}/health", auth=("ls", "s3cret")).status_code == 200
@@ -195,8 +211,14 @@ def test_api_process_never_imports_torch(model_env: dict[str, str], redis_url: s
         "import sys; from backend.settings import Settings; from backend.api.app import create_app; "
         "create_app(Settings()); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], env={**model_env, "REDIS_URL": redis_url},
-                         capture_output=True, text=True, check=True, cwd=os.fspath(REPO))
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**model_env, "REDIS_URL": redis_url},
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.fspath(REPO),
+    )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
@@ -226,7 +248,9 @@ def test_worker_with_other_model_settings_refuses_jobs(
     processes.start(["worker"], {**env, "BOX_THRESHOLD": "0.9"})
     url = image_server.add("x.png", Image.new("RGB", (32, 32)))
     assert _predict(api.url, [_task(1, url)]).json()["results"][0]["result"] == []
-    failed = FailedJobRegistry(queue_names(env["QUEUE_NAME"])[0], connection=Redis.from_url(redis_url), serializer=JSONSerializer)
+    failed = FailedJobRegistry(
+        queue_names(env["QUEUE_NAME"])[0], connection=Redis.from_url(redis_url), serializer=JSONSerializer
+    )
     [job_id] = failed.get_job_ids()
     job = Job.fetch(job_id, connection=Redis.from_url(redis_url), serializer=JSONSerializer)
     assert "different model settings" in job.latest_result().exc_string

@@ -17,8 +17,9 @@ def chunk(redis: Redis, tasks: list[int], status: JobStatus, failed: list[int] |
     """A chunk job as the API queues it (its payload lists the tasks), left in `status`."""
     job_id = f"bulk-p-n{len(tasks)}-{uuid.uuid4().hex[:8]}"
     payload = {"project": "p", "tasks": [{"id": t, "data": {}} for t in tasks], "label_config": "", "model_version": ""}
-    job = Job.create("backend.prelabel.prelabel_chunk", args=(payload,), id=job_id, connection=redis,
-                     serializer=JSONSerializer)
+    job = Job.create(
+        "backend.prelabel.prelabel_chunk", args=(payload,), id=job_id, connection=redis, serializer=JSONSerializer
+    )
     if failed is not None:
         job.meta[META_FAILED] = failed
     job.save()
@@ -28,11 +29,13 @@ def chunk(redis: Redis, tasks: list[int], status: JobStatus, failed: list[int] |
 
 def test_overlapping_chunks_count_each_task_once(redis_url: str) -> None:  # noqa: F811
     redis = Redis.from_url(redis_url)
-    progress = _count([
-        chunk(redis, [1, 2, 3, 4], JobStatus.FINISHED),
-        chunk(redis, [3, 4, 5, 6], JobStatus.QUEUED),  # the second click's chunk: 3 and 4 are done already
-        chunk(redis, [6, 7], JobStatus.STARTED),
-    ])
+    progress = _count(
+        [
+            chunk(redis, [1, 2, 3, 4], JobStatus.FINISHED),
+            chunk(redis, [3, 4, 5, 6], JobStatus.QUEUED),  # the second click's chunk: 3 and 4 are done already
+            chunk(redis, [6, 7], JobStatus.STARTED),
+        ]
+    )
     assert (progress.total, progress.done, progress.queued, progress.running, progress.failed) == (7, 4, 1, 2, 0)
     assert progress.failures == [] and not progress.finished
 

@@ -27,8 +27,9 @@ pytestmark = pytest.mark.integration
 
 
 def _run(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "backend.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "backend.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_predict_writes_prediction_json_and_overlay(tmp_path: Path, model_env: dict[str, str]) -> None:
@@ -40,8 +41,7 @@ def test_predict_writes_prediction_json_and_overlay(tmp_path: Path, model_env: d
         Image.new("RGB", size, (30, 140, 220)).save(path)
         images.append((path, size))
     out = tmp_path / "out"
-    result = _run(["predict", *(str(p) for p, _ in images), "--labels", ",".join(labels), "--out", str(out)],
-                  model_env)
+    result = _run(["predict", *(str(p) for p, _ in images), "--labels", ",".join(labels), "--out", str(out)], model_env)
     assert result.returncode == 0, result.stderr
     config = config_for_labels(labels)
     for path, (width, height) in images:
@@ -66,8 +66,12 @@ def test_predict_reports_unreadable_image_and_keeps_the_others(tmp_path: Path, m
 
 def test_serve_exits_with_the_reason_when_models_cannot_load(tmp_path: Path, model_env: dict[str, str]) -> None:
     # One restart, not the default three: each worker start loads (fails to load) the models again.
-    env = {**model_env, "DETECTOR_MODEL": str(tmp_path / "no-such-model"), "PORT": str(free_port()),
-           "SUPERVISE_MAX_RESTARTS": "1"}
+    env = {
+        **model_env,
+        "DETECTOR_MODEL": str(tmp_path / "no-such-model"),
+        "PORT": str(free_port()),
+        "SUPERVISE_MAX_RESTARTS": "1",
+    }
     result = _run(["serve"], env, timeout=120)
     assert result.returncode != 0
     assert "no-such-model" in result.stdout + result.stderr
@@ -84,8 +88,11 @@ class _Health(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         token = "Basic " + base64.b64encode(b"ls:s3cret").decode()
-        status, body = (200, {"status": "UP", "workers": 1, "queued": 0}) if self.headers.get(
-            "Authorization") == token else (401, {"detail": "unauthorized"})
+        status, body = (
+            (200, {"status": "UP", "workers": 1, "queued": 0})
+            if self.headers.get("Authorization") == token
+            else (401, {"detail": "unauthorized"})
+        )
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -136,9 +143,18 @@ def test_health_command_talks_to_this_machine_and_never_to_a_proxy(health_server
     proxy = _Listener()
     proxy_url = f"http://127.0.0.1:{proxy.port}"
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "redis_url")}
-    env.update(PYTHONPATH=str(REPO), HOST="127.0.0.1", PORT=str(health_server), BASIC_AUTH_USER="ls",
-               BASIC_AUTH_PASS="s3cret", HTTP_PROXY=proxy_url, http_proxy=proxy_url, ALL_PROXY=proxy_url,
-               all_proxy=proxy_url, HTTPS_PROXY=proxy_url)
+    env.update(
+        PYTHONPATH=str(REPO),
+        HOST="127.0.0.1",
+        PORT=str(health_server),
+        BASIC_AUTH_USER="ls",
+        BASIC_AUTH_PASS="s3cret",
+        HTTP_PROXY=proxy_url,
+        http_proxy=proxy_url,
+        ALL_PROXY=proxy_url,
+        all_proxy=proxy_url,
+        HTTPS_PROXY=proxy_url,
+    )
     try:
         result = _run(["health"], env, timeout=60)
     finally:

@@ -61,7 +61,7 @@ def sweep_together(queue: Queue) -> None:
         barrier.wait()
         try:
             ways[index % len(ways)]()
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=sweep, args=(i,)) for i in range(SWEEPERS)]
@@ -90,4 +90,3 @@ def test_concurrent_sweeps_act_on_an_abandoned_job_exactly_once(redis_url: str, 
             doubled.append((trial, queued, failed))
         assert job.retries_left == 0
     assert not doubled, f"(trial, times queued, failed) where the job was not handled exactly once: {doubled}"
-

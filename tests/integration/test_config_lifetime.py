@@ -7,6 +7,7 @@ run with chunks still to run extends it.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from types import SimpleNamespace
 from typing import Any
@@ -39,19 +40,21 @@ def read_config_as_a_job(payload: dict[str, Any]) -> None:
     """What a job does first: read its config (backend.jobs.checked_config); the version check may refuse."""
     from backend.jobs import checked_config
 
-    try:
+    with contextlib.suppress(ModelVersionMismatchError):
         checked_config(SimpleNamespace(fingerprint={}), payload)  # type: ignore[arg-type]
-    except ModelVersionMismatchError:
-        pass
 
 
 def test_a_worker_read_extends_the_configs_life_to_the_jobs_config_ttl(redis_url: str) -> None:  # noqa: F811
     redis = Redis.from_url(redis_url)
     ref = a_config(redis)
     queue = Queue(f"cfg-{uuid.uuid4().hex[:8]}", connection=redis, serializer=JSONSerializer)
-    queue.enqueue("tests.integration.test_config_lifetime.read_config_as_a_job",
-                  {"label_config_ref": ref, "model_version": "x"}, job_timeout=LIMITS.job_timeout,
-                  result_ttl=LIMITS.result_ttl, failure_ttl=LIMITS.failure_ttl)
+    queue.enqueue(
+        "tests.integration.test_config_lifetime.read_config_as_a_job",
+        {"label_config_ref": ref, "model_version": "x"},
+        job_timeout=LIMITS.job_timeout,
+        result_ttl=LIMITS.result_ttl,
+        failure_ttl=LIMITS.failure_ttl,
+    )
     assert SimpleWorker([queue], connection=redis, serializer=JSONSerializer).work(burst=True)
     ttl = redis.ttl(CONFIG_KEY.format(ref))
     assert ttl > SHORT_TTL_S, f"the worker's read left the config to expire in {ttl} s"
@@ -78,8 +81,14 @@ def test_progress_of_a_run_extends_the_configs_of_its_waiting_chunks(redis_url: 
     ttl_s = config_ttl(LIMITS.job_timeout, LIMITS.result_ttl, LIMITS.failure_ttl)
     queue = PredictionQueue(redis, f"cfg-{uuid.uuid4().hex[:8]}", LIMITS)
     runs = BulkRuns(redis, queue, ttl_s)
-    payload = {"project": "1", "tasks": [{"id": 1, "data": {}}], "label_config_ref": ref, "model_version": "x",
-               "force": False, "label_studio_host": None}
+    payload = {
+        "project": "1",
+        "tasks": [{"id": 1, "data": {}}],
+        "label_config_ref": ref,
+        "model_version": "x",
+        "force": False,
+        "label_studio_host": None,
+    }
     run_id = runs.start("1", [ChunkSpec(f"bulk-1-n1-{uuid.uuid4().hex[:16]}", payload)])  # no worker: it waits
     redis.expire(CONFIG_KEY.format(ref), SHORT_TTL_S)  # the request that stored it was long ago
     progress = runs.progress(run_id)

@@ -41,7 +41,7 @@ def _start_in_thread(server: EmbeddedRedis, **kwargs: object) -> BaseException |
     def run() -> None:
         try:
             server.start(**kwargs)  # type: ignore[arg-type]
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
+        except BaseException as exc:
             raised.append(exc)
 
     thread = threading.Thread(target=run, daemon=True)

@@ -31,9 +31,15 @@ LS_CREDENTIALS = {"label_studio_url": "http://127.0.0.1:9", "label_studio_api_ke
 
 
 def _settings(redis_url: str, **changes: object) -> Settings:
-    values: dict[str, object] = {"redis_url": redis_url, "queue_name": f"edge-{uuid.uuid4().hex[:8]}",
-                                 "predict_timeout": 1.0, "label_studio_url": None, "label_studio_api_key": None,
-                                 "basic_auth_user": None, "basic_auth_pass": None}
+    values: dict[str, object] = {
+        "redis_url": redis_url,
+        "queue_name": f"edge-{uuid.uuid4().hex[:8]}",
+        "predict_timeout": 1.0,
+        "label_studio_url": None,
+        "label_studio_api_key": None,
+        "basic_auth_user": None,
+        "basic_auth_pass": None,
+    }
     return Settings(**{**values, **changes})  # type: ignore[arg-type]
 
 
@@ -48,8 +54,10 @@ def _client(settings: Settings) -> TestClient:
 
 def _queued(settings: Settings, redis: Redis) -> tuple[Queue, Queue]:
     interactive, bulk = queue_names(settings.queue_name)
-    return (Queue(interactive, connection=redis, serializer=JSONSerializer),
-            Queue(bulk, connection=redis, serializer=JSONSerializer))
+    return (
+        Queue(interactive, connection=redis, serializer=JSONSerializer),
+        Queue(bulk, connection=redis, serializer=JSONSerializer),
+    )
 
 
 def _predict(client: TestClient, tasks: list[dict[str, object]], label_config: str = CONFIG, project: str = "7.1"):
@@ -91,8 +99,9 @@ def test_label_config_over_the_cap_is_413_everywhere(redis_url: str, redis: Redi
     assert all(queue.count == 0 for queue in _queued(settings, redis))
 
 
-@pytest.mark.parametrize("task", [{"data": {}}, {"id": "abc", "data": {}}, {"id": 1.5, "data": {}},
-                                  {"id": True, "data": {}}])
+@pytest.mark.parametrize(
+    "task", [{"data": {}}, {"id": "abc", "data": {}}, {"id": 1.5, "data": {}}, {"id": True, "data": {}}]
+)
 def test_bad_task_ids_are_422_sync_and_bulk(redis_url: str, task: dict[str, object]) -> None:
     client = _client(_settings(redis_url, sync_max_tasks=1, **LS_CREDENTIALS))
     assert _predict(client, [task]).status_code == 422  # synchronous
@@ -103,8 +112,14 @@ def test_bad_task_ids_are_422_sync_and_bulk(redis_url: str, task: dict[str, obje
 def test_odd_task_data_fails_only_its_own_task(redis_url: str) -> None:
     """No image key, data not an object, a number as image, an empty URL: empty predictions, never a 500."""
     client = _client(_settings(redis_url))
-    tasks = [{"id": 1, "data": {}}, {"id": 2, "data": "text"}, {"id": 3, "data": {"image": 5}},
-             {"id": 4, "data": {"image": "  "}}, {"id": 5, "data": None}, {"id": 6, "data": {"image": ["x"]}}]
+    tasks = [
+        {"id": 1, "data": {}},
+        {"id": 2, "data": "text"},
+        {"id": 3, "data": {"image": 5}},
+        {"id": 4, "data": {"image": "  "}},
+        {"id": 5, "data": None},
+        {"id": 6, "data": {"image": ["x"]}},
+    ]
     response = _predict(client, tasks)
     assert response.status_code == 200, response.text
     assert [r["result"] for r in response.json()["results"]] == [[]] * len(tasks)

@@ -69,8 +69,10 @@ def test_health_and_setup_answer_in_time_while_100_predictions_wait(
             time.sleep(0.2)
         assert queued >= WAITING - 1, f"only {queued} of {WAITING} predictions queued in time"
         health = [_timed(lambda: probe.get(f"{serve.url}/health")) for _ in range(20)]
-        setup = [_timed(lambda: probe.post(f"{serve.url}/setup", json={"project": "7.1", "schema": CONFIG}))
-                 for _ in range(10)]
+        setup = [
+            _timed(lambda: probe.post(f"{serve.url}/setup", json={"project": "7.1", "schema": CONFIG}))
+            for _ in range(10)
+        ]
         assert len(answers) == 0, "predictions answered before their timeout"
         for future in futures:
             future.result(timeout=timeout + 60)
@@ -108,8 +110,9 @@ def test_health_says_down_within_a_second_when_redis_hangs(
             assert response.status_code == 503 and response.json()["status"] == "DOWN", response.text
             assert "Redis" in response.json()["detail"]
             assert elapsed < 1.5, elapsed
-        elapsed, setup = _timed(lambda: httpx.post(f"{api.url}/setup", json={"project": "1.1", "schema": CONFIG},
-                                                   timeout=30))
+        elapsed, setup = _timed(
+            lambda: httpx.post(f"{api.url}/setup", json={"project": "1.1", "schema": CONFIG}, timeout=30)
+        )
         assert setup.status_code == 200 and elapsed < 3.0, (elapsed, setup.text)
     finally:
         stoppable_redis.process.send_signal(signal.SIGCONT)
@@ -139,8 +142,10 @@ def test_request_bodies_over_the_cap_get_413_declared_or_streamed(
 ) -> None:
     api = processes.serve({**model_env, "REDIS_URL": redis_url, "MAX_REQUEST_BYTES": "100000"}, wait_workers=0)
     declared = _raw_request(
-        api.url, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: 52428800\r\n\r\n", iter([b"{" * 1000]))
+        api.url,
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 52428800\r\n\r\n",
+        iter([b"{" * 1000]),
+    )
     assert declared.startswith(b"HTTP/1.1 413"), declared[:200]
     assert b"MAX_REQUEST_BYTES=100000" in declared
 
@@ -150,8 +155,10 @@ def test_request_bodies_over_the_cap_get_413_declared_or_streamed(
             yield f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
 
     streamed = _raw_request(
-        api.url, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Transfer-Encoding: chunked\r\n\r\n", chunks())
+        api.url,
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+        chunks(),
+    )
     assert streamed.startswith(b"HTTP/1.1 413"), streamed[:200]
     small = httpx.post(f"{api.url}/predict", json={"tasks": [{"id": 1, "data": {}}], "label_config": CONFIG})
     assert small.status_code == 200
@@ -162,8 +169,19 @@ def test_malformed_image_urls_fail_only_their_own_tasks(
     processes: Processes, model_env: dict[str, str], image_server: ImageServer
 ) -> None:
     good = image_server.add("good.png", Image.new("RGB", (40, 30), (0, 120, 0)))
-    odd = ["http://", "::::", "http://[::1", "ftp://example.invalid/a.png", "http://exa mple/a.png", "\x00",
-           "s3://", "/data/upload/../../etc/passwd", "x" * 5000, "http://127.0.0.1:0/a.png", "data:image/png;base64,@@"]
+    odd = [
+        "http://",
+        "::::",
+        "http://[::1",
+        "ftp://example.invalid/a.png",
+        "http://exa mple/a.png",
+        "\x00",
+        "s3://",
+        "/data/upload/../../etc/passwd",
+        "x" * 5000,
+        "http://127.0.0.1:0/a.png",
+        "data:image/png;base64,@@",
+    ]
     serve = processes.serve(model_env)
     tasks = [{"id": index + 1, "data": {"image": url}} for index, url in enumerate([good, *odd])]
     with httpx.Client(timeout=120) as client:
@@ -204,8 +222,15 @@ def rejecting_studio() -> Iterator[str]:
 
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "backend.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=120, cwd=REPO, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "backend.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        check=False,
+    )
 
 
 def test_secrets_never_reach_any_output(
@@ -214,16 +239,25 @@ def test_secrets_never_reach_any_output(
     """Bad settings, wrong logins and a Label Studio refusing the key: the marker set as BASIC_AUTH_PASS and
     LABEL_STUDIO_API_KEY appears in no output of the CLI, the server, the worker or any response."""
     outputs: list[str] = []
-    for bad in ({"BASIC_AUTH_PASS": MARKER}, {"BASIC_AUTH_PASS": MARKER, "BOX_THRESHOLD": MARKER},
-                {"BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": MARKER, "PORT": MARKER, "DEVICE": MARKER}):
+    for bad in (
+        {"BASIC_AUTH_PASS": MARKER},
+        {"BASIC_AUTH_PASS": MARKER, "BOX_THRESHOLD": MARKER},
+        {"BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": MARKER, "PORT": MARKER, "DEVICE": MARKER},
+    ):
         for command in (["serve"], ["worker"], ["status", "--project", "1"]):
             done = _cli(command, {**model_env, "LABEL_STUDIO_API_KEY": MARKER, **bad})
             assert done.returncode == 2 and "invalid settings" in done.stderr, done.stderr
             outputs += [done.stdout, done.stderr]
     assert "BASIC_AUTH_USER" in "".join(outputs) and "BOX_THRESHOLD" in "".join(outputs)
 
-    env = {**model_env, "BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": MARKER, "LABEL_STUDIO_URL": rejecting_studio,
-           "LABEL_STUDIO_API_KEY": MARKER, "LOG_LEVEL": "DEBUG"}
+    env = {
+        **model_env,
+        "BASIC_AUTH_USER": "ls",
+        "BASIC_AUTH_PASS": MARKER,
+        "LABEL_STUDIO_URL": rejecting_studio,
+        "LABEL_STUDIO_API_KEY": MARKER,
+        "LOG_LEVEL": "DEBUG",
+    }
     serve = processes.serve(env, auth=("ls", MARKER))
     with httpx.Client(timeout=120) as client:
         for auth in (("ls", "wrong"), ("ls", MARKER[:-1]), (MARKER, MARKER), ("", "")):
@@ -243,5 +277,5 @@ def test_secrets_never_reach_any_output(
     serve.stop()
     outputs.append(serve.log())
     leaks = [text for text in outputs if MARKER in text]
-    assert not leaks, leaks[0][max(0, leaks[0].find(MARKER) - 500):][:1000]
+    assert not leaks, leaks[0][max(0, leaks[0].find(MARKER) - 500) :][:1000]
     assert "401" in prelabel.stderr + prelabel.stdout or "refused" in prelabel.stderr + prelabel.stdout, prelabel

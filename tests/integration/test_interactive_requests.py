@@ -17,18 +17,32 @@ CONFIG = (Path(__file__).resolve().parents[2] / "label_config" / "interactive.xm
 
 
 def _ask(url: str, image_url: str, context: object) -> httpx.Response:
-    body = {"tasks": [{"id": 11, "data": {"image": image_url}}], "label_config": CONFIG, "project": "5.1",
-            "params": {"login": None, "password": None, "context": context}}
+    body = {
+        "tasks": [{"id": 11, "data": {"image": image_url}}],
+        "label_config": CONFIG,
+        "project": "5.1",
+        "params": {"login": None, "password": None, "context": context},
+    }
     return httpx.post(f"{url}/predict", json=body, timeout=90)
 
 
 def _keypoint(x: float, y: float, label: str, positive: bool = True) -> dict[str, object]:
-    return {"original_width": 80, "original_height": 60, "image_rotation": 0, "is_positive": positive,
-            "value": {"x": x, "y": y, "width": 0.5, "keypointlabels": [label]},
-            "from_name": "click", "to_name": "image", "type": "keypointlabels", "origin": "manual"}
+    return {
+        "original_width": 80,
+        "original_height": 60,
+        "image_rotation": 0,
+        "is_positive": positive,
+        "value": {"x": x, "y": y, "width": 0.5, "keypointlabels": [label]},
+        "from_name": "click",
+        "to_name": "image",
+        "type": "keypointlabels",
+        "origin": "manual",
+    }
 
 
-def test_clicks_text_and_bad_context(processes: Processes, model_env: dict[str, str], image_server: ImageServer) -> None:
+def test_clicks_text_and_bad_context(
+    processes: Processes, model_env: dict[str, str], image_server: ImageServer
+) -> None:
     """A smart click → one mask with the clicked label (SAM alone); typed text → only the labels it names;
     a context that makes no sense → 400 with the reason, nothing computed."""
     serve = processes.serve(model_env)
@@ -41,8 +55,9 @@ def test_clicks_text_and_bad_context(processes: Processes, model_env: dict[str, 
     labels = [(r["type"], r["value"][r["type"]]) for r in prediction["result"]]
     assert labels == [("brushlabels", ["Person"]), ("rectanglelabels", ["Person"])]  # one object: mask + its box
 
-    text = {"result": [{"from_name": "prompt", "to_name": "image", "type": "textarea",
-                        "value": {"text": ["Car: red car"]}}]}
+    text = {
+        "result": [{"from_name": "prompt", "to_name": "image", "type": "textarea", "value": {"text": ["Car: red car"]}}]
+    }
     typed = _ask(serve.url, image, text)
     assert typed.status_code == 200, typed.text
     [prediction] = typed.json()["results"]

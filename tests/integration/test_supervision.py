@@ -55,7 +55,7 @@ class Gate:
         gate = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 with gate._seen:
                     gate.requests += 1
                     held = gate.requests <= gate.hold
@@ -101,8 +101,11 @@ def env(model_env: dict[str, str]) -> dict[str, str]:
 
 
 def _predict(url: str, image: str, task_id: int = 1, timeout: float = 120) -> httpx.Response:
-    body = {"tasks": [{"id": task_id, "data": {"image": image}}], "label_config": BRUSH_AND_RECT,
-            "project": "7.1700000000"}
+    body = {
+        "tasks": [{"id": task_id, "data": {"image": image}}],
+        "label_config": BRUSH_AND_RECT,
+        "project": "7.1700000000",
+    }
     return httpx.post(f"{url}/predict", json=body, timeout=timeout)
 
 
@@ -233,8 +236,10 @@ def test_killed_embedded_redis_comes_back_with_its_data_and_work_resumes(
     gate.wait_requests(1)
     redis = _embedded_redis(serve.popen.pid)
     aof = Path(env["EMBEDDED_REDIS_DIR"]) / "appendonlydir"
-    _wait_for("the running job in the append-only file",
-              lambda: b"pred-7-2-" in b"".join(f.read_bytes() for f in aof.iterdir()))
+    _wait_for(
+        "the running job in the append-only file",
+        lambda: b"pred-7-2-" in b"".join(f.read_bytes() for f in aof.iterdir()),
+    )
     valkey = _child(serve.popen.pid, "valkey")
     assert valkey is not None
     valkey.send_signal(signal.SIGKILL)
@@ -280,8 +285,13 @@ def test_restarted_serve_keeps_finished_results_and_a_second_serve_cannot_share_
 def test_worker_that_keeps_dying_stops_serve_with_one_clear_message(
     processes: Processes, env: dict[str, str], tmp_path: Path
 ) -> None:
-    bad = {**env, "DETECTOR_MODEL": str(tmp_path / "no-such-model"), "SUPERVISE_MAX_RESTARTS": "1",
-           "PORT": str(free_port()), "HOST": "127.0.0.1"}
+    bad = {
+        **env,
+        "DETECTOR_MODEL": str(tmp_path / "no-such-model"),
+        "SUPERVISE_MAX_RESTARTS": "1",
+        "PORT": str(free_port()),
+        "HOST": "127.0.0.1",
+    }
     serve = processes.start(["serve"], bad)
     assert serve.popen.wait(DEADLINE_S * 2) == 1
     log = serve.log()
@@ -308,8 +318,9 @@ def test_predict_cut_short_by_shutdown_gets_a_json_answer(
 
 
 def _health_command(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "backend.cli", "health"], env=env, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "backend.cli", "health"], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.mark.parametrize("auth", [None, ("ls", "s3cret")])
@@ -341,8 +352,11 @@ def test_a_failed_task_is_one_log_record_in_the_serve_output(
     assert answer.status_code == 200 and answer.json()["results"][0]["result"] == []
     serve.stop()
     log = serve.log()
-    records = [line for line in log.splitlines() if ("missing.png" in line or "pred-7-1-" in line)
-               and (" WARNING " in line or " ERROR " in line)]
+    records = [
+        line
+        for line in log.splitlines()
+        if ("missing.png" in line or "pred-7-1-" in line) and (" WARNING " in line or " ERROR " in line)
+    ]
     assert len(records) == 1, records
     assert "ImageFetchError" in records[0] or "404" in records[0]
     assert "Traceback" not in log

@@ -75,7 +75,10 @@ def test_a_live_holder_keeps_its_claim_past_the_ttl(claims: TaskClaims) -> None:
 
 def test_a_killed_holders_claim_lapses_within_the_ttl(claims: TaskClaims, redis_url: str) -> None:  # noqa: F811
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import time
             from redis import Redis
             from backend.queueing.claims import Claimant, TaskClaims
@@ -84,8 +87,10 @@ def test_a_killed_holders_claim_lapses_within_the_ttl(claims: TaskClaims, redis_
                 assert claimant.take(6)
                 print("held", flush=True)
                 time.sleep(600)
-        """)],
-        stdout=subprocess.PIPE, text=True,
+        """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"

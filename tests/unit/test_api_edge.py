@@ -31,7 +31,9 @@ def test_basic_scheme_is_case_insensitive(scheme: str) -> None:
     assert basic_credentials(_basic("ls", "pa:ss", scheme)) == (b"ls", b"pa:ss")
 
 
-@pytest.mark.parametrize("header", ["", "Bearer abc", "Basic", "Basic !!!notbase64", "Basic " + base64.b64encode(b"nocolon").decode()])
+@pytest.mark.parametrize(
+    "header", ["", "Bearer abc", "Basic", "Basic !!!notbase64", "Basic " + base64.b64encode(b"nocolon").decode()]
+)
 def test_malformed_credentials_are_none(header: str) -> None:
     assert basic_credentials(header) is None
 
@@ -103,11 +105,17 @@ def test_requests_are_counted_by_route_template_and_unknown_paths_share_one_labe
 
 @pytest.mark.parametrize(
     ("given", "origin"),
-    [("http://ls:8080", "http://ls:8080"), ("https://LS.example.com/", "https://LS.example.com"),
-     ("http://[::1]:8080/", "http://[::1]:8080"), ("http://label_studio:8080", "http://label_studio:8080"),
-     ("  http://10.0.0.2  ", "http://10.0.0.2"), ("", None), (None, None),
-     # Label Studio served under a path (its LABEL_STUDIO_HOST may have one): /setup must not fail for it.
-     ("https://example.com/label-studio/", "https://example.com/label-studio")],
+    [
+        ("http://ls:8080", "http://ls:8080"),
+        ("https://LS.example.com/", "https://LS.example.com"),
+        ("http://[::1]:8080/", "http://[::1]:8080"),
+        ("http://label_studio:8080", "http://label_studio:8080"),
+        ("  http://10.0.0.2  ", "http://10.0.0.2"),
+        ("", None),
+        (None, None),
+        # Label Studio served under a path (its LABEL_STUDIO_HOST may have one): /setup must not fail for it.
+        ("https://example.com/label-studio/", "https://example.com/label-studio"),
+    ],
 )
 def test_setup_hostname_accepts_http_origins(given: str | None, origin: str | None) -> None:
     assert http_origin(given) == origin
@@ -115,17 +123,41 @@ def test_setup_hostname_accepts_http_origins(given: str | None, origin: str | No
 
 @pytest.mark.parametrize(
     "given",
-    ["::::", "ls:8080", "ftp://ls", "http://", "http://::::", "http://a@ls", "http://u:p@ls",
-     "http://ls?x=1", "http://ls/#f", "http://ls:99999", "http://ls:0", "http://[zz]:1", "http://l s", "javascript:alert(1)",
-     "http://ls\x00x"],
+    [
+        "::::",
+        "ls:8080",
+        "ftp://ls",
+        "http://",
+        "http://::::",
+        "http://a@ls",
+        "http://u:p@ls",
+        "http://ls?x=1",
+        "http://ls/#f",
+        "http://ls:99999",
+        "http://ls:0",
+        "http://[zz]:1",
+        "http://l s",
+        "javascript:alert(1)",
+        "http://ls\x00x",
+    ],
 )
 def test_setup_hostname_refuses_anything_else(given: str) -> None:
     with pytest.raises(RequestDataError, match="not an http"):
         http_origin(given)
 
 
-@pytest.mark.parametrize("task", [{"data": {}}, {"id": "abc", "data": {}}, {"id": "7", "data": {}}, {"id": 1.5},
-                                  {"id": 1.0}, {"id": True}, {"id": None}])
+@pytest.mark.parametrize(
+    "task",
+    [
+        {"data": {}},
+        {"id": "abc", "data": {}},
+        {"id": "7", "data": {}},
+        {"id": 1.5},
+        {"id": 1.0},
+        {"id": True},
+        {"id": None},
+    ],
+)
 def test_task_ids_must_be_json_integers(task: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         PredictRequest.model_validate({"tasks": [task], "label_config": "<View/>"})

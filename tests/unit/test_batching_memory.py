@@ -77,7 +77,7 @@ def test_one_item_that_never_fits_is_a_named_error_and_nothing_runs_for_no_items
     def never(items: Sequence[int]) -> list[int]:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    with pytest.raises(DeviceOutOfMemoryError, match="one image does not fit.*Tried to allocate 20.00 GiB"):
+    with pytest.raises(DeviceOutOfMemoryError, match=r"one image does not fit.*Tried to allocate 20.00 GiB"):
         run_halving(never, [1, 2], "image")
     assert run_halving(never, [], "image") == []
 
@@ -270,6 +270,8 @@ class RecordingProxy:
 
 def test_sam_stream_runs_without_gradients_whoever_consumes_it(tiny_hf_sam_dir: Path) -> None:
     segmenter = hf_segmenter(tiny_hf_sam_dir)
-    [(packed, scores)] = list(segmenter.segment_stream([rgb(48, 64, 0)], [boxes_for(48, 64, 2, 0)]))  # no inference_mode
+    [(packed, scores)] = list(
+        segmenter.segment_stream([rgb(48, 64, 0)], [boxes_for(48, 64, 2, 0)])
+    )  # no inference_mode
     masks = stacked(packed, (48, 64))
     assert masks.shape == (2, 48, 64) and scores.shape == (2,)

@@ -21,8 +21,10 @@ class _Studio:
         return "<View/>"
 
     def tasks(self, project: int, query: object = None) -> list[ProjectTask]:
-        return [ProjectTask(id=i, data={"image": f"/data/upload/{i}.png"}, prediction_versions=frozenset())
-                for i in range(1, self.count + 1)]
+        return [
+            ProjectTask(id=i, data={"image": f"/data/upload/{i}.png"}, prediction_versions=frozenset())
+            for i in range(1, self.count + 1)
+        ]
 
 
 class _Backend:
@@ -39,8 +41,7 @@ class _Backend:
             return {"run_id": str(len(self.bodies) - 1)}
         run = self.bodies[int(path.rsplit("/", 1)[1])]
         done = len(run["tasks"])
-        return {"total": done, "queued": 0, "running": 0, "done": done, "failed": 0, "failures": [],
-                "finished": True}
+        return {"total": done, "queued": 0, "running": 0, "done": done, "failed": 0, "failures": [], "finished": True}
 
 
 def test_a_large_project_goes_in_several_requests_and_is_followed_as_one(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -59,5 +60,12 @@ def test_progress_of_several_runs_adds_up_and_is_finished_only_when_all_are() ->
         {"total": 2, "queued": 1, "running": 1, "done": 0, "failed": 0, "failures": [], "finished": False},
     ]
     total = bulk_cli._sum_progress(runs)
-    assert total == {"total": 5, "queued": 1, "running": 1, "done": 2, "failed": 1, "failures": ["a: x"],
-                     "finished": False}
+    assert total == {
+        "total": 5,
+        "queued": 1,
+        "running": 1,
+        "done": 2,
+        "failed": 1,
+        "failures": ["a: x"],
+        "finished": False,
+    }

@@ -13,8 +13,15 @@ from backend.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 # Variables read by libraries, not by Settings, that the deployment files may set on purpose.
-LIBRARY_ENV = {"HF_HOME", "HF_HUB_OFFLINE", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR", "VIRTUAL_ENV", "PATH",
-               "DEBIAN_FRONTEND"}
+LIBRARY_ENV = {
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "PYTHONUNBUFFERED",
+    "PIP_NO_CACHE_DIR",
+    "VIRTUAL_ENV",
+    "PATH",
+    "DEBIAN_FRONTEND",
+}
 
 
 def _commands() -> set[str]:
@@ -65,8 +72,16 @@ def test_compose_label_studio_is_optional_and_wired_to_the_backend() -> None:
     label_studio = compose["services"]["label-studio"]
     assert label_studio["profiles"] == ["labelstudio"]
     assert compose["services"]["worker"]["environment"]["LABEL_STUDIO_URL"].endswith("label-studio:8080}")
-    model_keys = {"DETECTOR_MODEL", "SAM_MODEL", "SAM_CHECKPOINT", "BOX_THRESHOLD", "TEXT_THRESHOLD", "SAM_DTYPE",
-                  "MAX_DETECTIONS", "NMS_IOU"}
+    model_keys = {
+        "DETECTOR_MODEL",
+        "SAM_MODEL",
+        "SAM_CHECKPOINT",
+        "BOX_THRESHOLD",
+        "TEXT_THRESHOLD",
+        "SAM_DTYPE",
+        "MAX_DETECTIONS",
+        "NMS_IOU",
+    }
     api_env, worker_env = (compose["services"][s]["environment"] for s in ("api", "worker"))
     # model_version is computed on both sides: their model settings must agree.
     assert {k: api_env.get(k) for k in model_keys} == {k: worker_env.get(k) for k in model_keys}

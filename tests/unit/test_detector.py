@@ -156,7 +156,7 @@ def test_a_batch_of_images_gives_each_image_its_single_image_detections(
         batched = detector.detect_batch(images, plan, thresholds)
         assert sorted(forwards) == [1, 2]  # the two 96x64 images in one forward, the portrait alone
         single = [detector.detect(image, plan, thresholds) for image in images]
-    for image, got, expected in zip(images, batched, single, strict=True):
+    for got, expected in zip(batched, single, strict=True):
         assert [d.class_index for d in got] == [d.class_index for d in expected]
         np.testing.assert_allclose([d.score for d in got], [d.score for d in expected], atol=1e-4)
         np.testing.assert_allclose([d.box_xyxy for d in got], [d.box_xyxy for d in expected], atol=1e-2)

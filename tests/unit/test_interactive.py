@@ -120,7 +120,7 @@ def test_text_replaces_the_prompts_of_the_labels_it_names() -> None:
 
 
 def test_text_that_names_no_label_says_how_to_write_it() -> None:
-    with pytest.raises(InteractiveContextError, match='"Label: red car".*Banana, Orange'):
+    with pytest.raises(InteractiveContextError, match=r'"Label: red car".*Banana, Orange'):
         parse_context({"result": [textarea("red car")]}, CONFIG)
 
 

@@ -215,7 +215,7 @@ def test_a_label_on_two_controls_merges_options_and_refuses_conflicts() -> None:
     merged = config('negative="toy" threshold="0.4"', 'negative="poster" threshold="0.4" min_area="9"')
     assert merged.controls == ("brush", "polygon")
     assert merged.options == LabelOptions(negatives=("toy", "poster"), threshold=0.4, min_area=9)
-    with pytest.raises(LabelConfigError, match='Car.*threshold="0.4".*"0.5"'):
+    with pytest.raises(LabelConfigError, match=r'Car.*threshold="0.4".*"0.5"'):
         config('threshold="0.4"', 'threshold="0.5"')
 
 

@@ -190,7 +190,7 @@ def inside() -> Iterator[Server]:
 
 @pytest.fixture
 def outside() -> Iterator[Server]:
-    """"Another host" on 127.0.0.2, which tests allow alone (FETCH_ALLOW_NETWORKS=127.0.0.2/32)."""
+    """ "Another host" on 127.0.0.2, which tests allow alone (FETCH_ALLOW_NETWORKS=127.0.0.2/32)."""
     with _serving("127.0.0.2") as server:
         yield server
 
@@ -445,9 +445,26 @@ def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("openssl is needed to make a test certificate")
     path = tmp_path_factory.mktemp("tls") / "images.test.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=images.test",
-         "-addext", "subjectAltName=DNS:images.test", "-keyout", str(path), "-out", str(path)],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=images.test",
+            "-addext",
+            "subjectAltName=DNS:images.test",
+            "-keyout",
+            str(path),
+            "-out",
+            str(path),
+        ],
+        check=True,
+        capture_output=True,
     )
     return path
 
@@ -508,7 +525,9 @@ def test_label_studio_media_is_fetched_with_the_token_other_paths_are_not_exempt
     with _fetcher(label_studio_url=inside.url) as fetcher:
         assert fetcher.fetch("/data/upload/1/a.png").size == (32, 24)
     assert inside.headers_of("/data/upload/1/a.png")["authorization"] == f"Token {TOKEN}"
-    assert "127.0.0.1 is a loopback address" in _refused(_fetcher(label_studio_url=inside.url), inside.url + "/api/projects")
+    assert "127.0.0.1 is a loopback address" in _refused(
+        _fetcher(label_studio_url=inside.url), inside.url + "/api/projects"
+    )
     assert [path for path, _ in inside.requests] == ["/data/upload/1/a.png"]
 
 
@@ -516,7 +535,9 @@ def test_label_studio_under_a_path_is_exempt_under_that_path_only(inside: Server
     ls = inside.url + "/ls"
     assert "loopback address" in _refused(_fetcher(label_studio_url=ls), inside.url + "/data/upload/1/a.png")
     error = _error(_fetcher(label_studio_url=ls), "/data/upload/1/a.png")  # sent to /ls/data/upload/1/a.png
-    assert "HTTP 404" in str(error) and inside.headers_of("/ls/data/upload/1/a.png")["authorization"] == f"Token {TOKEN}"
+    assert (
+        "HTTP 404" in str(error) and inside.headers_of("/ls/data/upload/1/a.png")["authorization"] == f"Token {TOKEN}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -661,13 +682,67 @@ def test_malformed_references_fail_their_own_task_with_a_reason(dns: FakeDNS, re
 
 
 FRAGMENTS = (
-    ["http://", "https://", "HTTP://", "s3://", "ftp://", "//", "/data/upload/", "upload/", "/data/local-files/?d=",
-     "data:", "", "http:", "http:/"],
-    ["[::1", "[::1]", "127.0.0.1", "fuzz.test", "%00", "[", "]", "@", ":", "user:pw@fuzz.test", "xn--", "é.test",
-     "a..b", "[fe80::1%eth0]", "0x7f.1", "", "169.254.169.254", "[::ffff:10.0.0.1]", "-", "*", "..", "\\"],
+    [
+        "http://",
+        "https://",
+        "HTTP://",
+        "s3://",
+        "ftp://",
+        "//",
+        "/data/upload/",
+        "upload/",
+        "/data/local-files/?d=",
+        "data:",
+        "",
+        "http:",
+        "http:/",
+    ],
+    [
+        "[::1",
+        "[::1]",
+        "127.0.0.1",
+        "fuzz.test",
+        "%00",
+        "[",
+        "]",
+        "@",
+        ":",
+        "user:pw@fuzz.test",
+        "xn--",
+        "é.test",
+        "a..b",
+        "[fe80::1%eth0]",
+        "0x7f.1",
+        "",
+        "169.254.169.254",
+        "[::ffff:10.0.0.1]",
+        "-",
+        "*",
+        "..",
+        "\\",
+    ],
     ["", ":", ":80", ":99999", ":-1", ":abc", ":0", ":65535", "::"],
-    ["/", "/a.png", "/../..", "/%2e%2e/", "?d=../x", "#frag", "\\", "\x00", "\t", " ", "\u202e", "%", "%zz", "?", "&",
-     "/data/upload/../../x", "\ud800", "\n", "/" * 50],
+    [
+        "/",
+        "/a.png",
+        "/../..",
+        "/%2e%2e/",
+        "?d=../x",
+        "#frag",
+        "\\",
+        "\x00",
+        "\t",
+        " ",
+        "\u202e",
+        "%",
+        "%zz",
+        "?",
+        "&",
+        "/data/upload/../../x",
+        "\ud800",
+        "\n",
+        "/" * 50,
+    ],
 )
 
 

@@ -126,6 +126,6 @@ def test_no_usable_phrase_gives_an_empty_plan(tokenizer: PreTrainedTokenizerBase
 def test_a_class_longer_than_one_prompt_is_a_clear_error(tokenizer: PreTrainedTokenizerBase) -> None:
     too_long = TextClass("Essay", tuple(f"wheelbarrow number {i}" for i in range(20)))
 
-    with pytest.raises(PromptTooLongError, match="'Essay'.*at most 256") as caught:
+    with pytest.raises(PromptTooLongError, match=r"'Essay'.*at most 256") as caught:
         build_prompt_plan([TextClass("Cat", ("cat",)), too_long], tokenizer, MAX_TOKENS)
     assert isinstance(caught.value, ValueError) and isinstance(caught.value, BackendError)

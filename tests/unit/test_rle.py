@@ -52,10 +52,18 @@ def _sdk_cases() -> list[np.ndarray]:
     blobs = [
         _blobs(int(h), int(w), fill, sigma, seed)
         for seed, (h, w, fill, sigma) in enumerate(
-            zip(rng.integers(1, 160, 24), rng.integers(1, 200, 24), rng.uniform(0, 1, 24), rng.uniform(0.5, 6, 24))
+            zip(
+                rng.integers(1, 160, 24),
+                rng.integers(1, 200, 24),
+                rng.uniform(0, 1, 24),
+                rng.uniform(0.5, 6, 24),
+                strict=True,
+            )
         )
     ]
-    noise = [rng.random((int(h), int(w))) < p for h, w, p in zip(*rng.integers(1, 90, (2, 12)), rng.random(12))]
+    noise = [
+        rng.random((int(h), int(w))) < p for h, w, p in zip(*rng.integers(1, 90, (2, 12)), rng.random(12), strict=True)
+    ]
     # Byte runs around the length fields' limits (8, 16, 256, 2**16 bytes) and past 2**16 (cut into blocks).
     runs = [_row_with_run(pixels) for pixels in (1, 2, 3, 4, 5, 63, 64, 65, 16383, 16384, 16385, 16386, 32768, 32769)]
     checker = (np.indices((33, 47)).sum(axis=0) % 2).astype(bool)

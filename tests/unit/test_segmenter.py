@@ -155,7 +155,7 @@ def test_a_model_type_that_disagrees_with_the_checkpoint_is_refused(tiny_detecto
     path = tmp_path / "sam_vit_b.pth"
     torch.save(vit_b_shaped_state_dict(), path)
 
-    with pytest.raises(ModelLoadError, match="holds a vit_b model.*set to vit_h"):
+    with pytest.raises(ModelLoadError, match=r"holds a vit_b model.*set to vit_h"):
         build_with_checkpoint(tiny_detector_dir, path, "vit_h")
 
 

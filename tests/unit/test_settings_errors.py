@@ -22,8 +22,15 @@ def _error(monkeypatch: pytest.MonkeyPatch, **env: str) -> str:
 
 
 def test_field_errors_name_the_variable_without_its_value(monkeypatch: pytest.MonkeyPatch) -> None:
-    text = _error(monkeypatch, BOX_THRESHOLD=MARKER, DEVICE=MARKER, PORT=MARKER, LABEL_STUDIO_API_KEY=MARKER,
-                  BASIC_AUTH_PASS=MARKER, BASIC_AUTH_USER="ls")
+    text = _error(
+        monkeypatch,
+        BOX_THRESHOLD=MARKER,
+        DEVICE=MARKER,
+        PORT=MARKER,
+        LABEL_STUDIO_API_KEY=MARKER,
+        BASIC_AUTH_PASS=MARKER,
+        BASIC_AUTH_USER="ls",
+    )
     assert MARKER not in text
     for name in ("BOX_THRESHOLD", "DEVICE", "PORT"):
         assert f"  {name}: " in text

@@ -71,8 +71,9 @@ def predict(pipeline: GroundedSam, image: Image.Image) -> list[Instance]:
         x1, y1, x2, y2 = instance.detection.box_xyxy
         assert 0 <= x1 < x2 <= image.width and 0 <= y1 < y2 <= image.height
         assert instance.mask.shape == (image.height, image.width)
-    objects = [PredictedObject(CLASSES[i.detection.class_index].name, i.score, i.detection.box_xyxy, i.mask)
-               for i in instances]
+    objects = [
+        PredictedObject(CLASSES[i.detection.class_index].name, i.score, i.detection.box_xyxy, i.mask) for i in instances
+    ]
     prediction = build_prediction(objects, CONFIG, image.width, image.height, "v", OutputOptions("mask"))
     brushes = [region for region in prediction["result"] if region["type"] == "brushlabels"]
     assert len(brushes) == len(instances)
@@ -84,9 +85,7 @@ def predict(pipeline: GroundedSam, image: Image.Image) -> list[Instance]:
 
 
 @pytest.mark.parametrize(("width", "height"), SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
-def test_any_shape_goes_through_the_real_models_to_a_prediction(
-    pipeline: GroundedSam, width: int, height: int
-) -> None:
+def test_any_shape_goes_through_the_real_models_to_a_prediction(pipeline: GroundedSam, width: int, height: int) -> None:
     """Before: RuntimeError `selected index k out of range` for the long ones. The random detector's boxes on a
     4000x16 strip all lie in the padding below it, so there may be none left; the tiny images have some."""
     instances = predict(pipeline, striped(width, height))
@@ -99,17 +98,24 @@ class WholeImageBoxes(GroundingDinoDetector):
     runs on the images whose real detections the random weights put into the padding."""
 
     def detect_batch(self, images: Sequence[Image.Image], *args: object) -> list[list[Detection]]:
-        return [[Detection((0.0, 0.0, float(i.width), float(i.height)), 0.9, 0),
-                 Detection((i.width / 2, i.height / 2, float(i.width), float(i.height)), 0.8, 1)] for i in images]
+        return [
+            [
+                Detection((0.0, 0.0, float(i.width), float(i.height)), 0.9, 0),
+                Detection((i.width / 2, i.height / 2, float(i.width), float(i.height)), 0.8, 1),
+            ]
+            for i in images
+        ]
 
 
 @pytest.mark.parametrize(("width", "height"), SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
-def test_sam_masks_of_any_shape_come_back_at_the_image_size(
-    pipeline: GroundedSam, width: int, height: int
-) -> None:
+def test_sam_masks_of_any_shape_come_back_at_the_image_size(pipeline: GroundedSam, width: int, height: int) -> None:
     real = pipeline._detector
-    boxes = GroundedSam(WholeImageBoxes(real._model, real._processor), pipeline._segmenter, EVERYTHING,
-                        PostprocessOptions(dedup_iou=1.0))
+    boxes = GroundedSam(
+        WholeImageBoxes(real._model, real._processor),
+        pipeline._segmenter,
+        EVERYTHING,
+        PostprocessOptions(dedup_iou=1.0),
+    )
 
     assert len(predict(boxes, striped(width, height))) == 2
 
