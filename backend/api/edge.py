@@ -163,7 +163,7 @@ class CountRequests:
     def __init__(self, app: ASGIApp, counter: Counter, routes: Sequence[BaseRoute]) -> None:
         self.app = app
         self._counter = counter
-        self._routes = routes  # the app's live route list
+        self._routes = routes  # the routes whose templates label the requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

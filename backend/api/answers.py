@@ -1,0 +1,89 @@
+"""Response bodies of the routes, as the OpenAPI spec describes them (and FastAPI checks them on the way out)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+
+class ErrorAnswer(BaseModel):
+    """Every refused or failed request (400, 404, 413, 503, 504, 500): what went wrong, in one line."""
+
+    detail: str
+
+
+class HealthUp(BaseModel):
+    """GET /health when Redis answers: live workers, and jobs waiting per queue name."""
+
+    status: Literal["UP"]
+    model_class: str
+    workers: int
+    queued: dict[str, int]
+
+
+class HealthDown(BaseModel):
+    """GET /health (503) when Redis is unreachable or too slow."""
+
+    status: Literal["DOWN"]
+    model_class: str
+    detail: str
+
+
+class SetupAnswer(BaseModel):
+    """POST /setup: the model version of the project's labeling config."""
+
+    model_version: str
+
+
+class PredictAnswer(BaseModel):
+    """POST /predict: one prediction per task in order; or, for requests too large to answer in time, no results
+    and the `run_id` of the bulk run whose predictions workers push to Label Studio (absent otherwise)."""
+
+    results: list[dict[str, Any]]
+    run_id: str | None = None
+
+
+class PrelabelAnswer(BaseModel):
+    """POST /prelabel: the queued run, its task count and model version."""
+
+    run_id: str
+    tasks: int
+    model_version: str
+
+
+class ProgressAnswer(BaseModel):
+    """Task counts of a bulk run (GET /runs/{run_id}) or project (GET /jobs) by state; one line per failed chunk."""
+
+    total: int
+    queued: int
+    running: int
+    done: int
+    failed: int
+    failures: list[str]
+    finished: bool
+
+
+class CancelAnswer(BaseModel):
+    """DELETE /jobs: how many queued chunks were canceled."""
+
+    canceled: int
+
+
+class RetryAnswer(BaseModel):
+    """POST /jobs/retry: how many failed chunks were queued again."""
+
+    requeued: int
+
+
+class WebhookAnswer(BaseModel):
+    """POST /webhook: the event's action, ignored (this backend does not train)."""
+
+    status: Literal["ignored"]
+    action: str
+
+
+class VersionsAnswer(BaseModel):
+    """GET /versions: the model versions of the projects set up."""
+
+    versions: list[str]
