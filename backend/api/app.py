@@ -30,12 +30,7 @@ PROBE_SOCKET_TIMEOUT_S = 0.5
 
 def probe_connection(url: str) -> Redis:
     """The connection of /health and /setup: sub-second timeouts, no retries."""
-    return Redis.from_url(
-        url,
-        socket_connect_timeout=PROBE_CONNECT_TIMEOUT_S,
-        socket_timeout=PROBE_SOCKET_TIMEOUT_S,
-        retry_on_timeout=False,
-    )
+    return api_connection(url, PROBE_CONNECT_TIMEOUT_S, PROBE_SOCKET_TIMEOUT_S)
 
 
 def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:

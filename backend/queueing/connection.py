@@ -39,12 +39,14 @@ EMBEDDED_REDIS_STOP_GRACE_S = 5.0
 WAIT_POLL_S = 0.05
 
 
-def api_connection(url: str) -> Redis:
-    """A connection for the HTTP process: short timeouts, no retries on timeout."""
+def api_connection(
+    url: str, connect_timeout: float = API_CONNECT_TIMEOUT_S, socket_timeout: float = API_SOCKET_TIMEOUT_S
+) -> Redis:
+    """A connection for the HTTP process: short timeouts (seconds), no retries on timeout."""
     return Redis.from_url(
         url,
-        socket_connect_timeout=API_CONNECT_TIMEOUT_S,
-        socket_timeout=API_SOCKET_TIMEOUT_S,
+        socket_connect_timeout=connect_timeout,
+        socket_timeout=socket_timeout,
         retry_on_timeout=False,
     )
 
