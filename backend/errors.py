@@ -65,3 +65,43 @@ class EmbeddedRedisDirInUseError(BackendError):
 class CrashLoopError(BackendError):
     """A supervised child of `serve` (worker or embedded Redis) died SUPERVISE_MAX_RESTARTS times within
     SUPERVISE_WINDOW: restarting it again would not help."""
+
+
+class LabelStudioApiError(BackendError):
+    """A Label Studio API call failed (unreachable, refused credentials, unexpected answer)."""
+
+
+class PromptTooLongError(BackendError, ValueError):
+    """One class's phrases alone need more tokens than the detector reads in one prompt."""
+
+
+class BackendCallError(BackendError):
+    """The backend's HTTP API refused or failed a call."""
+
+
+class InteractiveContextError(BackendError, ValueError):
+    """An interactive request's context is malformed or asks for something the labeling config lacks."""
+
+
+class ModelVersionMismatchError(BackendError):
+    """The job was queued for other models or thresholds than this worker runs."""
+
+
+class DeviceOutOfMemoryError(BackendError):
+    """A single item (one image, one box) does not fit in the device's memory, even alone."""
+
+
+class PredictTimeoutError(BackendError):
+    """Some jobs of a /predict did not finish within PREDICT_TIMEOUT."""
+
+
+class StudioNotConfiguredError(BackendError):
+    """Bulk work pushes to Label Studio, which needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY on the worker."""
+
+
+class TasksFailedError(BackendError):
+    """Some tasks of a chunk failed; the message names each task and its reason."""
+
+
+class LocalPredictError(BackendError):
+    """At least one image could not be predicted (the others were written)."""

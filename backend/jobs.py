@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ from PIL import Image
 from rq import get_current_job
 from rq.job import Job
 
-from backend.errors import BackendError
+from backend.errors import BackendError, ModelVersionMismatchError
 from backend.images.fetch import ImageFetcher
 from backend.labelstudio.config import LabelConfig, parse_label_config
 from backend.labelstudio.interactive import SamPrompt, TextPrompt, parse_context
@@ -30,16 +30,12 @@ from backend.lsclient import LabelStudioApi
 from backend.pipeline.build import build_pipeline
 from backend.pipeline.grounded_sam import GroundedSam
 from backend.pipeline.negatives import ClassPlan
-from backend.pipeline.types import ClassOptions, Instance, Segmented, TextClass
+from backend.pipeline.types import Instance, Segmented, TextClass
 from backend.queueing.payloads import config_ttl, payload_config
 from backend.queueing.stats import WorkerStats
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-class ModelVersionMismatchError(BackendError):
-    """The job was queued for other models or thresholds than this worker runs."""
 
 
 @dataclass
@@ -94,10 +90,7 @@ def uninstall() -> None:
 
 def text_classes(config: LabelConfig) -> tuple[TextClass, ...]:
     """The config's labels as detector classes: exact Label value as name, prompts as phrases, its options."""
-    return tuple(
-        TextClass(name=label.value, phrases=label.phrases, options=ClassOptions(**asdict(label.options)))
-        for label in config.labels
-    )
+    return tuple(TextClass(name=label.value, phrases=label.phrases, options=label.options) for label in config.labels)
 
 
 def predict_task(payload: dict[str, Any]) -> dict[str, Any]:
@@ -182,7 +175,7 @@ def stream_images(
 
 def finish_image(runtime: Runtime, segmented: Segmented, classes: tuple[TextClass, ...]) -> list[Instance]:
     """One image's instances from its model output: cleanup and filters, CPU only (GroundedSam.finish)."""
-    return runtime.pipeline.finish(segmented, runtime.plan_for(classes))
+    return runtime.pipeline.postprocess(segmented, runtime.plan_for(classes))
 
 
 def to_prediction(

@@ -14,13 +14,9 @@ import httpx
 from label_studio_sdk.client import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
-from backend.errors import BackendError
+from backend.errors import LabelStudioApiError
 
 TASK_PAGE_SIZE = 100
-
-
-class LabelStudioApiError(BackendError):
-    """A Label Studio API call failed (unreachable, refused credentials, unexpected answer)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from typing import Any
 
 from PIL import Image
 
-from backend.errors import BackendError
+from backend.errors import BackendError, DeviceOutOfMemoryError, StudioNotConfiguredError, TasksFailedError
 from backend.jobs import (
     Runtime,
     checked_config,
@@ -38,7 +38,6 @@ from backend.jobs import (
 )
 from backend.labelstudio.config import LabelConfig
 from backend.lsclient import LabelStudioApi
-from backend.pipeline.memory import DeviceOutOfMemoryError
 from backend.pipeline.types import Segmented, TextClass
 from backend.queueing.bulk import META_FAILED
 from backend.queueing.claims import Claimant, TaskClaims
@@ -51,14 +50,6 @@ FETCH_THREADS = 4
 FINISH_THREADS = 4
 # How often a chunk looks again at tasks another worker holds.
 HELD_ELSEWHERE_POLL_S = 1.0
-
-
-class StudioNotConfiguredError(BackendError):
-    """Bulk work pushes to Label Studio, which needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY on the worker."""
-
-
-class TasksFailedError(BackendError):
-    """Some tasks of a chunk failed; the message names each task and its reason."""
 
 
 @dataclass

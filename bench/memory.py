@@ -155,7 +155,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak = max(sampled, maxrss if maxrss > maxrss_before else 0)
     with torch.inference_mode():  # the boxes SAM got, counted after the measurement
-        detections = len(pipeline._detector.detect(image, plan.plan, thresholds, plan.box_thresholds))
+        detections = len(pipeline._detector.detect(image, plan.prompt, thresholds, plan.box_thresholds))
     return {
         "size": args.size,
         "megapixels": round(width * height / 1e6, 2),

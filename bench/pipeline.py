@@ -49,7 +49,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 import backend.jobs as jobs  # noqa: E402
 import backend.labelstudio.results as results_module  # noqa: E402
 import backend.pipeline.grounded_sam as grounded_sam_module  # noqa: E402
-import backend.pipeline.memory as memory_module  # noqa: E402
+import backend.pipeline.threads as threads_module  # noqa: E402
 import backend.prelabel as prelabel  # noqa: E402
 from backend.images.fetch import decode_image  # noqa: E402
 from backend.labelstudio.config import parse_label_config  # noqa: E402
@@ -467,7 +467,7 @@ def instrument(pipeline: GroundedSam, stages: Stages, counters: Counters, masks:
     segmenter.segment_stream = swapped_segment if masks == "ellipse" else counted_segment
 
     # Module globals that grounded_sam / results call by name.
-    for name in ("clean_mask", "finish", "suppress_negatives"):
+    for name in ("clean_mask", "apply_filters", "suppress_negatives"):
         setattr(grounded_sam_module, name, stages.wrap("postprocess", getattr(grounded_sam_module, name)))
     mask_to_rle = results_module.mask_to_rle
 
@@ -518,7 +518,7 @@ class Bench:
         self.runtime = jobs.Runtime(pipeline=pipeline, fetcher=None, fingerprint={}, output=OutputOptions())
         self.version = model_version({"bench": pipeline.describe()}, self.config)
         self.batch = args.batch
-        self.preprocess_threads = memory_module.PREPROCESS_THREADS
+        self.preprocess_threads = threads_module.PREPROCESS_THREADS
         self.stages = Stages(device)
         self.counters = Counters()
 
@@ -583,7 +583,7 @@ class Bench:
         outputs: dict[str, list[str]] = {path: [] for path in paths}
         self.stages.enabled = staged
         # Stage timers are per thread: the staged pass runs the processors' work in order too.
-        memory_module.PREPROCESS_THREADS = 1 if staged else self.preprocess_threads
+        threads_module.PREPROCESS_THREADS = 1 if staged else self.preprocess_threads
         for round_index, start in enumerate(range(0, len(encoded), self.batch)):
             chunk = encoded[start : start + self.batch]
             order = ("single", "batched") if round_index % 2 == 0 else ("batched", "single")
@@ -608,7 +608,7 @@ class Bench:
                 for name in ("sam_boxes", "rle_ints", "mask_fill"):
                     getattr(counters[path], name).extend(getattr(self.counters, name))
         self.stages.enabled = False
-        memory_module.PREPROCESS_THREADS = self.preprocess_threads
+        threads_module.PREPROCESS_THREADS = self.preprocess_threads
         results = {}
         for path in paths:
             result: dict[str, Any] = {

@@ -15,9 +15,15 @@ from backend.api.deps import install_state
 from backend.api.edge import BasicAuth, BodyLimit, CountRequests, StampArrival
 from backend.api.metrics import Metrics
 from backend.api.routes import ROUTERS
-from backend.api.service import PredictionService, PredictTimeoutError
-from backend.errors import LabelConfigError, QueueUnavailableError, RequestDataError, RequestTooLargeError
-from backend.labelstudio.interactive import InteractiveContextError
+from backend.api.service import PredictionService
+from backend.errors import (
+    InteractiveContextError,
+    LabelConfigError,
+    PredictTimeoutError,
+    QueueUnavailableError,
+    RequestDataError,
+    RequestTooLargeError,
+)
 from backend.queueing.connection import api_connection
 from backend.settings import Settings
 

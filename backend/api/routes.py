@@ -30,8 +30,7 @@ from backend.api.answers import (
 from backend.api.deps import LimitersDep, MetricsDep, ServiceDep
 from backend.api.edge import arrived_at
 from backend.api.schemas import PredictRequest, PrelabelRequest, SetupRequest, http_origin, project_key
-from backend.api.service import PredictTimeoutError
-from backend.errors import QueueUnavailableError
+from backend.errors import PredictTimeoutError, QueueUnavailableError
 from backend.queueing.bulk import Progress
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from backend.errors import (
-    BackendError,
+    PredictTimeoutError,
     QueueUnavailableError,
     RequestTooLargeError,
     TaskDataError,
@@ -56,10 +56,6 @@ log = logging.getLogger(__name__)
 PROJECT_KEY = "grounded-sam:project:{}"
 PROJECTS_KEY = "grounded-sam:projects"
 PROJECT_TTL_S = 30 * 24 * 3600
-
-
-class PredictTimeoutError(BackendError):
-    """Some jobs of a /predict did not finish within PREDICT_TIMEOUT."""
 
 
 @dataclass(frozen=True, slots=True)

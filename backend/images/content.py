@@ -74,7 +74,7 @@ class ContentDecoder:
         """Decoded bytes of the next `data` from the wire, as they come."""
         return self._through(0, data)
 
-    def finish(self) -> Iterator[bytes]:
+    def flush(self) -> Iterator[bytes]:
         """What the layers still hold once the wire is done."""
         for index in range(len(self._layers)):
             for piece in self._layers[index].feed(b""):

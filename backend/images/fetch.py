@@ -238,7 +238,7 @@ class ImageFetcher:
                 if scope.remaining() <= 0:  # decoding is ours to bound too, not only the waits
                     break
             else:
-                for piece in decoder.finish():
+                for piece in decoder.flush():
                     body += piece
                 return bytes(body)
         except OverCapError:

@@ -25,9 +25,10 @@ from label_studio_sdk.label_interface.control_tags import (
 from label_studio_sdk.label_interface.interface import LabelInterface
 from label_studio_sdk.label_interface.object_tags import ImageTag
 
+from backend.class_options import ClassOptions
 from backend.errors import LabelConfigError
 from backend.labelstudio.image_tags import ImageTagControl, find_image_tag
-from backend.labelstudio.label_attrs import LabelOptions, merge_options, read_label_attrs
+from backend.labelstudio.label_attrs import merge_options, read_label_attrs
 from backend.labelstudio.sdk_tags import tag_name
 from backend.lru import SizedLru
 
@@ -63,7 +64,7 @@ class LabelSpec:
     value: str
     phrases: tuple[str, ...]
     controls: tuple[ControlKind, ...]
-    options: LabelOptions = LabelOptions()
+    options: ClassOptions = ClassOptions()
 
 
 @dataclass(frozen=True, slots=True)

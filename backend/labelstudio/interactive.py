@@ -27,14 +27,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from backend.errors import BackendError
+from backend.errors import InteractiveContextError
 from backend.labelstudio.config import LabelConfig, LabelSpec
 from backend.labelstudio.results import PredictedObject, mask_box
 from backend.packed_mask import Mask
-
-
-class InteractiveContextError(BackendError, ValueError):
-    """An interactive request's context is malformed or asks for something the labeling config lacks."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,25 +15,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TypeVar
 
+from backend.class_options import ClassOptions
 from backend.errors import LabelConfigError
 
 T = TypeVar("T", int, float)
 
 
-@dataclass(frozen=True, slots=True)
-class LabelOptions:
-    """A label's settings beyond its phrases; None: the project default (settings) applies."""
-
-    negatives: tuple[str, ...] = ()
-    threshold: float | None = None
-    min_area: int | None = None
-    max_instances: int | None = None
-
-
-def read_label_attrs(value: str, attrs: Mapping[str, str], where: str) -> tuple[tuple[str, ...], LabelOptions]:
+def read_label_attrs(value: str, attrs: Mapping[str, str], where: str) -> tuple[tuple[str, ...], ClassOptions]:
     """Phrases and options of the Label whose result value is `value`, from its XML attributes.
 
     where: names the control for error messages, e.g. '<BrushLabels name="mask">'.
@@ -46,7 +36,7 @@ def read_label_attrs(value: str, attrs: Mapping[str, str], where: str) -> tuple[
     for negative in negatives:
         if _folded(negative) in own:
             raise LabelConfigError(f'{context}: negative="{negative}" repeats one of the label\'s own prompts')
-    return phrases, LabelOptions(
+    return phrases, ClassOptions(
         negatives=negatives,
         threshold=_number(attrs, "threshold", context, float, lambda x: 0.0 <= x <= 1.0, "a number in [0, 1]"),
         min_area=_number(attrs, "min_area", context, int, lambda x: x >= 0, "a whole number >= 0 (pixels)"),
@@ -54,7 +44,7 @@ def read_label_attrs(value: str, attrs: Mapping[str, str], where: str) -> tuple[
     )
 
 
-def merge_options(first: LabelOptions, second: LabelOptions, value: str) -> LabelOptions:
+def merge_options(first: ClassOptions, second: ClassOptions, value: str) -> ClassOptions:
     """One label on several controls: negatives united (first seen first); a number set on one control
     applies; set differently on two controls, it raises LabelConfigError naming label and attribute."""
     numbers = {}
@@ -63,7 +53,7 @@ def merge_options(first: LabelOptions, second: LabelOptions, value: str) -> Labe
         if a is not None and b is not None and a != b:
             raise LabelConfigError(f'<Label value="{value}"> sets {name}="{a}" on one control and "{b}" on another')
         numbers[name] = a if a is not None else b
-    return LabelOptions(
+    return ClassOptions(
         negatives=tuple(dict.fromkeys(first.negatives + second.negatives)),
         **numbers,
     )

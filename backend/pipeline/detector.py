@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
-from backend.pipeline.memory import parallel_map, run_halving
+from backend.pipeline.halving import run_halving
 from backend.pipeline.prompts import PromptPlan, build_prompt_plan
 from backend.pipeline.shapes import detector_input
+from backend.pipeline.threads import parallel_map
 from backend.pipeline.types import Detection, DetectionThresholds, TextClass
 
 

@@ -15,7 +15,7 @@ from backend.packed_mask import PackedMask
 from backend.pipeline.detector import GroundingDinoDetector
 from backend.pipeline.masks import clean_mask
 from backend.pipeline.negatives import ClassPlan, build_class_plan, suppress_negatives
-from backend.pipeline.postprocess import finish
+from backend.pipeline.postprocess import apply_filters
 from backend.pipeline.segmenter import Masks, Segmenter
 from backend.pipeline.shapes import sam_input
 from backend.pipeline.types import (
@@ -58,8 +58,8 @@ class GroundedSam:
         return self.run_batch([image], plan)[0]
 
     def run_batch(self, images: Sequence[Image.Image], plan: ClassPlan) -> list[list[Instance]]:
-        """`run` for several images: `stream` then `finish` for each. A list of instances per image."""
-        return [self.finish(segmented, plan) for segmented in self.stream(images, plan)]
+        """`run` for several images: `stream` then `postprocess` for each. A list of instances per image."""
+        return [self.postprocess(segmented, plan) for segmented in self.stream(images, plan)]
 
     def stream(self, images: Sequence[Image.Image], plan: ClassPlan) -> Iterator[Segmented]:
         """The model work for `images` (RGB), one Segmented per image in order, each as soon as SAM has it.
@@ -67,10 +67,10 @@ class GroundedSam:
         One detector forward per group of same-size images first; then the images that have boxes go
         through SAM as the segmenter streams them (HF SAM: SAM_IMAGE_BATCH images per encoder forward, each
         image's boxes decoded together).
-        `finish` (CPU only) may run on another thread while this goes on with the next images.
+        `postprocess` (CPU only) may run on another thread while this goes on with the next images.
         """
         with torch.inference_mode():
-            batch = self._detector.detect_batch(images, plan.plan, self._thresholds, plan.box_thresholds)
+            batch = self._detector.detect_batch(images, plan.prompt, self._thresholds, plan.box_thresholds)
         kept = [suppress_negatives(detections, plan, self._postprocess.negative_iou) for detections in batch]
         todo = [i for i, detections in enumerate(kept) if detections]
         # Writable copies: the processor turns them into tensors, which torch refuses to share read-only.
@@ -85,7 +85,7 @@ class GroundedSam:
                 masks, scores = next(masks_per_image)
             yield Segmented(tuple(detections), _unpadded(masks, image), scores)
 
-    def finish(self, segmented: Segmented, plan: ClassPlan) -> list[Instance]:
+    def postprocess(self, segmented: Segmented, plan: ClassPlan) -> list[Instance]:
         """One image's instances from its Segmented: masks cleaned, then per-class min_area, one label per
         object, per-class max_instances; best detection score first. CPU only (numpy/OpenCV)."""
         if not segmented.detections:
@@ -96,7 +96,7 @@ class GroundedSam:
             Instance(detection=detection, mask=clean_mask(mask, self._postprocess), mask_score=float(score))
             for detection, mask, score in zip(segmented.detections, segmented.masks, segmented.scores, strict=True)
         ]
-        return finish(instances, plan.classes, self._postprocess)
+        return apply_filters(instances, plan.classes, self._postprocess)
 
     def segment_boxes(self, image: Image.Image, boxes_xyxy: npt.NDArray[np.floating[Any]]) -> list[PromptedMask]:
         """SAM alone, one cleaned mask per box: boxes_xyxy (N, 4) float, xyxy pixels of `image` (RGB)."""

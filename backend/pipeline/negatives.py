@@ -23,13 +23,13 @@ class ClassPlan:
     """A class set ready for the detector.
 
     classes: the caller's classes; detector class indexes below len(classes) are theirs, the rest negatives.
-    plan: the prompt plan over the caller's classes followed by one class per extra negative phrase.
+    prompt: the prompt plan over the caller's classes followed by one class per extra negative phrase.
     suppressors: per caller class, the detector class indexes whose boxes suppress its boxes.
     box_thresholds: per detector class, its box threshold (a class's own, else the default).
     """
 
     classes: tuple[TextClass, ...]
-    plan: PromptPlan
+    prompt: PromptPlan
     suppressors: tuple[frozenset[int], ...]
     box_thresholds: tuple[float, ...]
 
@@ -58,7 +58,7 @@ def build_class_plan(
     thresholds = [default_box if c.options.threshold is None else c.options.threshold for c in classes]
     return ClassPlan(
         classes=classes,
-        plan=prepare(classes + tuple(extra)),
+        prompt=prepare(classes + tuple(extra)),
         suppressors=tuple(suppressors),
         box_thresholds=(*thresholds, *[default_box] * len(extra)),
     )

@@ -66,7 +66,9 @@ def deduplicate(instances: Sequence[Instance], iou: float, margin: float) -> lis
     return [instances[k] for k in sorted(kept, key=rank.__getitem__)]
 
 
-def finish(instances: Sequence[Instance], classes: Sequence[TextClass], options: PostprocessOptions) -> list[Instance]:
+def apply_filters(
+    instances: Sequence[Instance], classes: Sequence[TextClass], options: PostprocessOptions
+) -> list[Instance]:
     """`drop_small`, then `deduplicate`, then `cap_per_class`, with the defaults of `options`."""
     large = drop_small(instances, classes, options.min_area)
     unique = deduplicate(large, options.dedup_iou, options.dedup_score_margin)

@@ -11,14 +11,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from backend.errors import BackendError
+from backend.errors import PromptTooLongError
 from backend.pipeline.types import TextClass
 
 SEPARATOR = "."
-
-
-class PromptTooLongError(BackendError, ValueError):
-    """One class's phrases alone need more tokens than the detector reads in one prompt."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,8 @@ import torch
 from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
 from backend.packed_mask import PackedMask
-from backend.pipeline.memory import prefetched, run_halving
+from backend.pipeline.halving import run_halving
+from backend.pipeline.threads import prefetched
 
 if TYPE_CHECKING:
     from segment_anything import SamPredictor

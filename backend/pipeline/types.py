@@ -9,25 +9,8 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from backend.class_options import ClassOptions
 from backend.packed_mask import PackedMask
-
-
-@dataclass(frozen=True, slots=True)
-class ClassOptions:
-    """Per-class settings; None: the pipeline-wide default applies.
-
-    negatives: phrases detected like classes whose boxes suppress this class's overlapping boxes
-        (see `PostprocessOptions.negative_iou`); never returned. A negative equal to one of the class's
-        own phrases is ignored (a class never suppresses itself).
-    threshold: minimum box score of this class's detections; replaces `DetectionThresholds.box`.
-    min_area: fewest mask pixels (after cleanup) of a kept instance; replaces `PostprocessOptions.min_area`.
-    max_instances: most instances of this class per image, best first; replaces `PostprocessOptions.max_instances`.
-    """
-
-    negatives: tuple[str, ...] = ()
-    threshold: float | None = None
-    min_area: int | None = None
-    max_instances: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -190,7 +190,7 @@ class NamespacedProcesses:
 
     def backend(self, host: Host, args: list[str], env: dict[str, str]) -> Proc:
         """A `grounded-sam` command (serve, worker) inside `host`."""
-        return self.start(host, [sys.executable, "-m", "backend.cli", *args], env, args[0])
+        return self.start(host, [sys.executable, "-m", "backend.commands", *args], env, args[0])
 
     def stop_all(self) -> None:
         for proc in reversed(self._started):

@@ -111,7 +111,7 @@ class Processes:
         log_path = self._tmp / f"{args[0]}-{len(self._started)}.log"
         with open(log_path, "wb") as log_file:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "backend.cli", *args], env=env, stdout=log_file, stderr=subprocess.STDOUT
+                [sys.executable, "-m", "backend.commands", *args], env=env, stdout=log_file, stderr=subprocess.STDOUT
             )
         proc = Proc(popen, log_path, env=env)
         self._started.append(proc)

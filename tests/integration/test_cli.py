@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 
 def _run(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "backend.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "backend.commands", *args], env=env, capture_output=True, text=True, timeout=timeout
     )
 
 

@@ -16,7 +16,7 @@ from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
-from backend.jobs import ModelVersionMismatchError
+from backend.errors import ModelVersionMismatchError
 from backend.queueing.bulk import BulkRuns, ChunkSpec
 from backend.queueing.client import JobLimits, PredictionQueue
 from backend.queueing.payloads import (

@@ -17,7 +17,8 @@ from rq.serializers import JSONSerializer
 
 from backend.api import service as service_module
 from backend.api.app import create_app
-from backend.api.service import PredictionService, PredictTimeoutError
+from backend.api.service import PredictionService
+from backend.errors import PredictTimeoutError
 from backend.queueing.client import queue_names
 from backend.queueing.connection import embedded_redis
 from backend.queueing.payloads import CONFIG_KEY, payload_config

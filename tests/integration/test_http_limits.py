@@ -223,7 +223,7 @@ def rejecting_studio() -> Iterator[str]:
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "backend.cli", *args],
+        [sys.executable, "-m", "backend.commands", *args],
         env=env,
         capture_output=True,
         text=True,

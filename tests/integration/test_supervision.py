@@ -319,7 +319,7 @@ def test_predict_cut_short_by_shutdown_gets_a_json_answer(
 
 def _health_command(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "backend.cli", "health"], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "backend.commands", "health"], env=env, capture_output=True, text=True, timeout=60
     )
 
 

@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-from backend.errors import ImageFetchError
+from backend.errors import DeviceOutOfMemoryError, ImageFetchError
 from backend.jobs import Runtime
 from backend.packed_mask import stacked
-from backend.pipeline import memory
+from backend.pipeline import threads as preprocess_threads
 from backend.pipeline.detector import GroundingDinoDetector
 from backend.pipeline.grounded_sam import GroundedSam
-from backend.pipeline.memory import DeviceOutOfMemoryError, run_halving
+from backend.pipeline.halving import run_halving
 from backend.pipeline.types import DetectionThresholds, Segmented, TextClass
 from backend.prelabel import _Chunk
 from tests.unit.test_segmenter import hf_segmenter
@@ -228,7 +228,7 @@ def test_processors_run_beside_the_models_and_change_nothing(
         expected_masks = segmenter.segment_batch(images, boxes)
         expected_detections = detector.detect_batch([Image.fromarray(i) for i in images], plan, EVERYTHING)
 
-    monkeypatch.setattr(memory, "PREPROCESS_THREADS", threads)
+    monkeypatch.setattr(preprocess_threads, "PREPROCESS_THREADS", threads)
     callers: list[str] = []
 
     def recording(call: Callable[..., Any]) -> Callable[..., Any]:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from backend import bulk_cli
+from backend.commands import bulk as bulk_cli
 from backend.lsclient import ProjectTask
 from backend.settings import Settings
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from backend.cli import _parser
+from backend.commands.main import _parser
 from backend.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]

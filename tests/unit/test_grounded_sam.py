@@ -219,7 +219,7 @@ def test_negatives_are_never_returned_and_suppress_their_class(detector: Groundi
     pipeline = GroundedSam(detector, segmenter, LOW, PostprocessOptions(dedup_iou=1.0, negative_iou=0.0))
     with_negative = [TextClass("Cat", ("cat", "kitten"), ClassOptions(negatives=("traffic light",)))]
     plan = pipeline.prepare(with_negative)
-    assert len(plan.plan.spans) == 3  # cat, kitten, and the negative phrase
+    assert len(plan.prompt.spans) == 3  # cat, kitten, and the negative phrase
     instances = pipeline.run(random_image(64, 48), plan)
     assert all(i.detection.class_index == 0 for i in instances)
     assert len(instances) < LOW.max_detections

@@ -7,15 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 
+from backend.errors import InteractiveContextError
 from backend.labelstudio.config import parse_label_config
-from backend.labelstudio.interactive import (
-    Click,
-    InteractiveContextError,
-    SamPrompt,
-    TextPrompt,
-    parse_context,
-    text_prompt,
-)
+from backend.labelstudio.interactive import Click, SamPrompt, TextPrompt, parse_context, text_prompt
 
 XML = """
 <View>

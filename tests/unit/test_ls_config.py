@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from backend.class_options import ClassOptions
 from backend.errors import LabelConfigError
 from backend.labelstudio.config import ControlRef, LabelSpec, parse_label_config
 from backend.labelstudio.image_tags import ImageTagControl
-from backend.labelstudio.label_attrs import LabelOptions
 
 BOTH = """
 <View>
@@ -179,8 +179,8 @@ def test_label_attributes_become_phrases_and_options() -> None:
         'prompt="car, automobile" negative="toy car,, poster" threshold="0.4" min_area="50" max_instances="3"'
     )
     assert spec.phrases == ("car", "automobile")
-    assert spec.options == LabelOptions(negatives=("toy car", "poster"), threshold=0.4, min_area=50, max_instances=3)
-    assert _one_label("").options == LabelOptions()
+    assert spec.options == ClassOptions(negatives=("toy car", "poster"), threshold=0.4, min_area=50, max_instances=3)
+    assert _one_label("").options == ClassOptions()
 
 
 def test_prompt_wins_over_predicted_values() -> None:
@@ -214,7 +214,7 @@ def test_a_label_on_two_controls_merges_options_and_refuses_conflicts() -> None:
 
     merged = config('negative="toy" threshold="0.4"', 'negative="poster" threshold="0.4" min_area="9"')
     assert merged.controls == ("brush", "polygon")
-    assert merged.options == LabelOptions(negatives=("toy", "poster"), threshold=0.4, min_area=9)
+    assert merged.options == ClassOptions(negatives=("toy", "poster"), threshold=0.4, min_area=9)
     with pytest.raises(LabelConfigError, match=r'Car.*threshold="0.4".*"0.5"'):
         config('threshold="0.4"', 'threshold="0.5"')
 

@@ -6,9 +6,10 @@ from collections.abc import Sequence
 
 import pytest
 
+from backend.class_options import ClassOptions
 from backend.pipeline.negatives import ClassPlan, build_class_plan, suppress_negatives
 from backend.pipeline.prompts import PromptPlan
-from backend.pipeline.types import ClassOptions, Detection, TextClass
+from backend.pipeline.types import Detection, TextClass
 
 CAR = TextClass("Car", ("car",), ClassOptions(negatives=("Toy car", "truck", "CAR.", "toy car"), threshold=0.4))
 TRUCK = TextClass("Truck", ("truck",))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from backend.pipeline.postprocess import cap_per_class, deduplicate, drop_small, finish, mask_iou
-from backend.pipeline.types import ClassOptions, Detection, Instance, PostprocessOptions, TextClass
+from backend.class_options import ClassOptions
+from backend.pipeline.postprocess import apply_filters, cap_per_class, deduplicate, drop_small, mask_iou
+from backend.pipeline.types import Detection, Instance, PostprocessOptions, TextClass
 
 H = W = 20
 
@@ -86,4 +87,4 @@ def test_finish_drops_small_masks_before_they_can_win_a_conflict() -> None:
     small = inst(0, 0.9, rect(0, 0, 2, 2))
     large = inst(1, 0.5, rect(0, 0, 3, 3))
     options = PostprocessOptions(dedup_iou=0.3, min_area=5)
-    assert labels(finish([small, large], classes(ClassOptions(), ClassOptions()), options)) == [(1, 0.5)]
+    assert labels(apply_filters([small, large], classes(ClassOptions(), ClassOptions()), options)) == [(1, 0.5)]

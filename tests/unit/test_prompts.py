@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from backend.errors import BackendError
-from backend.pipeline.prompts import PromptPlan, PromptTooLongError, build_prompt_plan, normalize_phrase
+from backend.errors import BackendError, PromptTooLongError
+from backend.pipeline.prompts import PromptPlan, build_prompt_plan, normalize_phrase
 from backend.pipeline.types import TextClass
 
 MAX_TOKENS = 256

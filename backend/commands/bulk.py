@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from backend.errors import BackendError
+from backend.errors import BackendCallError
 from backend.lsclient import LabelStudioApi
 from backend.settings import Settings
 
@@ -26,10 +26,6 @@ POLL_S = 1.0
 # for any ordinary task data; a project of any size goes in several requests.
 TASKS_PER_REQUEST = 2000
 _COUNTS = ("total", "queued", "running", "done", "failed")
-
-
-class BackendCallError(BackendError):
-    """The backend's HTTP API refused or failed a call."""
 
 
 class BackendClient:

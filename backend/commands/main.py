@@ -215,7 +215,10 @@ def _spawn_worker(redis_url: str) -> subprocess.Popen[bytes]:
 
     env = {**os.environ, "REDIS_URL": redis_url}
     return subprocess.Popen(
-        [sys.executable, "-m", "backend.cli", "worker"], env=env, start_new_session=True, preexec_fn=die_with_parent
+        [sys.executable, "-m", "backend.commands", "worker"],
+        env=env,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
     )
 
 
@@ -279,9 +282,9 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _predict(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.commands.predict import predict_files
     from backend.errors import BackendError
     from backend.labelstudio.templates import config_for_labels, parse_label_list
-    from backend.local_predict import predict_files
 
     label_config = config_for_labels(parse_label_list(args.labels)) if args.labels else args.config.read_text()
     try:
@@ -294,7 +297,7 @@ def _predict(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _bulk(settings: Settings, args: argparse.Namespace) -> int:
-    from backend import bulk_cli
+    from backend.commands import bulk as bulk_cli
     from backend.errors import BackendError
 
     backend = bulk_cli.BackendClient(args.backend or f"http://127.0.0.1:{settings.port}", settings.basic_auth)
@@ -307,7 +310,3 @@ def _bulk(settings: Settings, args: argparse.Namespace) -> int:
     except BackendError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

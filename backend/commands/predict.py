@@ -7,7 +7,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from backend.errors import BackendError
+from backend.errors import BackendError, LocalPredictError
 from backend.images.fetch import load_image_file
 from backend.jobs import Runtime, build_runtime, segment_image, text_classes, to_prediction
 from backend.labelstudio.config import LabelConfig, parse_label_config
@@ -16,10 +16,6 @@ from backend.pipeline.overlay import draw_overlay
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-class LocalPredictError(BackendError):
-    """At least one image could not be predicted (the others were written)."""
 
 
 def predict_files(settings: Settings, images: Sequence[Path], label_config: str, out_dir: Path) -> list[Path]:
