@@ -105,3 +105,7 @@ class TasksFailedError(BackendError):
 
 class LocalPredictError(BackendError):
     """At least one image could not be predicted (the others were written)."""
+
+
+class JobMessageError(BackendError):
+    """A queued job's message has another schema version than this worker reads, or is malformed."""
