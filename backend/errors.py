@@ -5,7 +5,13 @@ Catch-alls exist only at the HTTP and job boundaries; everywhere else code raise
 
 
 class BackendError(Exception):
-    """Base class of every error this backend raises on purpose."""
+    """Base class of every error this backend raises on purpose.
+
+    `retryable`: the same work may succeed if tried again later (a transient failure: a timeout, a refused
+    connection, a 5xx answer); False for failures that would repeat.
+    """
+
+    retryable: bool = False
 
 
 class LabelConfigError(BackendError):
@@ -100,7 +106,11 @@ class StudioNotConfiguredError(BackendError):
 
 
 class TasksFailedError(BackendError):
-    """Some tasks of a chunk failed; the message names each task and its reason."""
+    """Some tasks of a chunk failed; the message names each task and its reason. Retryable when every failure was."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class LocalPredictError(BackendError):
