@@ -119,3 +119,15 @@ class LocalPredictError(BackendError):
 
 class JobMessageError(BackendError):
     """A queued job's message has another schema version than this worker reads, or is malformed."""
+
+
+class ModelVersionUnknownError(BackendError):
+    """The API cannot say which model_version the workers compute (it reads it from their announcements)."""
+
+
+class NoWorkerError(ModelVersionUnknownError):
+    """No live worker on the backend's queues has announced its models (none runs, or none finished loading)."""
+
+
+class WorkersDisagreeError(ModelVersionUnknownError):
+    """Live workers on the backend's queues announced different model settings: no one model_version fits all."""

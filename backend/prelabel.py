@@ -1,7 +1,9 @@
 """Bulk job: a chunk of tasks in, their predictions pushed to Label Studio, at most once per task and version.
 
-rq calls `prelabel_chunk` (bulk queue) with a JSON payload, backend.queueing.payloads.ChunkPayload
-(the project, its tasks, the labeling config by reference, model_version, force).
+rq calls `prelabel_chunk` (bulk queue) with a JSON message, backend.queueing.messages.ChunkJob
+(the project, its tasks, the labeling config by reference, model_version, force). The worker's PredictionFlow
+(backend.flow) fetches the images, streams them through the models and turns each into its prediction; this
+module decides which tasks to compute and pushes their predictions.
 
 Tasks of a chunk share one prompt plan; their images are fetched concurrently. A task already holding a
 prediction of this model version (in Label Studio, or marked done by another worker) is skipped unless
@@ -17,37 +19,28 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
 
-from backend.errors import BackendError, DeviceOutOfMemoryError, StudioNotConfiguredError, TasksFailedError
-from backend.jobs import (
-    Runtime,
-    checked_config,
-    current_job,
-    current_runtime,
-    fetch_image,
-    finish_image,
-    stream_images,
-    text_classes,
-    to_prediction,
-)
+from backend.errors import BackendError, StudioNotConfiguredError, TasksFailedError
+from backend.flow import PredictionFlow, PredictionStore
+from backend.jobs import checked_config, current_flow, current_job, current_stats
 from backend.labelstudio.config import LabelConfig
-from backend.lsclient import LabelStudioApi
-from backend.pipeline.types import Segmented, TextClass
+from backend.pipeline.types import Segmented
 from backend.queueing.bulk import META_FAILED
 from backend.queueing.claims import Claimant, TaskClaims
+from backend.queueing.messages import ChunkJob, QueuedTask
 from backend.queueing.stats import WorkerStats
 
 log = logging.getLogger(__name__)
 
 FETCH_THREADS = 4
 # Threads for each image's cleanup, RLE and push while the models go on with the next image.
-FINISH_THREADS = 4
+DELIVER_THREADS = 4
 # How often a chunk looks again at tasks another worker holds.
 HELD_ELSEWHERE_POLL_S = 1.0
 
@@ -56,44 +49,70 @@ HELD_ELSEWHERE_POLL_S = 1.0
 class ChunkReport:
     pushed: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
-    failed: dict[int, str] = field(default_factory=dict)
+    # Each failed task's error (its message is the reason recorded).
+    failed: dict[int, BackendError] = field(default_factory=dict)
     # Tasks whose claim this chunk lost before pushing (it lapsed and another worker took or finished them).
     lost: list[int] = field(default_factory=list)
 
+    def failure(self) -> TasksFailedError | None:
+        """The error that fails the chunk, naming each failed task and its reason (retryable when every task's
+        failure was); None when no task failed."""
+        if not self.failed:
+            return None
+        failed = sorted(self.failed.items())
+        return TasksFailedError(
+            "; ".join(f"task {tid}: {error}" for tid, error in failed),
+            retryable=all(error.retryable for _, error in failed),
+        )
+
 
 def prelabel_chunk(payload: dict[str, Any]) -> dict[str, Any]:
-    """Predict and push every task of the chunk; returns {"pushed": [...], "skipped": [...], "lost": [...]}."""
-    runtime = current_runtime()
-    if runtime.studio is None:
+    """Predict and push every task of the chunk; returns {"pushed": [...], "skipped": [...], "lost": [...]}.
+
+    Raises JobMessageError for a message of another schema, TasksFailedError naming each failed task (retryable
+    when every failure was)."""
+    message = ChunkJob.from_json(payload)
+    flow = current_flow()
+    if flow.studio is None:
         raise StudioNotConfiguredError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY for workers doing bulk work")
     job = current_job()
-    config, version = checked_config(runtime, payload)
-    claims = TaskClaims(job.connection, str(payload["project"]), version)
+    config, version = checked_config(flow, message)
+    claims = TaskClaims(job.connection, message.project, version)
     with Claimant(claims, owner=f"{job.worker_name or 'worker'}:{job.id}") as claimant:
-        chunk = _Chunk(runtime, runtime.studio, payload, config, version, claimant, WorkerStats(job.connection))
-        chunk.run(payload["tasks"], force=bool(payload.get("force")))
+        chunk = Chunk(
+            flow=flow,
+            studio=flow.studio,
+            config=config,
+            version=version,
+            claimant=claimant,
+            stats=current_stats(),
+            label_studio_host=message.label_studio_host,
+        )
+        chunk.run(message.tasks, force=message.force)
     job.meta[META_FAILED] = sorted(chunk.report.failed)
     job.save_meta()
-    if chunk.report.failed:
-        failed = sorted(chunk.report.failed.items())
-        raise TasksFailedError("; ".join(f"task {t}: {reason}" for t, reason in failed))
+    failure = chunk.report.failure()
+    if failure is not None:
+        raise failure
     return {"pushed": chunk.report.pushed, "skipped": chunk.report.skipped, "lost": chunk.report.lost}
 
 
-@dataclass
-class _Chunk:
-    """One chunk's work and what it needs: models, Label Studio, the config, claims, stats, the report."""
+@dataclass(kw_only=True)
+class Chunk:
+    """One chunk's work and what it needs: the flow, Label Studio, the config, claims, stats, the report.
 
-    runtime: Runtime
-    studio: LabelStudioApi
-    payload: dict[str, Any]
+    label_studio_host: the origin Label Studio writes into absolute task URLs (from the message)."""
+
+    flow: PredictionFlow
+    studio: PredictionStore
     config: LabelConfig
     version: str
     claimant: Claimant
     stats: WorkerStats
+    label_studio_host: str | None = None
     report: ChunkReport = field(default_factory=ChunkReport)
 
-    def run(self, tasks: Sequence[dict[str, Any]], force: bool) -> None:
+    def run(self, tasks: Sequence[QueuedTask], force: bool) -> None:
         """Push a prediction for every task, or record its failure, before returning.
 
         Tasks another worker holds are waited for: it finishes them, or it died and its claims lapse
@@ -110,38 +129,36 @@ class _Chunk:
             force = False  # what another worker finished meanwhile is already this version, fresh
             time.sleep(HELD_ELSEWHERE_POLL_S)
 
-    def claim(self, tasks: Sequence[dict[str, Any]], force: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def claim(self, tasks: Sequence[QueuedTask], force: bool) -> tuple[list[QueuedTask], list[QueuedTask]]:
         """Split `tasks` into those to compute now and those another worker holds; done ones are skipped."""
         todo, held_elsewhere = [], []
         for task in tasks:
-            tid = int(task["id"])
-            if not force and self.claimant.claims.is_done(tid):
-                self.report.skipped.append(tid)
-            elif not self.claimant.take(tid, force=force):
+            if not force and self.claimant.claims.is_done(task.id):
+                self.report.skipped.append(task.id)
+            elif not self.claimant.take(task.id, force=force):
                 held_elsewhere.append(task)
-            elif not force and self.studio.prediction_ids(tid, self.version):
-                self.claimant.mark_done(tid)
-                self.report.skipped.append(tid)
+            elif not force and self.studio.prediction_ids(task.id, self.version):
+                self.claimant.mark_done(task.id)
+                self.report.skipped.append(task.id)
             else:
                 todo.append(task)
         return todo, held_elsewhere
 
-    def compute(self, tasks: Sequence[dict[str, Any]]) -> None:
+    def compute(self, tasks: Sequence[QueuedTask]) -> None:
         """Fetch, predict and push `tasks`, which this chunk holds.
 
-        The models run on this thread, image after image as `stream` yields them; each image's cleanup, RLE
-        and push run on FINISH_THREADS threads meanwhile, so the device does not wait for the CPU or for
-        Label Studio.
+        The models run on this thread, image after image as the flow's `stream` yields them; each image's
+        cleanup, RLE and push run on DELIVER_THREADS threads meanwhile, so the device does not wait for the CPU
+        or for Label Studio.
         """
         started = time.perf_counter()
         tasks, images = self.still_held(tasks, self.fetch_all(tasks))
         if not tasks:
             return
-        classes = text_classes(self.config)
-        with ThreadPoolExecutor(FINISH_THREADS) as finishers:
+        with ThreadPoolExecutor(DELIVER_THREADS) as deliverers:
             outcomes = [
-                finishers.submit(self.finish, int(task["id"]), image, segmented, classes)
-                for task, image, segmented in zip(tasks, images, self.segment_all(images, classes), strict=True)
+                deliverers.submit(self.deliver, task.id, image, segmented)
+                for task, image, segmented in zip(tasks, images, self.flow.stream(images, self.config), strict=True)
             ]
             pushed = sum(outcome.result() for outcome in outcomes)
         seconds_each = (time.perf_counter() - started) / len(tasks)
@@ -149,16 +166,16 @@ class _Chunk:
             self.stats.task_done(seconds_each)
 
     def still_held(
-        self, tasks: Sequence[dict[str, Any]], images: Sequence[Image.Image | BackendError]
-    ) -> tuple[list[dict[str, Any]], list[Image.Image | BackendError]]:
+        self, tasks: Sequence[QueuedTask], images: Sequence[Image.Image | BackendError]
+    ) -> tuple[list[QueuedTask], list[Image.Image | BackendError]]:
         """The tasks (and their images) whose claims this chunk still holds, renewed; the others are lost.
 
         Checked after the fetch, before the models: a worker that was cut off while fetching comes back to
         find its tasks taken over, and does not compute them again.
         """
-        held = set(self.claimant.keep([int(task["id"]) for task in tasks]))
-        kept = [(task, image) for task, image in zip(tasks, images, strict=True) if int(task["id"]) in held]
-        lost = [int(task["id"]) for task in tasks if int(task["id"]) not in held]
+        held = set(self.claimant.keep([task.id for task in tasks]))
+        kept = [(task, image) for task, image in zip(tasks, images, strict=True) if task.id in held]
+        lost = [task.id for task in tasks if task.id not in held]
         if lost:
             self.lose(lost)
         return [task for task, _ in kept], [image for _, image in kept]
@@ -171,80 +188,45 @@ class _Chunk:
         self.report.lost.extend(tids)
         return False
 
-    def fetch_all(self, tasks: Sequence[dict[str, Any]]) -> list[Image.Image | BackendError]:
+    def fetch_all(self, tasks: Sequence[QueuedTask]) -> list[Image.Image | BackendError]:
         """Images of `tasks`, fetched concurrently (network-bound); an error stands in for a failed fetch."""
 
-        def fetch(task: dict[str, Any]) -> Image.Image | BackendError:
+        def fetch(task: QueuedTask) -> Image.Image | BackendError:
             try:
-                with self.stats.stage("fetch"):
-                    return fetch_image(self.runtime, task, self.config, self.payload)
+                return self.flow.fetch(task, self.config, self.label_studio_host)
             except BackendError as exc:
                 return exc
 
         with ThreadPoolExecutor(FETCH_THREADS) as pool:
             return list(pool.map(fetch, tasks))
 
-    def segment_all(
-        self, images: Sequence[Image.Image | BackendError], classes: tuple[TextClass, ...]
-    ) -> Iterator[Segmented | BackendError]:
-        """The models' output for each image, in order, each as soon as it is ready; fetch errors pass through."""
-        outputs = self._model_outputs([image for image in images if isinstance(image, Image.Image)], classes)
-        for image in images:
-            yield image if isinstance(image, BackendError) else next(outputs)
-
-    def _model_outputs(
-        self, images: Sequence[Image.Image], classes: tuple[TextClass, ...]
-    ) -> Iterator[Segmented | BackendError]:
-        """All images through the models in one stream; when one image does not fit in device memory even
-        alone, the images not yet done go one by one, so that only that image's task fails."""
-        stream = stream_images(self.runtime, images, classes)
-        for done in range(len(images)):
-            started = time.perf_counter()
-            try:
-                segmented = next(stream)
-            except DeviceOutOfMemoryError:
-                yield from (self._alone(image, classes) for image in images[done:])
-                return
-            self.stats.observe("model", time.perf_counter() - started)
-            yield segmented
-
-    def _alone(self, image: Image.Image, classes: tuple[TextClass, ...]) -> Segmented | BackendError:
-        try:
-            return next(stream_images(self.runtime, [image], classes))
-        except DeviceOutOfMemoryError as exc:
-            return exc
-
-    def finish(
-        self,
-        tid: int,
-        image: Image.Image | BackendError,
-        segmented: Segmented | BackendError,
-        classes: tuple[TextClass, ...],
-    ) -> bool:
-        """Clean up, encode and push one task's result, or record its failure; True when pushed.
-        Runs on a finisher thread. A failed fetch's error comes as both `image` and `segmented`."""
+    def deliver(self, tid: int, image: Image.Image | BackendError, segmented: Segmented | BackendError) -> bool:
+        """Turn one task's model output into its prediction and push it, or record its failure; True when
+        pushed. Runs on a deliverer thread. A failed fetch's error comes as both `image` and `segmented`."""
         try:
             if isinstance(segmented, BackendError):
                 raise segmented
             if isinstance(image, BackendError):
                 raise image
-            with self.stats.stage("postprocess"):
-                instances = finish_image(self.runtime, segmented, classes)
-                prediction = to_prediction(self.runtime, instances, classes, self.config, image, self.version)
+            prediction = self.flow.result(image, segmented, self.config, self.version)
             if not self.claimant.holds(tid):  # renewed when held: the push has a full CLAIM_TTL_S
                 return self.lose([tid])
             self.push(tid, prediction)
         except BackendError as exc:
-            if not self.claimant.release(tid):  # another worker has the task now: its failure is not ours
-                return self.lose([tid])
-            log.debug("task %s failed: %s", tid, exc)  # the chunk's failure names it (one record per task)
-            self.stats.failure(type(exc).__name__)
-            self.report.failed[tid] = str(exc)
-            return False
+            return self.fail(tid, exc)
         if not self.claimant.mark_done(tid):
             log.warning("task %s: pushed, but this worker's claim lapsed during the push; left to its new holder", tid)
         self.report.pushed.append(tid)
         return True
+
+    def fail(self, tid: int, error: BackendError) -> bool:
+        """Record the task's failure and free its claim, unless another worker has it now (then it is lost). False."""
+        if not self.claimant.release(tid):  # another worker has the task now: its failure is not ours
+            return self.lose([tid])
+        log.debug("task %s failed: %s", tid, error)  # the chunk's failure names it (one record per task)
+        self.stats.failure(type(error).__name__)
+        self.report.failed[tid] = error
+        return False
 
     def push(self, tid: int, prediction: dict[str, Any]) -> None:
         """Store the task's prediction in Label Studio, replacing one of this version (with force, or a race)."""

@@ -86,6 +86,18 @@ class Settings(BaseSettings):
     job_timeout: int = Field(600, gt=0, description="Seconds one job may run before rq stops it.")
     result_ttl: int = Field(3600, ge=0, description="Seconds a finished job's prediction stays in Redis for re-use.")
     failure_ttl: int = Field(24 * 3600, ge=0, description="Seconds a failed job stays in rq's failed registry.")
+    transient_retries: int = Field(
+        3,
+        ge=0,
+        le=10,
+        description="Times a bulk chunk whose failures were all transient (image fetch timeouts, connection errors, HTTP 5xx, 408, 429) is run again later (its pushed tasks are skipped); 0 never. Interactive jobs are never retried.",
+    )
+    transient_retry_delay: int = Field(
+        30,
+        ge=1,
+        le=3600,
+        description="Seconds before a chunk's first transient retry; each next one waits twice as long (at most an hour).",
+    )
     worker_heartbeat: float = Field(
         5.0,
         gt=0,

@@ -32,10 +32,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from backend.queueing.connection import embedded_redis  # noqa: E402
 from tests.e2e.bulk import ScaledBackend, bulk_images, finish, scaled_environment, url_project  # noqa: E402
-from tests.e2e.images import serve_images  # noqa: E402
 from tests.e2e.labelstudio import LabelStudio  # noqa: E402
 from tests.e2e.tooling import LABEL_STUDIO_VERSION, ensure_environment  # noqa: E402
-from tests.integration.conftest import Processes  # noqa: E402
+from tests.support.images import serve_images  # noqa: E402
+from tests.support.processes import Processes  # noqa: E402
 from tests.tiny_models import build_tiny_grounding_dino, build_tiny_hf_sam  # noqa: E402
 
 CONFIG = REPO / "label_config" / "brush_and_rectangle.xml"

@@ -15,16 +15,15 @@ Writes bench/results/health_load_cpu.json (or --out).
 from __future__ import annotations
 
 import argparse
-import http.server
 import json
 import os
 import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +34,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tests.integration.conftest import (  # noqa: E402
-    ImageServer,
-    Processes,
-    _ImageHandler,
-    tiny_backend_env,
-)
+from tests.support.images import ImageServer, serve_images  # noqa: E402
+from tests.support.processes import Processes, tiny_backend_env  # noqa: E402
 from tests.tiny_models import build_tiny_grounding_dino, build_tiny_hf_sam  # noqa: E402
 
 CONFIG = (REPO / "label_config" / "brush_and_rectangle.xml").read_text()
@@ -63,26 +58,20 @@ def timed(call: Any) -> tuple[float, int]:
     return time.monotonic() - started, status
 
 
-def start_images(root: Path, slow_s: float, count: int) -> ImageServer:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
-    server.root = root  # type: ignore[attr-defined]
-    server.slow_s = slow_s  # type: ignore[attr-defined]
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    images = ImageServer(root, f"http://127.0.0.1:{server.server_address[1]}", server)
+def add_images(images: ImageServer, count: int) -> None:
     for index in range(count):
         images.add(f"w{index}.png", Image.new("RGB", (32, 32), (index % 256, 0, 0)))
-    return images
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     detector = build_tiny_grounding_dino(workdir / "models" / "grounding_dino")
     sam = build_tiny_hf_sam(workdir / "models" / "sam")
-    (workdir / "images").mkdir()
-    images = start_images(workdir / "images", args.slow, args.waiting)
     processes = Processes(workdir)
     env = {**tiny_backend_env(detector, sam), "PREDICT_TIMEOUT": str(args.timeout), "LOG_LEVEL": "WARNING"}
-    try:
+    with ExitStack() as stack:
+        images = stack.enter_context(serve_images(workdir / "images", args.slow))
+        stack.callback(processes.stop_all)
+        add_images(images, args.waiting)
         serve = processes.serve(env)
         answers: list[tuple[float, int]] = []
         limits = httpx.Limits(max_connections=args.waiting + 10, max_keepalive_connections=0)
@@ -111,9 +100,6 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 future.result()
             pool.shutdown()
         load = os.getloadavg()[0]
-    finally:
-        processes.stop_all()
-        images.server.shutdown()
     return {
         "waiting_predicts": args.waiting,
         "queued_before_sampling": queued,

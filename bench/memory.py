@@ -10,8 +10,9 @@ is used, torch's peak CUDA allocation is reported as well.
     python bench/memory.py --out bench/results/memory_cpu.json                  # 12, 24, 48 MP, this tree
     python bench/memory.py --sizes 4000x3000 --code /tmp/base --out before.json  # another checkout (git archive)
 
-`--code` runs the child against another checkout's `backend` (the code before a change, say): only APIs both
-have are used (build_pipeline, GroundedSam.run, build_prediction).
+`--code` runs the child against another checkout's `backend` (the code before a change, say): only public APIs
+that checkout has too are used (build_pipeline, GroundedSam.prepare, .stream and .postprocess, build_prediction,
+text_classes from backend.flow or, before it existed, backend.jobs): commit 331edde or later.
 """
 
 from __future__ import annotations
@@ -100,7 +101,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, str(Path(args.code).resolve()))
     import torch
 
-    from backend.jobs import text_classes
+    try:
+        from backend.flow import text_classes
+    except ImportError:  # a checkout from before backend/flow.py
+        from backend.jobs import text_classes
     from backend.labelstudio.config import parse_label_config
     from backend.labelstudio.results import PredictedObject, build_prediction
     from backend.pipeline.build import build_pipeline
@@ -128,14 +132,17 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     plan = pipeline.prepare(classes)
     width, height = (int(v) for v in args.size.split("x"))
 
-    def predict(image: Any) -> tuple[int, int]:
-        instances = pipeline.run(image, plan)
+    def predict(image: Any) -> tuple[int, int, bytes]:
+        """What GroundedSam.run does (stream, then postprocess), keeping the boxes SAM got: the number of
+        detections, of objects returned, and the prediction's JSON."""
+        segmented = next(pipeline.stream([image], plan))
+        instances = pipeline.postprocess(segmented, plan)
         objects = [
             PredictedObject(classes[i.detection.class_index].name, i.score, i.detection.box_xyxy, i.mask)
             for i in instances
         ]
         prediction = build_prediction(objects, config, image.width, image.height, "bench")
-        return len(instances), json.dumps(prediction).encode()
+        return len(segmented.detections), len(instances), json.dumps(prediction).encode()
 
     predict(test_image(320, 240, 1))  # warm-up: lazy imports, allocator pools, thread pools
     image = test_image(width, height, 0)
@@ -149,13 +156,11 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     baseline.start()
     started = time.perf_counter()
-    objects, encoded = predict(image)
+    detections, objects, encoded = predict(image)
     seconds = time.perf_counter() - started
     sampled = baseline.stop()
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak = max(sampled, maxrss if maxrss > maxrss_before else 0)
-    with torch.inference_mode():  # the boxes SAM got, counted after the measurement
-        detections = len(pipeline._detector.detect(image, plan.prompt, thresholds, plan.box_thresholds))
     return {
         "size": args.size,
         "megapixels": round(width * height / 1e6, 2),

@@ -9,16 +9,17 @@ SAM ViT-H/L/B's architectures), saved to a folder and loaded back through `build
 runs. Random weights cost what trained weights cost, except where the cost depends on what the model outputs:
 the detector's box count (capped here, see `thresholds`) and the masks' shapes (cleanup, RLE, JSON).
 
-Per-stage times come from wrapping the loaded objects' methods inside this script (production code is not
-changed); on CUDA every stage boundary synchronises, so the stage breakdown comes from its own pass and the
-images/s from a pass with the timers switched off. See bench/README.md for what every number means.
+Both paths are the production PredictionFlow (backend/flow.py): `predict` per image, and the bulk path's
+`stream` + `result`. Per-stage times come from the StageTimer hook the flow and the pipeline offer
+(backend/pipeline/timing.py): this script passes its own timer and patches nothing. On CUDA every stage
+boundary synchronises, so the stage breakdown comes from its own pass and the images/s from a pass with the
+timers switched off. See bench/README.md for what every number means.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import importlib.metadata
 import io
 import json
@@ -29,9 +30,10 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -46,19 +48,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-import backend.jobs as jobs  # noqa: E402
-import backend.labelstudio.results as results_module  # noqa: E402
-import backend.pipeline.grounded_sam as grounded_sam_module  # noqa: E402
 import backend.pipeline.threads as threads_module  # noqa: E402
 import backend.prelabel as prelabel  # noqa: E402
+from backend.errors import BackendError  # noqa: E402
+from backend.flow import PredictionFlow  # noqa: E402
 from backend.images.fetch import decode_image  # noqa: E402
 from backend.labelstudio.config import parse_label_config  # noqa: E402
-from backend.labelstudio.results import OutputOptions  # noqa: E402
-from backend.labelstudio.version import model_version  # noqa: E402
 from backend.packed_mask import PackedMask  # noqa: E402
-from backend.pipeline.build import build_pipeline  # noqa: E402
+from backend.pipeline.build import build_detector, build_pipeline, build_segmenter  # noqa: E402
 from backend.pipeline.grounded_sam import GroundedSam  # noqa: E402
-from backend.pipeline.segmenter import HfSamSegmenter, Masks, SegmentAnythingSegmenter  # noqa: E402
+from backend.pipeline.segmenter import Flags, Floats, Masks, Pixels, Scores, Segmenter  # noqa: E402
+from backend.pipeline.timing import StageTimer  # noqa: E402
 from backend.pipeline.types import DetectionThresholds, ModelSpec, PostprocessOptions, Segmented  # noqa: E402
 
 # SAM image encoders by name: transformers SamVisionConfig sizes and segment-anything registry names.
@@ -69,21 +69,23 @@ SAM_SIZES = {
 }
 MAX_PIXELS = 100_000_000  # decode_image's cap; generous, the bench's images are known
 
-# Stage rows of the table, in pipeline order: (key, description). "other" rows are the remainder of a timed
-# call after its timed parts; "unattributed" is the wall time of a pass minus every stage.
+# Rows of the stage table, in pipeline order: (stage, description). Each row is that stage's exclusive time (the
+# stages nested in it taken out): production's stage names (backend/pipeline/timing.py, backend/flow.py), plus
+# the bench's own "decode" and "json"; "unattributed" is the wall time of a pass outside every stage.
 STAGES = [
-    ("decode", "decode PNG bytes (backend.images.decode_image)"),
-    ("dino_preprocess", "DINO image processor (resize+normalise, CPU)"),
-    ("dino_forward", "DINO model forward (Swin+BERT+fusion+decoder)"),
-    ("dino_other", "detector rest: host->device, scoring, NMS"),
-    ("sam_preprocess", "SAM processor / transform (resize to 1024, CPU)"),
-    ("sam_encoder", "SAM image encoder (get_image_embeddings / image_encoder)"),
+    ("decode", "decode PNG bytes (backend.images.decode_image; the bench's stand-in for fetch)"),
+    ("detector_preprocess", "DINO image processor (resize+normalise, CPU)"),
+    ("detector_forward", "DINO model forward (Swin+BERT+fusion+decoder), host->device copies"),
+    ("detector", "detector rest: scoring, NMS, boxes to pixels"),
+    ("negatives", "negative-phrase suppression (box IoU)"),
+    ("sam_preprocess", "SAM processor / ResizeLongestSide (resize to 1024, CPU)"),
+    ("sam_encoder", "SAM image encoder (get_image_embeddings / Sam.preprocess+image_encoder)"),
     ("sam_decoder", "SAM prompt encoder + mask decoder"),
-    ("sam_upsample", "SAM masks to original size (post_process_masks)"),
-    ("sam_other", "segmenter rest: masks device->host, numpy"),
-    ("postprocess", "cleanup: fill holes, islands, dedup, caps"),
-    ("rle", "brush RLE (backend.labelstudio.rle.mask_to_rle)"),
-    ("prediction_other", "build_prediction rest (regions, rectangles)"),
+    ("sam_upsample", "SAM masks to original size + packed (post_process_masks, crops to host)"),
+    ("sam", "SAM rest: pixels handed to SAM, scores to host"),
+    ("model", "flow's model stage rest (stream bookkeeping)"),
+    ("cleanup", "cleanup: fill holes, islands, dedup, caps (GroundedSam.postprocess)"),
+    ("postprocess", "flow's postprocess rest: the Label Studio result (regions, brush RLE, rectangles)"),
     ("json", "json.dumps of the prediction"),
     ("unattributed", "wall time of the pass not inside any stage"),
 ]
@@ -320,87 +322,96 @@ def images_for(args: argparse.Namespace, count: int, seed: int) -> list[bytes]:
 
 
 class Stages:
-    """Inclusive seconds per stage name, with a device synchronisation at every boundary while enabled."""
+    """The bench's StageTimer (backend.pipeline.timing): per stage name, inclusive and exclusive seconds and a
+    call count, while `enabled`; on CUDA the device is synchronised at every stage boundary.
+
+    Exclusive ("own") time is a stage's time minus the stages nested in it on the same thread. Thread-safe; the
+    staged pass runs everything on one thread, so there the own times add up to the pass's wall time.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.own: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
         self.enabled = False
         self._cuda = device.type == "cuda"
+        self._lock = threading.Lock()
+        self._open = threading.local()  # per thread: the nested seconds of each open stage, innermost last
 
     def sync(self) -> None:
         if self._cuda:
             torch.cuda.synchronize()
 
     @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
+    def stage(self, name: str) -> Iterator[None]:
         if not self.enabled:
             yield
             return
+        nested: list[float] = self._open.__dict__.setdefault("nested", [])
         self.sync()
+        nested.append(0.0)
         started = time.perf_counter()
         try:
             yield
         finally:
             self.sync()
-            self.seconds[name] += time.perf_counter() - started
-            self.counts[name] += 1
-
-    def wrap(self, name: str, function: Callable) -> Callable:
-        @functools.wraps(function)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            with self(name):
-                return function(*args, **kwargs)
-
-        return timed
+            elapsed = time.perf_counter() - started
+            inner = nested.pop()
+            if nested:
+                nested[-1] += elapsed
+            with self._lock:
+                self.seconds[name] += elapsed
+                self.own[name] += elapsed - inner
+                self.counts[name] += 1
 
     def reset(self) -> None:
-        self.seconds.clear()
-        self.counts.clear()
+        with self._lock:
+            self.seconds.clear()
+            self.own.clear()
+            self.counts.clear()
 
 
-class TimedProxy:
-    """Stands in for an object (a processor): calling it, or the named methods, is timed; the rest passes through."""
+class EllipseMasks:
+    """A Segmenter composed around the real one, for --masks ellipse: SAM runs in full, then each mask is
+    replaced by the filled ellipse inscribed in its box, so that cleanup, RLE and JSON see object-like shapes.
 
-    def __init__(self, inner: Any, stages: Stages, call: str | None, methods: dict[str, str] | None = None) -> None:
-        self._inner, self._stages, self._call, self._methods = inner, stages, call, methods or {}
+    The swap runs in its own stage ("ellipse", left out of the table) and its seconds are kept in `seconds`,
+    which the bench takes out of every wall time.
+    """
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self._call is None:
-            return self._inner(*args, **kwargs)
-        with self._stages(self._call):
-            return self._inner(*args, **kwargs)
+    def __init__(self, inner: Segmenter, timer: StageTimer) -> None:
+        self._inner = inner
+        self._timer = timer
+        self._lock = threading.Lock()
+        self.seconds = 0.0
 
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self._inner, name)
-        if name in self._methods:
-            return self._stages.wrap(self._methods[name], value)
-        return value
+    def describe(self) -> dict[str, str]:
+        return self._inner.describe()
 
+    def segment(self, image: Pixels, boxes_xyxy: Floats) -> tuple[Masks, Scores]:
+        return self._swapped(self._inner.segment(image, boxes_xyxy), boxes_xyxy)
 
-class Counters:
-    """What went through SAM and into the predictions (to show both paths did the same work)."""
+    def segment_stream(self, images: Sequence[Pixels], boxes_xyxy: Sequence[Floats]) -> Iterator[tuple[Masks, Scores]]:
+        for found, boxes in zip(self._inner.segment_stream(images, boxes_xyxy), boxes_xyxy, strict=True):
+            yield self._swapped(found, boxes)
 
-    def __init__(self) -> None:
-        self.sam_boxes: list[int] = []
-        self.bench_s = 0.0  # time of the bench's own work inside a timed path (--masks ellipse), not production's
-        self.rle_ints: list[int] = []
-        self.mask_fill: list[float] = []
-        self.brush_masks: list[np.ndarray] = []  # RLE-encoded masks of the round, measured by `settle`
+    def segment_points(
+        self, image: Pixels, points_xy: Floats, positive: Flags, box_xyxy: Floats | None
+    ) -> tuple[PackedMask, float]:
+        return self._inner.segment_points(image, points_xy, positive, box_xyxy)
 
-    def reset(self) -> None:
-        self.__init__()
-
-    def settle(self) -> None:
-        """`mask_fill` of the round's brush masks, computed once its timing has stopped (a full-frame pass
-        per mask costs as much as the RLE encoding itself)."""
-        self.mask_fill.extend(mask.area / (mask.height * mask.width) for mask in self.brush_masks)
-        self.brush_masks.clear()
+    def _swapped(self, found: tuple[Masks, Scores], boxes: Floats) -> tuple[Masks, Scores]:
+        started = time.perf_counter()
+        with self._timer.stage("ellipse"):  # numpy on the host: nothing on the device to wait for
+            masks = ellipse_masks(found[0], boxes)
+        with self._lock:
+            self.seconds += time.perf_counter() - started
+        return masks, found[1]
 
 
-def ellipse_masks(masks: tuple[PackedMask, ...], boxes: np.ndarray) -> tuple[PackedMask, ...]:
-    """For --masks ellipse: each mask replaced by the filled ellipse inscribed in its box (same image size),
-    drawn on the box's window only (the image is never allocated whole)."""
+def ellipse_masks(masks: Masks, boxes: Floats) -> Masks:
+    """Each mask replaced by the filled ellipse inscribed in its box (same image size), drawn on the box's
+    window only (the image is never allocated whole)."""
     import cv2
 
     out = []
@@ -418,156 +429,100 @@ def ellipse_masks(masks: tuple[PackedMask, ...], boxes: np.ndarray) -> tuple[Pac
     return tuple(out)
 
 
-def instrument(pipeline: GroundedSam, stages: Stages, counters: Counters, masks: str) -> None:
-    """Wrap the loaded pipeline's objects (instance attributes and this process's module globals only).
-
-    masks "ellipse": after SAM has run in full, its masks are swapped for ellipses in their boxes, so that
-    cleanup, RLE and JSON see object-like shapes instead of random weights' noisy masks. The swap's own time is
-    kept in `counters.bench_s` and taken out of every wall time.
-    """
-    detector = pipeline._detector
-    detector._processor.image_processor = TimedProxy(detector._processor.image_processor, stages, "dino_preprocess")
-    detector._model.forward = stages.wrap("dino_forward", detector._model.forward)
-    detector.detect_batch = stages.wrap("detector_total", detector.detect_batch)
-
-    segmenter = pipeline._segmenter
-    if isinstance(segmenter, HfSamSegmenter):
-        segmenter._processor = TimedProxy(
-            segmenter._processor, stages, "sam_preprocess", {"post_process_masks": "sam_upsample"}
-        )
-        segmenter._model.get_image_embeddings = stages.wrap("sam_encoder", segmenter._model.get_image_embeddings)
-        segmenter._model.forward = stages.wrap("sam_decoder", segmenter._model.forward)  # embeddings given: no ViT
-    elif isinstance(segmenter, SegmentAnythingSegmenter):
-        predictor = segmenter._predictor
-        sam = predictor.model
-        predictor.transform.apply_image = stages.wrap("sam_preprocess", predictor.transform.apply_image)
-        sam.preprocess = stages.wrap("sam_preprocess", sam.preprocess)  # normalise + pad, on the device
-        sam.image_encoder.forward = stages.wrap("sam_encoder", sam.image_encoder.forward)
-        sam.prompt_encoder.forward = stages.wrap("sam_decoder", sam.prompt_encoder.forward)
-        sam.mask_decoder.forward = stages.wrap("sam_decoder", sam.mask_decoder.forward)
-        sam.postprocess_masks = stages.wrap("sam_upsample", sam.postprocess_masks)
-    else:
-        raise TypeError(f"unknown segmenter {type(segmenter).__name__}")
-    segment_stream = segmenter.segment_stream
-
-    def counted_segment(images: list[np.ndarray], boxes: list[np.ndarray]) -> Iterator[tuple[Masks, np.ndarray]]:
-        counters.sam_boxes.extend(len(image_boxes) for image_boxes in boxes)
-        if not stages.enabled:
-            return segment_stream(images, boxes)
-        with stages("segmenter_total"):  # staged pass: all of it now, inside the timer
-            return iter(list(segment_stream(images, boxes)))
-
-    def swapped_segment(images: list[np.ndarray], boxes: list[np.ndarray]) -> Iterator[tuple[Masks, np.ndarray]]:
-        for (found, scores), image_boxes in zip(counted_segment(images, boxes), boxes, strict=True):
-            started = time.perf_counter()
-            found = ellipse_masks(found, image_boxes)  # numpy on the host: nothing on the GPU to wait for
-            counters.bench_s += time.perf_counter() - started
-            yield found, scores
-
-    segmenter.segment_stream = swapped_segment if masks == "ellipse" else counted_segment
-
-    # Module globals that grounded_sam / results call by name.
-    for name in ("clean_mask", "apply_filters", "suppress_negatives"):
-        setattr(grounded_sam_module, name, stages.wrap("postprocess", getattr(grounded_sam_module, name)))
-    mask_to_rle = results_module.mask_to_rle
-
-    def counted_rle(mask: PackedMask) -> list[int]:
-        rle = mask_to_rle(mask)
-        counters.rle_ints.append(len(rle))
-        counters.brush_masks.append(mask)
-        return rle
-
-    results_module.mask_to_rle = stages.wrap("rle", counted_rle)
+def load_pipeline(
+    spec: ModelSpec, thresholds: DetectionThresholds, masks: str, timer: StageTimer
+) -> tuple[GroundedSam, EllipseMasks | None]:
+    """The production pipeline as build_pipeline loads it; for --masks ellipse the same parts, with SAM
+    composed in an EllipseMasks (returned too)."""
+    if masks == "model":
+        return build_pipeline(spec, thresholds, PostprocessOptions(), timer=timer), None
+    segmenter = EllipseMasks(build_segmenter(spec, timer), timer)
+    pipeline = GroundedSam(build_detector(spec, timer), segmenter, thresholds, PostprocessOptions(), timer=timer)
+    return pipeline, segmenter
 
 
-def stage_table(stages: Stages, wall: float, images: int) -> dict[str, float]:
-    """ms per image of every row of STAGES (exclusive times: 'other' rows are remainders)."""
-    s = stages.seconds
-    rows = {
-        "decode": s["decode"],
-        "dino_preprocess": s["dino_preprocess"],
-        "dino_forward": s["dino_forward"],
-        "dino_other": s["detector_total"] - s["dino_preprocess"] - s["dino_forward"],
-        "sam_preprocess": s["sam_preprocess"],
-        "sam_encoder": s["sam_encoder"],
-        "sam_decoder": s["sam_decoder"],
-        "sam_upsample": s["sam_upsample"],
-        "sam_other": s["segmenter_total"]
-        - s["sam_preprocess"]
-        - s["sam_encoder"]
-        - s["sam_decoder"]
-        - s["sam_upsample"],
-        "postprocess": s["postprocess"],
-        "rle": s["rle"],
-        "prediction_other": s["prediction_total"] - s["rle"],
-        "json": s["json"],
-    }
+def stage_table(own: dict[str, float], wall: float, images: int) -> dict[str, float]:
+    """ms per image of every row of STAGES: exclusive times; "unattributed" is the wall time outside them."""
+    rows = {key: own.get(key, 0.0) for key, _ in STAGES if key != "unattributed"}
     rows["unattributed"] = wall - sum(rows.values())
     return {key: 1000 * value / images for key, value in rows.items()}
+
+
+def prediction_counts(outputs: Sequence[str]) -> dict[str, float]:
+    """What went into the predictions, read from their JSON once the timing has stopped: brush regions per
+    image, RLE ints per brush region, the mean share of the image each brush mask covers."""
+    from label_studio_sdk.converter.brush import decode_rle
+
+    rles = [
+        region["value"]["rle"]
+        for text in outputs
+        for region in json.loads(text)["result"]
+        if region["type"] == "brushlabels"
+    ]
+    return {
+        "regions_per_image": len(rles) / max(len(outputs), 1),
+        "rle_ints_per_mask": float(np.mean([len(rle) for rle in rles])) if rles else 0.0,
+        # RGBA bytes, all four 255 where painted: the share of painted bytes is the share of painted pixels.
+        "mask_fill_mean": float(np.mean([(decode_rle(rle) > 0).mean() for rle in rles])) if rles else 0.0,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- the two paths
 
 
 class Bench:
-    def __init__(self, pipeline: GroundedSam, args: argparse.Namespace, device: torch.device) -> None:
-        self.pipeline = pipeline
-        self.device = device
-        self.config = parse_label_config(Path(args.label_config).read_text())
-        self.classes = jobs.text_classes(self.config)
-        self.runtime = jobs.Runtime(pipeline=pipeline, fetcher=None, fingerprint={}, output=OutputOptions())
-        self.version = model_version({"bench": pipeline.describe()}, self.config)
-        self.batch = args.batch
-        self.preprocess_threads = threads_module.PREPROCESS_THREADS
-        self.stages = Stages(device)
-        self.counters = Counters()
+    """The two paths over the production PredictionFlow, timed through its StageTimer hook."""
 
-    def _finish(self, image: Image.Image, instances: list) -> str:
-        """to_prediction (RLE inside) and json.dumps, as the worker hands a prediction on."""
-        with self.stages("prediction_total"):
-            prediction = jobs.to_prediction(self.runtime, instances, self.classes, self.config, image, self.version)
-        with self.stages("json"):
-            return json.dumps(prediction)
+    def __init__(
+        self, flow: PredictionFlow, args: argparse.Namespace, stages: Stages, ellipse: EllipseMasks | None
+    ) -> None:
+        self.flow = flow
+        self.device = torch.device(args.device)
+        self.config = parse_label_config(Path(args.label_config).read_text())
+        self.version = flow.model_version(self.config)
+        self.batch = args.batch
+        self.stages = stages
+        self.ellipse = ellipse
+        self.preprocess_threads = threads_module.PREPROCESS_THREADS
+        self.sam_boxes: list[int] = []  # per image of the batched path, from the Segmented the flow streams
 
     def _decode(self, data: bytes) -> Image.Image:
-        with self.stages("decode"):
+        with self.stages.stage("decode"):
             return decode_image(data, MAX_PIXELS, source="bench image")
 
+    def _dumped(self, prediction: dict[str, Any]) -> str:
+        with self.stages.stage("json"):
+            return json.dumps(prediction)
+
     def single(self, encoded: Sequence[bytes]) -> list[str]:
-        """The straightforward path: each image alone through GroundedSam.run (jobs.segment_image)."""
-        out = []
-        for data in encoded:
-            image = self._decode(data)
-            out.append(self._finish(image, jobs.segment_image(self.runtime, image, self.classes)))
-        return out
+        """The straightforward path: each image alone, decoded, then PredictionFlow.predict, then json.dumps."""
+        return [self._dumped(self.flow.predict(self._decode(data), self.config, self.version)) for data in encoded]
 
     def batched(self, encoded: Sequence[bytes]) -> list[str]:
-        """The worker's bulk path: groups of --batch images decoded on FETCH_THREADS threads, through the
-        models as a stream (jobs.stream_images: detector batches, then SAM image_batch at a time), each image's
-        cleanup + RLE + JSON on FINISH_THREADS threads while the models go on. With stage timers on (they
-        are per thread) the same work runs in order on this thread."""
+        """The worker's bulk path: the images decoded on FETCH_THREADS threads, through the models as one
+        PredictionFlow.stream, each image's PredictionFlow.result (cleanup, Label Studio result) and json.dumps
+        on DELIVER_THREADS threads while the models go on. With stage timers on, the same work runs in order
+        on this thread (so that the stages' exclusive times add up to the wall time)."""
         if self.stages.enabled:
-            return [self._finish_segmented(image, segmented) for image, segmented in self._stream(encoded, map)]
+            images = [self._decode(data) for data in encoded]
+            return [self._result(image, segmented) for image, segmented in self._stream(images)]
         with (
             ThreadPoolExecutor(prelabel.FETCH_THREADS) as decoders,
-            ThreadPoolExecutor(prelabel.FINISH_THREADS) as pool,
+            ThreadPoolExecutor(prelabel.DELIVER_THREADS) as deliverers,
         ):
-            futures = [
-                pool.submit(self._finish_segmented, image, segmented)
-                for image, segmented in self._stream(encoded, decoders.map)
-            ]
+            images = list(decoders.map(self._decode, encoded))
+            futures = [deliverers.submit(self._result, image, segmented) for image, segmented in self._stream(images)]
             return [future.result() for future in futures]
 
-    def _stream(
-        self, encoded: Sequence[bytes], mapper: Callable[..., Iterable[Image.Image]]
-    ) -> Iterator[tuple[Image.Image, Segmented]]:
-        """(image, model output) pairs, --batch images at a time, decoded by `mapper` (map or a pool's map)."""
-        for start in range(0, len(encoded), self.batch):
-            images = list(mapper(self._decode, encoded[start : start + self.batch]))
-            yield from zip(images, jobs.stream_images(self.runtime, images, self.classes), strict=True)
+    def _stream(self, images: Sequence[Image.Image]) -> Iterator[tuple[Image.Image, Segmented]]:
+        for image, segmented in zip(images, self.flow.stream(images, self.config), strict=True):
+            if isinstance(segmented, BackendError):
+                raise segmented  # an image that does not fit in device memory even alone: the bench stops
+            self.sam_boxes.append(len(segmented.detections))
+            yield image, segmented
 
-    def _finish_segmented(self, image: Image.Image, segmented: Segmented) -> str:
-        return self._finish(image, jobs.finish_image(self.runtime, segmented, self.classes))
+    def _result(self, image: Image.Image, segmented: Segmented) -> str:
+        return self._dumped(self.flow.result(image, segmented, self.config, self.version))
 
     def measure_pass(self, encoded: Sequence[bytes], staged: bool) -> tuple[dict[str, Any], dict[str, list[str]]]:
         """Both paths over `encoded`, interleaved in rounds of --batch images (orders alternate: AB BA AB ...),
@@ -575,38 +530,37 @@ class Bench:
         """
         paths = {"single": self.single, "batched": self.batched}
         wall = dict.fromkeys(paths, 0.0)
-        seconds: dict[str, dict[str, float]] = {path: defaultdict(float) for path in paths}
+        own: dict[str, dict[str, float]] = {path: defaultdict(float) for path in paths}
         counts: dict[str, dict[str, int]] = {path: defaultdict(int) for path in paths}
-        counters = {path: Counters() for path in paths}
         cuda_peak = dict.fromkeys(paths, 0)
-        bench_s = dict.fromkeys(paths, 0.0)
+        excluded = dict.fromkeys(paths, 0.0)
         outputs: dict[str, list[str]] = {path: [] for path in paths}
+        ellipse = self.ellipse
         self.stages.enabled = staged
-        # Stage timers are per thread: the staged pass runs the processors' work in order too.
+        # The staged pass runs the processors' work in order too (threads.py: the knob for that).
         threads_module.PREPROCESS_THREADS = 1 if staged else self.preprocess_threads
+        self.sam_boxes.clear()
         for round_index, start in enumerate(range(0, len(encoded), self.batch)):
             chunk = encoded[start : start + self.batch]
             order = ("single", "batched") if round_index % 2 == 0 else ("batched", "single")
             for path in order:
                 self.stages.reset()
-                self.counters.reset()
+                swapped_before = ellipse.seconds if ellipse else 0.0
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 started = time.perf_counter()
                 outputs[path].extend(paths[path](chunk))
                 self.stages.sync()
-                wall[path] += time.perf_counter() - started - self.counters.bench_s
-                bench_s[path] += self.counters.bench_s
-                self.counters.settle()
+                swapped = (ellipse.seconds if ellipse else 0.0) - swapped_before
+                wall[path] += time.perf_counter() - started - swapped
+                excluded[path] += swapped
                 if self.device.type == "cuda":
                     cuda_peak[path] = max(cuda_peak[path], torch.cuda.max_memory_allocated())
-                for key, value in self.stages.seconds.items():
-                    seconds[path][key] += value
+                for key, value in self.stages.own.items():
+                    own[path][key] += value
                 for key, value in self.stages.counts.items():
                     counts[path][key] += value
-                for name in ("sam_boxes", "rle_ints", "mask_fill"):
-                    getattr(counters[path], name).extend(getattr(self.counters, name))
         self.stages.enabled = False
         threads_module.PREPROCESS_THREADS = self.preprocess_threads
         results = {}
@@ -615,23 +569,28 @@ class Bench:
                 "wall_s": wall[path],
                 "images_per_s": len(encoded) / wall[path],
                 "ms_per_image": 1000 * wall[path] / len(encoded),
-                "bench_overhead_excluded_s": bench_s[path],
+                "bench_overhead_excluded_s": excluded[path],
             }
             if self.device.type == "cuda":
                 result["cuda_max_allocated_mb"] = cuda_peak[path] / 2**20
             if staged:
-                self.stages.seconds = seconds[path]
-                result["stages_ms_per_image"] = stage_table(self.stages, wall[path], len(encoded))
+                result["stages_ms_per_image"] = stage_table(own[path], wall[path], len(encoded))
                 result["calls"] = dict(counts[path])
-                c = counters[path]
-                result["sam_boxes_per_image"] = sum(c.sam_boxes) / len(encoded)
-                result["sam_calls"] = len(c.sam_boxes)
-                result["regions_per_image"] = len(c.rle_ints) / len(encoded)
-                result["rle_ints_per_mask"] = float(np.mean(c.rle_ints)) if c.rle_ints else 0.0
-                result["mask_fill_mean"] = float(np.mean(c.mask_fill)) if c.mask_fill else 0.0
+                result |= prediction_counts(outputs[path])
+                if path == "batched":
+                    result["sam_boxes_per_image"] = sum(self.sam_boxes) / len(encoded)
             results[path] = result
-        self.stages.seconds = defaultdict(float)
         return results, outputs
+
+
+def image_processors(paths: dict[str, str]) -> dict[str, str]:
+    """The image-processor classes AutoProcessor resolves for the model folders (as build_pipeline loads them)."""
+    from transformers import AutoProcessor
+
+    names = {"detector": type(AutoProcessor.from_pretrained(paths["detector"]).image_processor).__name__}
+    if "sam_checkpoint" not in paths:
+        names["sam"] = type(AutoProcessor.from_pretrained(paths["sam"]).image_processor).__name__
+    return names
 
 
 def peak_rss_mb() -> float:
@@ -749,13 +708,13 @@ def print_report(report: dict[str, Any]) -> None:
     if "staged" in runs:
         s_rows, b_rows = runs["staged"]["single"], runs["staged"]["batched"]
         print(f"\nper stage, ms/img ('staged' pass{', synchronised at every stage' if p['device'] == 'cuda' else ''})")
-        print(f"{'stage':<18}{'straight':>11}{'batched':>11}  what")
+        print(f"{'stage':<20}{'straight':>11}{'batched':>11}  what")
         for key, what in STAGES:
             single_ms, batched_ms = s_rows["stages_ms_per_image"][key], b_rows["stages_ms_per_image"][key]
-            print(f"{key:<18}{single_ms:>11.2f}{batched_ms:>11.2f}  {what}")
-        print(f"{'total':<18}{s_rows['ms_per_image']:>11.2f}{b_rows['ms_per_image']:>11.2f}")
+            print(f"{key:<20}{single_ms:>11.2f}{batched_ms:>11.2f}  {what}")
+        print(f"{'total':<20}{s_rows['ms_per_image']:>11.2f}{b_rows['ms_per_image']:>11.2f}")
         print(
-            f"SAM boxes/img {s_rows['sam_boxes_per_image']:.2f} / {b_rows['sam_boxes_per_image']:.2f}, "
+            f"SAM boxes/img (batched) {b_rows['sam_boxes_per_image']:.2f}, "
             f"regions/img {s_rows['regions_per_image']:.2f} / {b_rows['regions_per_image']:.2f}, "
             f"RLE ints/mask {s_rows['rle_ints_per_mask']:.0f}, mask fill {s_rows['mask_fill_mean']:.2f}"
         )
@@ -858,9 +817,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         sam_image_batch=args.sam_image_batch,
     )
     thresholds = DetectionThresholds(box=0.0, text=0.0, max_detections=args.objects)
+    stages = Stages(device)
     started = time.perf_counter()
-    pipeline = build_pipeline(spec, thresholds, PostprocessOptions())
+    pipeline, ellipse = load_pipeline(spec, thresholds, args.masks, stages)
     load_s = time.perf_counter() - started
+    # Images at hand (no fetcher); the version from the models' own description, as a worker's fingerprint.
+    flow = PredictionFlow(pipeline, fingerprint={"bench": pipeline.describe()}, timer=stages)
     memory: dict[str, float] = {"rss_after_load_mb": peak_rss_mb()}
     if device.type == "cuda":
         memory["cuda_weights_mb"] = torch.cuda.memory_allocated() / 2**20
@@ -871,11 +833,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     warm = images_for(args, max(args.batch, len(sizes)), args.seed + 1)
     images_s = time.perf_counter() - started
 
-    processors = {"detector": type(pipeline._detector._processor.image_processor).__name__}
-    if isinstance(pipeline._segmenter, HfSamSegmenter):
-        processors["sam"] = type(pipeline._segmenter._processor.image_processor).__name__
-    bench = Bench(pipeline, args, device)
-    instrument(pipeline, bench.stages, bench.counters, args.masks)
+    processors = image_processors(paths)
+    bench = Bench(flow, args, stages, ellipse)
     for _ in range(args.warmup):
         bench.single(warm[: len(sizes)])
         bench.batched(warm)

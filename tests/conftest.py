@@ -1,9 +1,10 @@
-"""Session-wide test setup: offline Hugging Face hub, tiny models built once per session."""
+"""Session-wide test setup: offline Hugging Face hub, markers by folder, tiny models and a Redis once per session."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,25 @@ import pytest
 # Tests never reach the model hub. Set before anything imports huggingface_hub: it reads this once, at import.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+from tests.support.redis import redis_for_tests
+from tests.support.tiers import tier_marker
 from tests.tiny_models import build_tiny_grounding_dino, build_tiny_hf_sam, build_tiny_sam_checkpoint
+
+
+@pytest.hookimpl(tryfirst=True)  # before tests/e2e/conftest.py reads the e2e marker to skip on request
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test by the tier folder (directly under tests/) it lives in."""
+    for item in items:
+        marker = tier_marker(item.path)
+        if marker is not None:
+            item.add_marker(marker)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """REDIS_URL when set, else one embedded valkey for the session (each test uses its own queue name)."""
+    with redis_for_tests() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -13,13 +13,28 @@ class ErrorAnswer(BaseModel):
     detail: str
 
 
+class WorkerFingerprint(BaseModel):
+    """Live workers that announced the same model fingerprint (what enters model_version): how many, their rq
+    names, the devices they run on and their package versions (the last two do not enter model_version)."""
+
+    fingerprint: dict[str, Any]
+    workers: int
+    names: list[str]
+    devices: list[str]
+    package_versions: list[str]
+
+
 class HealthUp(BaseModel):
-    """GET /health when Redis answers: live workers, and jobs waiting per queue name."""
+    """GET /health when Redis answers: live workers, jobs waiting per queue name, and the workers' model
+    fingerprints; `fingerprints_differ` when workers run different model settings (then /setup, /predict and
+    /prelabel answer 503 until they agree)."""
 
     status: Literal["UP"]
     model_class: str
     workers: int
     queued: dict[str, int]
+    fingerprints: list[WorkerFingerprint]
+    fingerprints_differ: bool
 
 
 class HealthDown(BaseModel):

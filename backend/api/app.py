@@ -19,6 +19,7 @@ from backend.api.service import PredictionService
 from backend.errors import (
     InteractiveContextError,
     LabelConfigError,
+    ModelVersionUnknownError,
     PredictTimeoutError,
     QueueUnavailableError,
     RequestDataError,
@@ -47,7 +48,7 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
         redis = api_connection(settings.redis_url)
     probe = probe_connection(settings.redis_url) if settings.redis_url else redis
     service = PredictionService(settings, redis, probe)
-    metrics = Metrics(service.queue_metrics)
+    metrics = Metrics(service.redis, service.queue)
     app = FastAPI(title="Grounded SAM ML backend for Label Studio", version="0.1.0")
     install_state(app, service, metrics)
     for router in ROUTERS:
@@ -82,6 +83,7 @@ _ERROR_ANSWERS: tuple[tuple[type[Exception], int, str, int], ...] = (
     (RequestDataError, 400, "", logging.INFO),
     (RequestTooLargeError, 413, "too large: ", logging.INFO),
     (QueueUnavailableError, 503, "", logging.ERROR),
+    (ModelVersionUnknownError, 503, "", logging.INFO),  # the service logged a disagreement once, as it changed
     (OutOfMemoryError, 503, "Redis is full (it reached its maxmemory): ", logging.ERROR),
     (RedisError, 503, "Redis is unreachable: ", logging.ERROR),
     (PredictTimeoutError, 504, "", logging.WARNING),

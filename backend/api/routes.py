@@ -43,7 +43,10 @@ T = TypeVar("T")
 _ANSWERS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorAnswer, "description": "Request not understood (labeling config, task data, context)"},
     413: {"model": ErrorAnswer, "description": "Request body or task count over the limits"},
-    503: {"model": ErrorAnswer, "description": "Redis unreachable or full"},
+    503: {
+        "model": ErrorAnswer,
+        "description": "Redis unreachable or full; or no live worker announced its models, or workers differ",
+    },
 }
 _PREDICT_ANSWERS: dict[int | str, dict[str, Any]] = {
     **_ANSWERS,

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client.core import GaugeMetricFamily, Metric
 from redis import Redis
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
@@ -25,25 +24,14 @@ from backend.labelstudio.interactive import parse_context
 from backend.labelstudio.results import empty_prediction
 from backend.labelstudio.tasks import image_ref
 from backend.labelstudio.version import model_version
-from backend.queueing.bulk import BulkRuns, ChunkSpec
-from backend.queueing.client import (
-    JobLimits,
-    JobOutcome,
-    PredictionQueue,
-    chunk_job_id,
-    job_counts,
-    prediction_job_id,
-    queue_error,
-)
+from backend.queueing.bulk import BulkRuns
+from backend.queueing.client import JobLimits, JobOutcome, PredictionQueue, prediction_job_id, queue_error
+from backend.queueing.configs import config_ttl, store_config
 from backend.queueing.connection import ping
-from backend.queueing.payloads import (
-    ChunkPayload,
-    PayloadTask,
-    PredictPayload,
-    config_ttl,
-    store_config,
-)
-from backend.queueing.stats import metric_families, seconds_per_task
+from backend.queueing.fleet import FingerprintGroup, Fleet, read_fleet
+from backend.queueing.messages import ChunkJob, PredictJob, QueuedTask
+from backend.queueing.stats import seconds_per_task
+from backend.queueing.transient import TransientRetry
 from backend.redis_replies import text
 from backend.settings import Settings
 
@@ -82,11 +70,14 @@ class PredictionService:
         self.settings = settings
         self.redis = redis
         self.probe = probe if probe is not None else redis
-        limits = JobLimits(settings.job_timeout, settings.result_ttl, settings.failure_ttl)
+        transient = TransientRetry(settings.transient_retries, settings.transient_retry_delay)
+        limits = JobLimits(settings.job_timeout, settings.result_ttl, settings.failure_ttl, transient)
         self.config_ttl_s = config_ttl(settings.job_timeout, settings.result_ttl, settings.failure_ttl)
         self.queue = PredictionQueue(redis, settings.queue_name, limits)
         self._probe_queue = PredictionQueue(self.probe, settings.queue_name, limits)
         self.bulk = BulkRuns(redis, self.queue, self.config_ttl_s)
+        self._disagreement: str | None = None  # the workers' last logged disagreement (logged once per change)
+        self._last_fleet: Fleet | None = None  # the last fleet read, for /setup while Redis does not answer
 
     def label_config(self, label_config: str) -> LabelConfig:
         """The parsed config; RequestTooLargeError over LABEL_CONFIG_MAX_BYTES, LabelConfigError if unservable."""
@@ -99,15 +90,44 @@ class PredictionService:
         return parse_label_config(label_config)
 
     def model_version_for(self, label_config: str) -> str:
-        """model_version for a labeling config; raises LabelConfigError for configs we cannot serve."""
-        return model_version(self.settings.model_fingerprint(), self.label_config(label_config))
+        """model_version for a labeling config, as the live workers compute it.
+
+        Raises LabelConfigError for configs we cannot serve; NoWorkerError when no worker announced its models,
+        WorkersDisagreeError when workers announced different ones; QueueUnavailableError when Redis cannot say.
+        """
+        config = self.label_config(label_config)
+        return model_version(self.worker_fingerprint(), config)
+
+    def worker_fingerprint(self) -> Mapping[str, object]:
+        """The one model fingerprint the live workers announced (fleet.py), read over the probe connection."""
+        return self.fleet().fingerprint()
+
+    def fleet(self) -> Fleet:
+        """The live workers and what they announced; logs a warning when their disagreement changes."""
+        try:
+            fleet = read_fleet(self.probe, self.settings.queue_name)
+        except RedisError as exc:
+            raise queue_error(exc, "reading the workers' announcements") from exc
+        self._last_fleet = fleet
+        disagreement = fleet.disagreement() if fleet.differ else None
+        if disagreement != self._disagreement:
+            if disagreement is not None:
+                log.warning("%s; /setup, /predict and /prelabel are refused until they agree", disagreement)
+            else:
+                log.info("the workers agree on their model settings again")
+            self._disagreement = disagreement
+        return fleet
 
     def setup(self, project: str, label_config: str, origin: str | None = None) -> str:
         """Validate the config; remember its model_version (for /versions) and Label Studio's origin.
 
-        Redis trouble is logged, not raised: /setup must answer within Label Studio's 3 s (/health reports Redis).
+        The version comes from the live workers' announcements (model_version_for), read over the probe
+        connection. /setup must answer within Label Studio's 3 s whatever Redis does (/health reports Redis):
+        while Redis does not answer, the fingerprint last read serves (nothing can be queued meanwhile anyway),
+        and trouble recording the setup is logged, not raised.
         """
-        version = self.model_version_for(label_config)
+        config = self.label_config(label_config)
+        version = model_version(self._fingerprint_or_last(), config)
         fields: dict[FieldT, EncodableT] = {
             "model_version": version,
             **({"label_studio_host": origin} if origin else {}),
@@ -124,6 +144,16 @@ class PredictionService:
         except RedisError as exc:
             log.warning("could not record the setup of project %s: %s", project, exc)
         return version
+
+    def _fingerprint_or_last(self) -> Mapping[str, object]:
+        """worker_fingerprint(); when Redis cannot answer, that of the fleet last read (if one was)."""
+        try:
+            return self.worker_fingerprint()
+        except QueueUnavailableError as exc:
+            if self._last_fleet is None:
+                raise
+            log.debug("workers' announcements unreadable (%s); using the last ones read", exc)
+            return self._last_fleet.fingerprint()
 
     def versions(self) -> list[str]:
         """model_versions this backend has answered /setup with, across projects set up in PROJECT_TTL_S."""
@@ -157,7 +187,7 @@ class PredictionService:
         deadline = time.monotonic() + self.settings.predict_timeout if deadline is None else deadline
         self._check_deadline(deadline, len(tasks))
         config = self.label_config(label_config)
-        version = model_version(self.settings.model_fingerprint(), config)
+        version = model_version(self.worker_fingerprint(), config)
         interactive = parse_context(context, config) is not None  # InteractiveContextError: a 400, nothing queued
         over_cap = len(tasks) > self.settings.sync_max_tasks
         if not interactive and self._can_push() and (over_cap or self._too_large_for_sync(len(tasks))):
@@ -192,45 +222,27 @@ class PredictionService:
         size = self.settings.bulk_chunk_size
         ref = self._store_config(label_config)
         host = self._label_studio_host(project)
-        slim: list[PayloadTask] = [{"id": task["id"], "data": task.get("data")} for task in tasks]
-        chunks = []
-        for start in range(0, len(slim), size):
-            part = slim[start : start + size]
-            payload: ChunkPayload = {
-                "project": project,
-                "tasks": part,
-                "label_config_ref": ref,
-                "model_version": version,
-                "force": force,
-                "label_studio_host": host,
-            }
-            job_id = chunk_job_id(project, [t["id"] for t in part], version, force)
-            chunks.append(ChunkSpec(job_id, dict(payload)))
+        queued = tuple(QueuedTask(task["id"], task.get("data")) for task in tasks)
+        chunks = [
+            ChunkJob(project, queued[start : start + size], ref, version, force=force, label_studio_host=host)
+            for start in range(0, len(queued), size)
+        ]
         try:
             return self.bulk.start(project, chunks)
         except RedisError as exc:
             raise queue_error(exc, "queueing bulk work") from exc
 
     def health(self) -> dict[str, Any]:
-        """Redis reachability, live workers, queued jobs per queue; QueueUnavailableError when Redis is down."""
+        """Redis reachability, live workers, queued jobs per queue, the workers' model fingerprints (grouped) and
+        whether they differ; QueueUnavailableError when Redis is down."""
         ping(self.probe)
         try:
-            return {"workers": self._probe_queue.worker_count(), "queued": self._probe_queue.depth()}
+            state = {"workers": self._probe_queue.worker_count(), "queued": self._probe_queue.depth()}
+            fleet = self.fleet()
         except (RedisError, OSError) as exc:
             raise QueueUnavailableError(f"Redis is unreachable: {exc}") from exc
-
-    def queue_metrics(self) -> Iterator[Metric]:
-        """Prometheus families read from Redis: workers, jobs per queue and state, worker statistics."""
-        ping(self.redis)
-        yield GaugeMetricFamily(
-            "grounded_sam_workers", "Workers listening on the queues", value=self.queue.worker_count()
-        )
-        jobs = GaugeMetricFamily("grounded_sam_jobs", "Jobs per queue and state", labels=["queue", "state"])
-        for queue in self.queue.queues:
-            for state, count in job_counts(queue).items():
-                jobs.add_metric([queue.name, state], count)
-        yield jobs
-        yield from metric_families(self.redis)
+        fingerprints = [_fingerprint_entry(group) for group in fleet.groups]
+        return {**state, "fingerprints": fingerprints, "fingerprints_differ": fleet.differ}
 
     def _check_deadline(self, deadline: float, tasks: int) -> None:
         late = time.monotonic() - deadline
@@ -283,14 +295,8 @@ class PredictionService:
         # The context (clicks, box, typed text) is part of the job's identity: another click is another job.
         identity = ref if context is None else f"{ref}\n{json.dumps(context, sort_keys=True)}"
         job_id = prediction_job_id(project, task, identity, version)
-        payload: PredictPayload = {
-            "task": {"id": task["id"], "data": task.get("data")},
-            "label_config_ref": config_ref,
-            "model_version": version,
-            "context": context,
-            "label_studio_host": host,
-        }
-        self.queue.submit(job_id, dict(payload))
+        message = PredictJob(QueuedTask(task["id"], task.get("data")), config_ref, version, context, host)
+        self.queue.submit(job_id, message)
         return job_id
 
     def _result(self, job_id: str | None, outcomes: dict[str, JobOutcome], version: str) -> tuple[dict[str, Any], bool]:
@@ -305,3 +311,14 @@ class PredictionService:
             return outcome.prediction, True
         log.debug("job %s failed: %s", job_id, outcome.error)
         return empty_prediction(version), False
+
+
+def _fingerprint_entry(group: FingerprintGroup) -> dict[str, Any]:
+    """One /health entry: a fingerprint, how many live workers run it, their names, devices, package versions."""
+    return {
+        "fingerprint": dict(group.fingerprint),
+        "workers": len(group.workers),
+        "names": list(group.workers),
+        "devices": list(group.devices),
+        "package_versions": list(group.package_versions),
+    }

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from redis import Redis
 
     from backend.queueing.connection import EmbeddedRedis
+    from backend.queueing.fleet import Announcement
     from backend.supervisor import Supervisor
 
 log = logging.getLogger("backend")
@@ -37,6 +38,8 @@ HTTP_STOP_GRACE_S = 5
 WORKER_STOP_GRACE_S = 10.0
 # Docker's HEALTHCHECK gives the command its own timeout; this one is for the request alone.
 HEALTH_TIMEOUT_S = 5.0
+# The installed distribution whose version workers announce.
+DISTRIBUTION = "label-studio-grounded-sam"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -254,7 +257,8 @@ def _health(settings: Settings, _: argparse.Namespace) -> int:
         return 1
     status = body.get("status", "DOWN") if isinstance(body, dict) else "DOWN"
     if response.status_code == 200 and status == "UP":
-        print(f"UP: {body.get('workers')} workers, queued {body.get('queued')}")
+        differ = "; the workers run different model settings" if body.get("fingerprints_differ") else ""
+        print(f"UP: {body.get('workers')} workers, queued {body.get('queued')}{differ}")
         return 0
     detail = body.get("detail", "") if isinstance(body, dict) else ""
     print(f"{status}: HTTP {response.status_code} {detail}".rstrip())
@@ -267,18 +271,35 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     from backend import jobs
     from backend.errors import BackendError
+    from backend.flow import PredictionFlow
     from backend.queueing.connection import worker_connection
+    from backend.queueing.stats import WorkerStats
     from backend.queueing.worker import run_worker
 
+    redis = worker_connection(settings.redis_url)  # connects on first use
+    stats = WorkerStats(redis)  # the flow's stage timer too, for the whole process
     try:
-        runtime = jobs.build_runtime(settings)
+        flow = PredictionFlow.load(settings, timer=stats)
     except BackendError as exc:  # e.g. a model path that does not exist: one line, not a traceback
         print(f"error: the worker cannot start: {exc}", file=sys.stderr)
         return 1
-    jobs.install(runtime)
-    redis = worker_connection(settings.redis_url)
-    run_worker(redis, settings.queue_name, settings.worker_heartbeat, burst=args.burst)
+    jobs.install(flow, stats)
+    run_worker(redis, settings.queue_name, settings.worker_heartbeat, _announcement(settings), burst=args.burst)
     return 0
+
+
+def _announcement(settings: Settings) -> Announcement:
+    """What this worker runs, as the API reads it: the fingerprint its model_version comes from, and its device."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from backend.flow import resolve_device
+    from backend.queueing.fleet import Announcement
+
+    try:
+        package = version(DISTRIBUTION)
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        package = "unknown"
+    return Announcement(settings.model_fingerprint(), resolve_device(settings.device), package)
 
 
 def _predict(settings: Settings, args: argparse.Namespace) -> int:

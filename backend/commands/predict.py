@@ -8,10 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from backend.errors import BackendError, LocalPredictError
+from backend.flow import PredictionFlow, text_classes
 from backend.images.fetch import load_image_file
-from backend.jobs import Runtime, build_runtime, segment_image, text_classes, to_prediction
 from backend.labelstudio.config import LabelConfig, parse_label_config
-from backend.labelstudio.version import model_version
 from backend.pipeline.overlay import draw_overlay
 from backend.settings import Settings
 
@@ -24,14 +23,14 @@ def predict_files(settings: Settings, images: Sequence[Path], label_config: str,
     Raises LocalPredictError after all images were tried if any failed; LabelConfigError up front.
     """
     config = parse_label_config(label_config)
-    runtime = build_runtime(settings)
-    version = model_version(settings.model_fingerprint(), config)
+    flow = PredictionFlow.load(settings)
+    version = flow.model_version(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     failures: list[str] = []
     for path in images:
         try:
-            written.extend(_predict_one(runtime, settings, path, config, version, out_dir))
+            written.extend(_predict_one(flow, settings, path, config, version, out_dir))
         except BackendError as exc:
             log.error("%s: %s", path, exc)
             failures.append(f"{path}: {exc}")
@@ -41,13 +40,12 @@ def predict_files(settings: Settings, images: Sequence[Path], label_config: str,
 
 
 def _predict_one(
-    runtime: Runtime, settings: Settings, path: Path, config: LabelConfig, version: str, out_dir: Path
+    flow: PredictionFlow, settings: Settings, path: Path, config: LabelConfig, version: str, out_dir: Path
 ) -> list[Path]:
     image = load_image_file(path, settings.image_max_bytes, settings.image_max_pixels)
-    classes = text_classes(config)
-    instances = segment_image(runtime, image, classes)
+    instances = flow.instances(image, config)
     json_path = out_dir / f"{path.stem}.json"
-    json_path.write_text(json.dumps(to_prediction(runtime, instances, classes, config, image, version), indent=1))
+    json_path.write_text(json.dumps(flow.prediction(image, instances, config, version), indent=1))
     overlay_path = out_dir / f"{path.stem}.overlay.png"
-    draw_overlay(image, instances, [c.name for c in classes]).save(overlay_path)
+    draw_overlay(image, instances, [c.name for c in text_classes(config)]).save(overlay_path)
     return [json_path, overlay_path]

@@ -17,6 +17,9 @@ import httpx
 
 from backend.errors import ImageFetchError
 
+# Besides 5xx, the statuses that say "later": request timeout, too many requests.
+_RETRYABLE_STATUS = frozenset({408, 429})
+
 
 def is_personal_access_token(api_key: str) -> bool:
     """Personal access tokens are JWTs (base64 of '{"' = "eyJ"); legacy tokens are 40 hex digits."""
@@ -86,7 +89,7 @@ class LabelStudioAuth(httpx.Auth):
             raise ImageFetchError(
                 f"{source}: HTTP {response.status_code}; LABEL_STUDIO_API_KEY looks like a personal access token "
                 "(a JWT) but Label Studio would not exchange it: it may be expired or revoked",
-                retryable=response.status_code >= 500,
+                retryable=retryable_status(response.status_code),
             )
         try:
             access = response.json()["access"]
@@ -95,3 +98,8 @@ class LabelStudioAuth(httpx.Auth):
         if not isinstance(access, str) or not access:
             raise ImageFetchError(f"{source}: the answer has no access token")
         return access
+
+
+def retryable_status(status: int) -> bool:
+    """Whether an HTTP error status is transient: 5xx, 408 or 429."""
+    return status >= 500 or status in _RETRYABLE_STATUS

@@ -25,7 +25,7 @@ import httpx
 from PIL import Image
 
 from backend.errors import ImageFetchError, OutboundRefusedError
-from backend.images.auth import LabelStudioAuth, request_failure
+from backend.images.auth import LabelStudioAuth, request_failure, retryable_status
 from backend.images.content import ContentDecoder, OverCapError
 from backend.images.decode import decode_image, load_image_file, over_byte_cap
 from backend.images.network import FetchScope, GuardedBackend, guarded_client
@@ -38,8 +38,6 @@ LABEL_STUDIO_PATHS = ("/data/upload/", "/data/local-files/")
 _PRESIGN = re.compile(r"/tasks/\d+/presign/?")
 MAX_REDIRECTS = 5
 MAX_REFERENCE_CHARS = 16_384  # presigned cloud URLs run to a few KB
-# Worth retrying besides 5xx: Label Studio or a proxy asking to come back later.
-_RETRYABLE_STATUS = frozenset({408, 429})
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -327,7 +325,7 @@ def _status_error(
     message = f"{source}: HTTP {status} {response.reason_phrase}"
     if status in (401, 403):
         message += "; " + _auth_hint(auth, on_label_studio=on_label_studio)
-    return ImageFetchError(message, retryable=status >= 500 or status in _RETRYABLE_STATUS)
+    return ImageFetchError(message, retryable=retryable_status(status))
 
 
 def _auth_hint(auth: LabelStudioAuth | None, *, on_label_studio: bool) -> str:

@@ -30,6 +30,7 @@ from backend.pipeline.segmenter import (
     SegmentAnythingSegmenter,
     Segmenter,
 )
+from backend.pipeline.timing import NO_TIMER, StageTimer
 from backend.pipeline.types import DetectionThresholds, ModelSpec, PostprocessOptions
 
 if TYPE_CHECKING:
@@ -43,22 +44,40 @@ _OFFICIAL_SAM = {(768, 12): "vit_b", (1024, 24): "vit_l", (1280, 32): "vit_h"}
 
 
 def build_pipeline(
-    spec: ModelSpec, thresholds: DetectionThresholds, postprocess: PostprocessOptions = PostprocessOptions()
+    spec: ModelSpec,
+    thresholds: DetectionThresholds,
+    postprocess: PostprocessOptions = PostprocessOptions(),
+    *,
+    timer: StageTimer = NO_TIMER,
 ) -> GroundedSam:
-    """Load both models on `spec.device` in eval mode; raises ModelLoadError saying what was tried."""
+    """Load both models on `spec.device` in eval mode; raises ModelLoadError saying what was tried.
+
+    `timer` times the pipeline's stages (backend.pipeline.timing); the default measures nothing.
+    """
+    detector = build_detector(spec, timer)  # first: a missing detector is reported before SAM is loaded
+    return GroundedSam(detector, build_segmenter(spec, timer), thresholds, postprocess, timer=timer)
+
+
+def build_detector(spec: ModelSpec, timer: StageTimer = NO_TIMER) -> GroundingDinoDetector:
+    """The Grounding DINO of `spec`, float32 on `spec.device` (ModelLoadError when it cannot be loaded)."""
     model, processor = _load_hf(spec.detector, AutoModelForZeroShotObjectDetection, torch.float32, "detector")
     # PreTrainedModel.to is wrapped with functools.wraps(nn.Module.to), which mypy takes for an unbound function.
-    detector = GroundingDinoDetector(model.to(spec.device), processor)  # type: ignore[arg-type]
-    return GroundedSam(detector, _build_segmenter(spec), thresholds, postprocess)
+    return GroundingDinoDetector(model.to(spec.device), processor, timer)  # type: ignore[arg-type]
 
 
-def _build_segmenter(spec: ModelSpec) -> Segmenter:
+def build_segmenter(spec: ModelSpec, timer: StageTimer = NO_TIMER) -> Segmenter:
+    """The SAM of `spec` (official checkpoint when set, else transformers) in `spec.sam_dtype` on its device."""
     dtype = getattr(torch, spec.sam_dtype)
     if spec.sam_checkpoint is not None:
         sam = _load_sam_checkpoint(Path(spec.sam_checkpoint), spec.sam_model_type)
-        return SegmentAnythingSegmenter(sam.to(spec.device), spec.sam_checkpoint, dtype)
+        return SegmentAnythingSegmenter(sam.to(spec.device), spec.sam_checkpoint, dtype, timer=timer)
     model, processor = _load_hf(spec.sam, AutoModelForMaskGeneration, dtype, "SAM model")
-    return HfSamSegmenter(model.to(spec.device), processor, image_batch=spec.sam_image_batch)  # type: ignore[arg-type]
+    return HfSamSegmenter(
+        model.to(spec.device),  # type: ignore[arg-type]
+        processor,
+        image_batch=spec.sam_image_batch,
+        timer=timer,
+    )
 
 
 def _load_hf(

@@ -12,6 +12,7 @@ from backend.pipeline.halving import run_halving
 from backend.pipeline.prompts import PromptPlan, build_prompt_plan
 from backend.pipeline.shapes import detector_input
 from backend.pipeline.threads import parallel_map
+from backend.pipeline.timing import NO_TIMER, StageTimer
 from backend.pipeline.types import Detection, DetectionThresholds, TextClass
 
 
@@ -19,11 +20,13 @@ class GroundingDinoDetector:
     """A transformers Grounding DINO (or MM-Grounding-DINO / LLMDet) model and its processor.
 
     The model runs in float32 always: low precision changed its outputs in measurements (DESIGN.md).
+    `timer` times the stages "detector", "detector_preprocess" and "detector_forward" (backend.pipeline.timing).
     """
 
-    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin) -> None:
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, timer: StageTimer = NO_TIMER) -> None:
         self._model = model
         self._processor = processor
+        self._timer = timer
 
     def describe(self) -> dict[str, str]:
         """Plain values that identify the detector (for the model version)."""
@@ -68,6 +71,17 @@ class GroundingDinoDetector:
         """
         if plan.chunk_count == 0 or not images:
             return [[] for _ in images]
+        with self._timer.stage("detector"):
+            return self._detect_groups(images, plan, thresholds, class_box_thresholds)
+
+    def _detect_groups(
+        self,
+        images: Sequence[Image.Image],
+        plan: PromptPlan,
+        thresholds: DetectionThresholds,
+        class_box_thresholds: Sequence[float] | None,
+    ) -> list[list[Detection]]:
+        """`detect_batch` for a non-empty plan and images."""
         prepared = parallel_map(self._preprocess, images)
         pixels = [features for features, _ in prepared]
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -98,8 +112,9 @@ class GroundingDinoDetector:
     def _preprocess(self, image: Image.Image) -> tuple[Mapping[str, torch.Tensor], tuple[float, float]]:
         """The image processor's resize + normalise of one image (CPU): pixel_values and pixel_mask (1, ...),
         and the (width, height) in pixels of `image` that the model's boxes will be normalised to."""
-        given, frame = detector_input(image)
-        return self._processor.image_processor(images=given, return_tensors="pt"), frame
+        with self._timer.stage("detector_preprocess"):
+            given, frame = detector_input(image)
+            return self._processor.image_processor(images=given, return_tensors="pt"), frame
 
     def _select(
         self,
@@ -137,14 +152,15 @@ class GroundingDinoDetector:
         """
         device = self._model.device
         batch, chunks = len(pixels), plan.chunk_count
-        pixel_values = torch.cat([p["pixel_values"] for p in pixels]).to(device)
-        pixel_mask = torch.cat([p["pixel_mask"] for p in pixels]).to(device)
-        outputs = self._model(
-            pixel_values=pixel_values.repeat_interleave(chunks, dim=0),
-            pixel_mask=pixel_mask.repeat_interleave(chunks, dim=0),
-            input_ids=plan.input_ids.to(device).repeat(batch, 1),
-            attention_mask=plan.attention_mask.to(device).repeat(batch, 1),
-        )
+        with self._timer.stage("detector_forward"):
+            pixel_values = torch.cat([p["pixel_values"] for p in pixels]).to(device)
+            pixel_mask = torch.cat([p["pixel_mask"] for p in pixels]).to(device)
+            outputs = self._model(
+                pixel_values=pixel_values.repeat_interleave(chunks, dim=0),
+                pixel_mask=pixel_mask.repeat_interleave(chunks, dim=0),
+                input_ids=plan.input_ids.to(device).repeat(batch, 1),
+                attention_mask=plan.attention_mask.to(device).repeat(batch, 1),
+            )
         logits = outputs.logits[..., : plan.input_ids.shape[1]]
         return logits.unflatten(0, (batch, chunks)), outputs.pred_boxes.unflatten(0, (batch, chunks))
 

@@ -18,6 +18,7 @@ from backend.pipeline.negatives import ClassPlan, build_class_plan, suppress_neg
 from backend.pipeline.postprocess import apply_filters
 from backend.pipeline.segmenter import Masks, Segmenter
 from backend.pipeline.shapes import sam_input
+from backend.pipeline.timing import NO_TIMER, StageTimer
 from backend.pipeline.types import (
     DetectionThresholds,
     Instance,
@@ -29,7 +30,11 @@ from backend.pipeline.types import (
 
 
 class GroundedSam:
-    """The model pipeline: `prepare` once per class set, then `run` per image; `segment_*` for SAM alone."""
+    """The model pipeline: `prepare` once per class set, then `run` per image; `segment_*` for SAM alone.
+
+    `timer` times the stages "negatives", "sam" and "cleanup" (backend.pipeline.timing); give the detector and
+    segmenter the same timer for their inner stages (build_pipeline does).
+    """
 
     def __init__(
         self,
@@ -37,11 +42,13 @@ class GroundedSam:
         segmenter: Segmenter,
         thresholds: DetectionThresholds,
         postprocess: PostprocessOptions = PostprocessOptions(),
+        timer: StageTimer = NO_TIMER,
     ) -> None:
         self._detector = detector
         self._segmenter = segmenter
         self._thresholds = thresholds
         self._postprocess = postprocess
+        self._timer = timer
 
     def prepare(self, classes: Sequence[TextClass]) -> ClassPlan:
         """Prompt chunks for `classes` and their negative phrases; reuse the plan for every image of that set."""
@@ -71,19 +78,22 @@ class GroundedSam:
         """
         with torch.inference_mode():
             batch = self._detector.detect_batch(images, plan.prompt, self._thresholds, plan.box_thresholds)
-        kept = [suppress_negatives(detections, plan, self._postprocess.negative_iou) for detections in batch]
+        with self._timer.stage("negatives"):
+            kept = [suppress_negatives(detections, plan, self._postprocess.negative_iou) for detections in batch]
         todo = [i for i, detections in enumerate(kept) if detections]
-        # Writable copies: the processor turns them into tensors, which torch refuses to share read-only.
-        pixels = [sam_input(np.array(images[i])) for i in todo]
-        boxes = [np.array([d.box_xyxy for d in kept[i]], dtype=np.float32) for i in todo]
-        masks_per_image = self._segmenter.segment_stream(pixels, boxes)
+        with self._timer.stage("sam"):
+            # Writable copies: the processor turns them into tensors, which torch refuses to share read-only.
+            pixels = [sam_input(np.array(images[i])) for i in todo]
+            boxes = [np.array([d.box_xyxy for d in kept[i]], dtype=np.float32) for i in todo]
+            masks_per_image = self._segmenter.segment_stream(pixels, boxes)
         for image, detections in zip(images, kept, strict=True):
             if not detections:
                 yield Segmented((), None, None)
                 continue
-            with torch.inference_mode():
+            with torch.inference_mode(), self._timer.stage("sam"):
                 masks, scores = next(masks_per_image)
-            yield Segmented(tuple(detections), _unpadded(masks, image), scores)
+                masks = _unpadded(masks, image)
+            yield Segmented(tuple(detections), masks, scores)
 
     def postprocess(self, segmented: Segmented, plan: ClassPlan) -> list[Instance]:
         """One image's instances from its Segmented: masks cleaned, then per-class min_area, one label per
@@ -92,15 +102,16 @@ class GroundedSam:
             return []
         if segmented.masks is None or segmented.scores is None:
             raise ValueError("a Segmented with detections must have their masks and scores")
-        instances = [
-            Instance(detection=detection, mask=clean_mask(mask, self._postprocess), mask_score=float(score))
-            for detection, mask, score in zip(segmented.detections, segmented.masks, segmented.scores, strict=True)
-        ]
-        return apply_filters(instances, plan.classes, self._postprocess)
+        with self._timer.stage("cleanup"):
+            instances = [
+                Instance(detection=detection, mask=clean_mask(mask, self._postprocess), mask_score=float(score))
+                for detection, mask, score in zip(segmented.detections, segmented.masks, segmented.scores, strict=True)
+            ]
+            return apply_filters(instances, plan.classes, self._postprocess)
 
     def segment_boxes(self, image: Image.Image, boxes_xyxy: npt.NDArray[np.floating[Any]]) -> list[PromptedMask]:
         """SAM alone, one cleaned mask per box: boxes_xyxy (N, 4) float, xyxy pixels of `image` (RGB)."""
-        with torch.inference_mode():
+        with torch.inference_mode(), self._timer.stage("sam"):
             masks, scores = self._segmenter.segment(sam_input(np.array(image)), np.asarray(boxes_xyxy, np.float32))
         return [self._cleaned(mask, score) for mask, score in zip(_unpadded(masks, image), scores, strict=True)]
 
@@ -119,7 +130,7 @@ class GroundedSam:
         points = np.asarray(points_xy, dtype=np.float32)
         points = points.reshape(0, 2) if points.size == 0 else points
         box = None if box_xyxy is None else np.asarray(box_xyxy, dtype=np.float32)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._timer.stage("sam"):
             pixels = sam_input(np.array(image))
             mask, score = self._segmenter.segment_points(pixels, points, np.asarray(positive, bool), box)
         return self._cleaned(_unpadded((mask,), image)[0], score)
@@ -134,7 +145,8 @@ class GroundedSam:
         }
 
     def _cleaned(self, mask: PackedMask, score: float) -> PromptedMask:
-        return PromptedMask(mask=clean_mask(mask, self._postprocess), score=float(score))
+        with self._timer.stage("cleanup"):
+            return PromptedMask(mask=clean_mask(mask, self._postprocess), score=float(score))
 
 
 def _unpadded(masks: Masks, image: Image.Image) -> Masks:

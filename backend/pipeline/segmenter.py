@@ -25,6 +25,7 @@ from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 from backend.packed_mask import PackedMask
 from backend.pipeline.halving import run_halving
 from backend.pipeline.threads import prefetched
+from backend.pipeline.timing import NO_TIMER, StageTimer
 
 if TYPE_CHECKING:
     from segment_anything import SamPredictor
@@ -86,7 +87,10 @@ class Segmenter(Protocol):
 
 
 class HfSamSegmenter:
-    """transformers SamModel (also SamHQModel, Sam2Model) with its processor; any dtype the model was loaded in."""
+    """transformers SamModel (also SamHQModel, Sam2Model) with its processor; any dtype the model was loaded in.
+
+    `timer` times "sam_preprocess", "sam_encoder", "sam_decoder" and "sam_upsample" (backend.pipeline.timing).
+    """
 
     def __init__(
         self,
@@ -95,12 +99,14 @@ class HfSamSegmenter:
         box_batch: int = BOX_BATCH,
         image_batch: int = 1,
         upsample_budget: int = UPSAMPLE_BUDGET,
+        timer: StageTimer = NO_TIMER,
     ) -> None:
         self._model = model
         self._processor = processor
         self._box_batch = box_batch
         self.image_batch = image_batch
         self._upsample_budget = upsample_budget
+        self._timer = timer
 
     def describe(self) -> dict[str, str]:
         return {
@@ -150,15 +156,19 @@ class HfSamSegmenter:
             given |= {"input_points": [[points_xy.tolist()]], "input_labels": [[positive.astype(int).tolist()]]}
         if box_xyxy is not None:
             given["input_boxes"] = [[box_xyxy.tolist()]]
-        inputs = self._processor(images=image, **given, input_data_format="channels_last", return_tensors="pt")
+        with self._timer.stage("sam_preprocess"):
+            inputs = self._processor(images=image, **given, input_data_format="channels_last", return_tensors="pt")
         prompts = {
             key: inputs[key].to(self._model.device, torch.int64 if key == "input_labels" else torch.float32)
             for key in given
         }
-        out = self._model(**self._embed(inputs), **prompts, multimask_output=multimask)
+        embeddings = self._embed(inputs)
+        with self._timer.stage("sam_decoder"):
+            out = self._model(**embeddings, **prompts, multimask_output=multimask)
         best, score = _best(out.iou_scores[0, 0])
         sizes = {key: inputs[key] for key in _SIZE_KEYS if key in inputs}
-        return pack_masks(self._upsample(out.pred_masks[0, :, best : best + 1], sizes))[0], score
+        with self._timer.stage("sam_upsample"):
+            return pack_masks(self._upsample(out.pred_masks[0, :, best : best + 1], sizes))[0], score
 
     def _group_inputs(
         self,
@@ -171,12 +181,13 @@ class HfSamSegmenter:
         boxes = [boxes_xyxy[i] for i in indices]
         most = max(len(image_boxes) for image_boxes in boxes)
         padded = [b.tolist() + [b[-1].tolist()] * (most - len(b)) for b in boxes]
-        prepared: BatchFeature = self._processor(
-            images=[images[i] for i in indices],
-            input_boxes=padded,
-            input_data_format="channels_last",
-            return_tensors="pt",
-        )
+        with self._timer.stage("sam_preprocess"):
+            prepared: BatchFeature = self._processor(
+                images=[images[i] for i in indices],
+                input_boxes=padded,
+                input_data_format="channels_last",
+                return_tensors="pt",
+            )
         return prepared
 
     def _encode_and_decode(
@@ -218,13 +229,15 @@ class HfSamSegmenter:
             return out.pred_masks[0], out.iou_scores[0, :, 0]
 
         per_call = masks_per_call(*shape, self._upsample_budget)
-        return _decode_all(decode, partial(self._upsample, sizes=sizes), boxes.shape[1], self._box_batch, per_call)
+        upsample = partial(self._upsample, sizes=sizes)
+        return _decode_all(decode, upsample, boxes.shape[1], self._box_batch, per_call, self._timer)
 
     def _embed(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The image encoder's output for the processed images (B, ...), as forward kwargs."""
-        pixels = inputs["pixel_values"].to(self._model.device, self._model.dtype)
-        # nn.Module.__getattr__ is typed Tensor | Module; every SAM model class defines get_image_embeddings.
-        embeddings = self._model.get_image_embeddings(pixels)  # type: ignore[operator]
+        with self._timer.stage("sam_encoder"):
+            pixels = inputs["pixel_values"].to(self._model.device, self._model.dtype)
+            # nn.Module.__getattr__ is typed Tensor | Module; every SAM model class defines get_image_embeddings.
+            embeddings = self._model.get_image_embeddings(pixels)  # type: ignore[operator]
         if isinstance(embeddings, tuple):  # SamHQ also returns the ViT's intermediate features
             return {"image_embeddings": embeddings[0], "intermediate_embeddings": embeddings[1]}
         return {"image_embeddings": embeddings}
@@ -247,7 +260,7 @@ class SegmentAnythingSegmenter:
     """Meta's segment-anything `Sam` (official .pth weights) behind `SamPredictor`.
 
     Low precision runs under torch.autocast: the package's prompt encoder casts to float32 itself, so
-    casting the weights fails.
+    casting the weights fails. `timer` times the stages HfSamSegmenter does (backend.pipeline.timing).
     """
 
     def __init__(
@@ -257,6 +270,7 @@ class SegmentAnythingSegmenter:
         dtype: torch.dtype,
         box_batch: int = BOX_BATCH,
         upsample_budget: int = UPSAMPLE_BUDGET,
+        timer: StageTimer = NO_TIMER,
     ) -> None:
         # The package's __init__ imports torchvision; importing here keeps the transformers path free of it.
         from segment_anything import SamPredictor
@@ -266,6 +280,7 @@ class SegmentAnythingSegmenter:
         self._dtype = dtype
         self._box_batch = box_batch
         self._upsample_budget = upsample_budget
+        self._timer = timer
 
     def describe(self) -> dict[str, str]:
         return {"source": self._source, "architecture": "segment_anything.Sam", "dtype": str(self._dtype)}
@@ -283,7 +298,7 @@ class SegmentAnythingSegmenter:
 
             height, width = image.shape[:2]
             per_call = masks_per_call(height, width, self._upsample_budget)
-            return _decode_all(decode, self._upsample, len(boxes_xyxy), self._box_batch, per_call)
+            return _decode_all(decode, self._upsample, len(boxes_xyxy), self._box_batch, per_call, self._timer)
 
     def segment_stream(self, images: Sequence[Pixels], boxes_xyxy: Sequence[Floats]) -> Iterator[tuple[Masks, Scores]]:
         """See `Segmenter.segment_stream`: image by image, since SamPredictor holds one image's embedding."""
@@ -307,9 +322,11 @@ class SegmentAnythingSegmenter:
                 labels = torch.as_tensor(positive[None].astype(np.int64), device=device)
             if box_xyxy is not None:
                 boxes = self._boxes(box_xyxy[None], image)
-            logits, iou = self._decode(coords, labels, boxes, multimask)
+            with self._timer.stage("sam_decoder"):
+                logits, iou = self._decode(coords, labels, boxes, multimask)
             best, score = _best(iou[0])
-            return pack_masks(self._upsample(logits[:, best : best + 1]))[0], score
+            with self._timer.stage("sam_upsample"):
+                return pack_masks(self._upsample(logits[:, best : best + 1]))[0], score
 
     def _decode(
         self, coords: torch.Tensor | None, labels: torch.Tensor | None, boxes: torch.Tensor | None, multimask: bool
@@ -338,11 +355,19 @@ class SegmentAnythingSegmenter:
     @contextmanager
     def _image_set(self, image: Pixels) -> Iterator[SamPredictor]:
         """The predictor holding `image`'s embedding, in inference mode (the models are called directly, not
-        through the package's no_grad predict_torch), under autocast when SAM runs in low precision."""
+        through the package's no_grad predict_torch), under autocast when SAM runs in low precision.
+
+        What SamPredictor.set_image does, in two timed stages: the resize to SAM's input (and the copy to the
+        device), then set_torch_image (normalise, pad, image encoder)."""
         predictor = self._predictor
         autocast = torch.autocast(predictor.device.type, dtype=self._dtype, enabled=self._dtype != torch.float32)
         with torch.inference_mode(), autocast:
-            predictor.set_image(image)
+            with self._timer.stage("sam_preprocess"):
+                given = image if predictor.model.image_format == "RGB" else image[..., ::-1]
+                resized = torch.as_tensor(predictor.transform.apply_image(given), device=predictor.device)
+                resized = resized.permute(2, 0, 1).contiguous()[None, :, :, :]
+            with self._timer.stage("sam_encoder"):
+                predictor.set_torch_image(resized, image.shape[:2])
             try:
                 yield predictor
             finally:
@@ -360,17 +385,23 @@ def masks_per_call(height: int, width: int, budget: int = UPSAMPLE_BUDGET) -> in
     return max(1, budget // (4 * height * width))
 
 
-def _decode_all(decode: Decode, upsample: Upsample, count: int, box_batch: int, per_call: int) -> tuple[Masks, Scores]:
+def _decode_all(
+    decode: Decode, upsample: Upsample, count: int, box_batch: int, per_call: int, timer: StageTimer
+) -> tuple[Masks, Scores]:
     """Run `decode` over boxes in slices of `box_batch` (halved where the device runs out of memory), each
-    slice's logits upsampled `per_call` at a time and packed; `count` masks, scores (count,) float32."""
+    slice's logits upsampled `per_call` at a time and packed; `count` masks, scores (count,) float32.
+    `timer` times each decode ("sam_decoder") and its upsampling and packing ("sam_upsample").
+    """
 
     def decode_part(boxes: Sequence[int]) -> list[tuple[list[PackedMask], torch.Tensor]]:
-        logits, scores = decode(slice(boxes[0], boxes[-1] + 1))
-        masks = [
-            mask
-            for start in range(0, len(logits), per_call)
-            for mask in pack_masks(upsample(logits[start : start + per_call]))
-        ]
+        with timer.stage("sam_decoder"):
+            logits, scores = decode(slice(boxes[0], boxes[-1] + 1))
+        with timer.stage("sam_upsample"):
+            masks = [
+                mask
+                for start in range(0, len(logits), per_call)
+                for mask in pack_masks(upsample(logits[start : start + per_call]))
+            ]
         return [(masks, scores)]
 
     slices = [range(start, min(start + box_batch, count)) for start in range(0, count, box_batch)]

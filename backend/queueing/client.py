@@ -8,7 +8,7 @@ import socket
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from redis import Redis
@@ -22,6 +22,8 @@ from rq.serializers import JSONSerializer
 from rq.utils import current_timestamp, now
 
 from backend.errors import QueueUnavailableError, RedisFullError
+from backend.queueing.messages import ChunkJob, PredictJob
+from backend.queueing.transient import TransientRetry, restore_retries
 from backend.redis_replies import text
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,8 @@ PRELABEL_JOB = "backend.prelabel.prelabel_chunk"
 ABANDONED_SWEEP_S = 1.0
 # A job whose worker died is queued again this many times (rq's Retry, which every registry cleanup honours,
 # the API's, the workers' and rq's own); one more death fails it as a poison task, never retried again.
-# An exception raised by the job itself is its answer and is not retried (HeartbeatWorker.handle_job_failure).
+# An exception raised by the job itself is its answer and does not spend this (HeartbeatWorker.handle_job_failure):
+# it fails the job, or, a bulk chunk's transient failure, schedules it again (backend.queueing.transient).
 CRASH_RETRIES = 1
 _ABANDONED = "AbandonedJobError"
 # A sweep's compare-and-act on one expired entry is tried again this often when a concurrent write (a heartbeat,
@@ -56,11 +59,13 @@ def queue_error(exc: RedisError, doing: str) -> QueueUnavailableError:
 
 @dataclass(frozen=True, slots=True)
 class JobLimits:
-    """rq lifetimes, in seconds."""
+    """rq lifetimes, in seconds, and how bulk chunks that failed only transiently are retried
+    (backend.queueing.transient; interactive jobs never are)."""
 
     job_timeout: int
     result_ttl: int
     failure_ttl: int
+    transient: TransientRetry = field(default_factory=TransientRetry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,14 +83,18 @@ def queue_names(prefix: str) -> tuple[str, str]:
     return f"{prefix}-interactive", f"{prefix}-bulk"
 
 
-def chunk_job_id(project: str, task_ids: Sequence[int], model_version: str, force: bool) -> str:
-    """Deterministic id of a bulk chunk: the same tasks for the same model version map to one job.
+def chunk_job_id(chunk: ChunkJob) -> str:
+    """Deterministic id of a bulk chunk, bulk-<project>-<digest>: the same tasks of a project for the same model
+    version (and force) map to one job, so two prelabel runs over the same tasks (or a double click) re-attach
+    instead of queueing twice. The project prefix lists a project's chunks (cancel, retry); nothing else is
+    read back from the id (a run records each chunk's task count, see backend.queueing.bulk)."""
+    key = f"{chunk.model_version}\n{chunk.force}\n{','.join(map(str, sorted(chunk.task_ids)))}"
+    return f"{chunk_prefix(chunk.project)}{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
-    Two prelabel runs over the same tasks (or a double click) re-attach instead of queueing twice.
-    The task count is part of the id so progress can be summed without fetching every job.
-    """
-    key = f"{model_version}\n{force}\n{','.join(map(str, sorted(task_ids)))}"
-    return f"bulk-{_safe(project)}-n{len(task_ids)}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+def chunk_prefix(project: str) -> str:
+    """The start of every chunk job id of `project` (ids queued by earlier versions too)."""
+    return f"bulk-{_safe(project)}-"
 
 
 def _safe(text: str) -> str:
@@ -104,7 +113,7 @@ def prediction_job_id(project: str, task: Mapping[str, Any], image_ref: str, mod
 
 
 class PredictionQueue:
-    """Enqueue prediction payloads on the interactive or bulk queue and collect results, over one Redis."""
+    """Enqueue job messages on the interactive or bulk queue and collect results, over one Redis."""
 
     def __init__(self, redis: Redis, prefix: str, limits: JobLimits) -> None:
         self._redis = redis
@@ -117,13 +126,14 @@ class PredictionQueue:
     def queues(self) -> tuple[Queue, Queue]:
         return self.interactive, self.bulk
 
-    def submit(self, job_id: str, payload: dict[str, Any], *, bulk: bool = False) -> None:
+    def submit(self, job_id: str, message: PredictJob | ChunkJob) -> None:
         """Queue one job, or re-attach to the job of that id; a failed or canceled one is queued again.
 
-        Interactive jobs run `predict_task` and return the prediction; bulk jobs run `prelabel_chunk`,
-        which pushes predictions to Label Studio itself.
+        A PredictJob goes to the interactive queue and runs `predict_task`, which returns the prediction; a
+        ChunkJob goes to the bulk queue and runs `prelabel_chunk`, which pushes predictions to Label Studio itself.
         """
-        queue, func = (self.bulk, PRELABEL_JOB) if bulk else (self.interactive, PREDICT_JOB)
+        queue, func = (self.bulk, PRELABEL_JOB) if isinstance(message, ChunkJob) else (self.interactive, PREDICT_JOB)
+        payload = message.to_json()
         try:
             try:
                 self._enqueue(queue, func, job_id, payload)
@@ -179,6 +189,7 @@ class PredictionQueue:
         return Job.fetch_many(job_ids, connection=self._redis, serializer=JSONSerializer)
 
     def _enqueue(self, queue: Queue, func: str, job_id: str, payload: dict[str, Any]) -> None:
+        """Queue `func(payload)`: `payload` is the message's JSON, the one argument the job function gets."""
         queue.enqueue_call(
             func,
             args=(payload,),
@@ -188,6 +199,7 @@ class PredictionQueue:
             result_ttl=self._limits.result_ttl,
             failure_ttl=self._limits.failure_ttl,
             retry=Retry(max=CRASH_RETRIES, enqueue_at_front=True),
+            meta=self._limits.transient.meta() if queue is self.bulk else {},
         )
 
     def _requeue_if_failed(self, queue: Queue, func: str, job_id: str, payload: dict[str, Any]) -> None:
@@ -315,11 +327,12 @@ StartedJobRegistry.cleanup = cleanup_started  # type: ignore[method-assign, assi
 
 
 def requeue_failed(job: Job) -> bool:
-    """Queue a failed job again, with a fresh crash retry; a poison task stays failed (False): running it
-    again would take down another worker."""
+    """Queue a failed job again, with a fresh crash retry and its transient retries back; a poison task stays
+    failed (False): running it again would take down another worker."""
     if killed_workers(job):
         return False
     job.retries_left = CRASH_RETRIES
+    restore_retries(job)
     # rq's own requeue: deleting a job abandoned by a dead worker fails (its execution is gone).
     job.requeue()
     return True

@@ -4,6 +4,9 @@ Workers record stage latencies (histograms), images processed, failures by reaso
 of seconds per task (used to decide whether a /predict fits the synchronous budget). The API reads them
 at scrape time. prometheus-client's own multi-process mode needs a shared folder; workers on other
 machines share only Redis.
+
+A worker's one WorkerStats is also its prediction flow's StageTimer (backend.flow): the flow's stages
+land in the histograms; finer stages (the pipeline's, which the benchmark reads) are not recorded.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from backend.redis_replies import text
 
 PREFIX = "grounded-sam:stats"
 BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-STAGES = ("fetch", "model", "push", "task")
+STAGES = ("fetch", "model", "postprocess", "push", "task")
 EWMA_WEIGHT = 0.2
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerStats:
-    """Writer side (workers). All calls are single Redis round trips."""
+    """Writer side (workers): one per worker process, shared by its threads (redis-py's pool is thread-safe).
+    All calls are single Redis round trips. A StageTimer (backend.pipeline.timing)."""
 
     redis: Redis
 
@@ -42,10 +46,12 @@ class WorkerStats:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time the block as one observation of stage `name` (recorded only when it succeeds)."""
+        """Time the block as one observation of stage `name`, one of STAGES (recorded only when it succeeds;
+        other names are not recorded)."""
         started = time.perf_counter()
         yield
-        self.observe(name, time.perf_counter() - started)
+        if name in STAGES:
+            self.observe(name, time.perf_counter() - started)
 
     def task_done(self, seconds: float) -> None:
         """Count one processed image and fold its time into the seconds-per-task average."""

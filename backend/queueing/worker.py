@@ -11,11 +11,17 @@ outcome instead of writing it over the job's new run (FAILED over another worker
 
 Failures are logged once per job: a BackendError (bad image, task data, settings) as one line with its
 reason, anything else as one traceback; rq's own exception logging is replaced, not added to.
+
+A job that raised fails, without spending its crash retry, unless it is a bulk chunk whose error is `retryable`
+(every failed task failed transiently) and it has transient retries left: then it is scheduled to run again
+after a doubling wait (backend.queueing.transient), and the sweeper thread queues it when that wait is over
+(workers run without rq's scheduler, which would fork a process from this one).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import threading
 from contextlib import suppress
@@ -29,6 +35,8 @@ from rq.utils import current_timestamp
 
 from backend.errors import BackendError
 from backend.queueing.client import queue_names, sweep_abandoned
+from backend.queueing.fleet import Announcement, announcement_fields
+from backend.queueing.transient import enqueue_due, next_interval, schedule_retry
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +64,27 @@ class HeartbeatWorker(SimpleWorker):
 
     max_connection_wait_time = MAX_RECONNECT_WAIT_S
 
-    def __init__(self, *args: object, heartbeat_s: float = 5.0, **kwargs: object) -> None:
+    def __init__(
+        self, *args: object, heartbeat_s: float = 5.0, announcement: Announcement | None = None, **kwargs: object
+    ) -> None:
+        """`announcement`: what this worker runs, written into rq's worker hash with its birth (fleet.py);
+        None announces nothing (the API then takes no model_version from this worker)."""
         # The job description is the whole payload (labeling config included): the job id is enough.
         super().__init__(*args, log_job_description=False, **kwargs)  # type: ignore[arg-type, misc]
         self.heartbeat_s = heartbeat_s
+        self.announcement = announcement
         self._still_running_it = self.connection.register_script(_STILL_RUNNING_IT)
+        # The job whose failure handle_exception saw last was transient (rq passes only the failure's text on to
+        # handle_job_failure, which it calls right after, in the same thread); None when it was not.
+        self._transient_failure: str | None = None
+
+    def serialize(self) -> dict[str, object]:
+        """rq's worker hash (written at birth, and again when a heartbeat finds it expired) plus the announcement."""
+        return {**super().serialize(), **announcement_fields(self.announcement)}
 
     def get_heartbeat_ttl(self, job: Job) -> int:
-        return int(self.heartbeat_s * MISSED_BEATS_BEFORE_ABANDONED) + 1
+        # rq keeps whole seconds: rounded up, plus one, so a sub-second heartbeat never gets a TTL under 2 s.
+        return math.ceil(self.heartbeat_s * MISSED_BEATS_BEFORE_ABANDONED) + 1
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         done = threading.Event()
@@ -78,6 +99,7 @@ class HeartbeatWorker(SimpleWorker):
     def handle_exception(self, job: Job, *exc_info: object) -> None:
         """One log record per failed job: a known failure without traceback, an unexpected one with it."""
         exc = exc_info[1]
+        self._transient_failure = job.id if isinstance(exc, BackendError) and exc.retryable else None
         if isinstance(exc, BackendError):
             log.warning("job %s failed: %s: %s", job.id, type(exc).__name__, exc)
         else:
@@ -89,11 +111,31 @@ class HeartbeatWorker(SimpleWorker):
     def handle_job_failure(
         self, job: Job, queue: Queue, started_job_registry: object = None, exc_string: str = ""
     ) -> None:
-        """A job that raised has its answer: its crash retry is not spent on an exception that would repeat."""
+        """A job that raised has its answer: its crash retry is not spent on an exception that would repeat.
+
+        A transient failure of a job with transient retries left (only bulk chunks have any) schedules it again
+        instead (`_retry_later`); any other failure, or the one after its last retry, fails it.
+        """
+        transient, self._transient_failure = self._transient_failure == job.id, None
         if self._abandoned_meanwhile(job):
+            return
+        if transient and self._retry_later(job, queue):
             return
         job.retries_left = 0
         super().handle_job_failure(job, queue, started_job_registry=started_job_registry, exc_string=exc_string)
+
+    def _retry_later(self, job: Job, queue: Queue) -> bool:
+        """Schedule `job` for its next transient retry, as rq's handle_job_failure does a retry with an interval
+        (its execution cleaned up, no failure recorded); False when it has none left."""
+        interval = next_interval(job)
+        if interval is None:
+            return False
+        with self.connection.pipeline() as pipeline:
+            self.cleanup_execution(job, pipeline=pipeline)
+            schedule_retry(job, queue, interval, pipeline)
+            self.increment_failed_job_count(pipeline)
+            pipeline.execute()
+        return True
 
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry: object) -> None:
         if not self._abandoned_meanwhile(job):
@@ -131,18 +173,25 @@ class HeartbeatWorker(SimpleWorker):
                 log.warning("heartbeat for job %s failed: %s", job.id, exc)
 
 
-def run_worker(redis: Redis, queue_prefix: str, heartbeat_s: float, *, burst: bool = False) -> bool:
+def run_worker(
+    redis: Redis, queue_prefix: str, heartbeat_s: float, announcement: Announcement, *, burst: bool = False
+) -> bool:
     """Process jobs until stopped (SIGINT/SIGTERM: finish the current job, then exit).
 
     Listens on the interactive queue first, then the bulk one: rq takes from the first non-empty queue,
     so someone waiting in the editor goes ahead of bulk pre-labelling on the same workers.
     A side thread sweeps for jobs abandoned by dead workers every `heartbeat_s`, so they are queued again
-    within seconds even when no request is waiting on them (bulk chunks).
-    The caller has installed the job runtime (models loaded) before this is called.
+    within seconds even when no request is waiting on them (bulk chunks), and queues the transient retries that
+    are due (rq's scheduler stays off, with_scheduler=False: it would fork a process from this one). A burst
+    worker leaves the retries not yet due for the next worker.
+    The caller has installed the job runtime (models loaded) before this is called, and `announcement` says
+    what it loaded: the API reads it to answer with the model_version this worker computes.
     Returns rq's `work()` result (True when at least one job was processed).
     """
     queues = [Queue(name, connection=redis, serializer=JSONSerializer) for name in queue_names(queue_prefix)]
-    worker = HeartbeatWorker(queues, connection=redis, serializer=JSONSerializer, heartbeat_s=heartbeat_s)
+    worker = HeartbeatWorker(
+        queues, connection=redis, serializer=JSONSerializer, heartbeat_s=heartbeat_s, announcement=announcement
+    )
     stop = threading.Event()
     threading.Thread(target=_sweep_until, args=(queues, heartbeat_s, stop), daemon=True, name="rq-sweeper").start()
     log.info("worker %s listening on %s", worker.name, ", ".join(q.name for q in queues))
@@ -154,9 +203,11 @@ def run_worker(redis: Redis, queue_prefix: str, heartbeat_s: float, *, burst: bo
 
 
 def _sweep_until(queues: list[Queue], every_s: float, stop: threading.Event) -> None:
+    """Every `every_s`: queue again the jobs abandoned by dead workers, and the transient retries now due."""
     while not stop.wait(every_s):
         try:
             sweep_abandoned(queues)
+            enqueue_due(queues)
         except RedisError as exc:  # Redis restarting: the worker loop reports it; try again next time
             log.debug("abandoned-job sweep failed: %s", exc)
 

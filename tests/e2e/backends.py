@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.integration.conftest import Proc, Processes, tiny_backend_env
+from tests.support.processes import Proc, Processes, tiny_backend_env
 
 
 def backend_environment(label_studio_url: str, api_key: str, detector: Path, sam: Path) -> dict[str, str]:

@@ -25,11 +25,10 @@ from backend.queueing.claims import TaskClaims
 from backend.queueing.client import queue_names
 from tests.e2e.backends import backend_environment
 from tests.e2e.flows import Project, match_tasks
-from tests.e2e.images import ImageServer, TestImage, write_image
 from tests.e2e.labelstudio import LabelStudio
-from tests.integration.conftest import Proc, Processes, wait_healthy
+from tests.support.images import ImageServer, TestImage, write_image
+from tests.support.processes import Proc, Processes, wait_healthy
 
-REPO = Path(__file__).resolve().parents[2]
 WAIT_S = 300.0
 # Reruns after an interruption or a lost worker: each queues what is left; one more covers a `retry`.
 MAX_RERUNS = 4

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.backends import BackendPool
-from tests.e2e.images import ImageServer, serve_images
 from tests.e2e.labelstudio import LabelStudio
 from tests.e2e.tooling import CHROMIUM, ToolingError, chromium_problem, ensure_environment
+from tests.support.images import ImageServer, serve_images
 
 # LABEL_STUDIO_ML_TIMEOUT_PREDICT of the second, impatient Label Studio: the slow-backend test then waits
 # seconds, not the default 100 s. The session's main instance keeps the default, as users have it.

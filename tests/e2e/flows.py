@@ -9,11 +9,11 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from tests.e2e.images import TestImage, image_set, write_image
 from tests.e2e.labelstudio import LabelStudio
+from tests.support.images import TestImage, image_set, write_image
+from tests.support.paths import REPO
 from tests.validation import assert_valid_prediction
 
-REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_CONFIGS = sorted((REPO / "label_config").glob("*.xml"))
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import time
@@ -18,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from tests.support.ports import free_port, port_is_free
+
 START_TIMEOUT_S = 180.0  # ~30 s on a fresh data dir (SQLite migrations); more on a busy CI machine
 STOP_TIMEOUT_S = 20.0
 DATABASE = "label_studio.sqlite3"  # in the data dir
@@ -25,23 +26,6 @@ DATABASE = "label_studio.sqlite3"  # in the data dir
 # PORT must not become Label Studio's.
 _FALLBACK_NAMES = ("USERNAME", "PASSWORD", "HOST", "PORT", "USER_TOKEN")
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
-
-
-def port_is_free(port: int) -> bool:
-    """Nothing listens on 127.0.0.1:`port` (Label Studio would silently move to port+1)."""
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def pick_free_port() -> int:
-    """A port the kernel says is free now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class LabelStudioError(RuntimeError):
@@ -106,7 +90,7 @@ class LabelStudio:
         seed: a running instance whose database (users, tokens, organization settings) this one starts
         from. That skips the ~30 s of migrations a fresh data dir costs; it must use the same credentials.
         """
-        self.port = self.port or pick_free_port()
+        self.port = self.port or free_port()
         if not port_is_free(self.port):
             raise LabelStudioError(f"port {self.port} is in use; Label Studio would silently start on another one")
         self.data_dir.mkdir(parents=True)

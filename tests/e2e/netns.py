@@ -25,7 +25,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.integration.conftest import Proc
+from tests.support.processes import Proc
 
 SUPERNET = "10.213"
 IP_TIMEOUT_S = 10.0

@@ -18,14 +18,9 @@ import pytest
 from tests.e2e.backends import setup_model_version
 from tests.e2e.bulk import ScaledBackend, bulk_images, finish, scaled_environment, url_project
 from tests.e2e.flows import REPO, Project, assert_predictions_valid, predictions_by_task
-from tests.e2e.images import ImageServer
 from tests.e2e.labelstudio import LabelStudio
-from tests.integration.conftest import (
-    Processes,
-    redis_url,  # noqa: F401  (session fixture: embedded valkey or $REDIS_URL)
-)
-
-pytestmark = pytest.mark.e2e
+from tests.support.images import ImageServer
+from tests.support.processes import Processes
 
 CONFIG = REPO / "label_config" / "brush_and_rectangle.xml"
 CHUNK = 4
@@ -35,7 +30,7 @@ CHUNK = 4
 def scaled(
     label_studio: LabelStudio,
     api_keys: dict[str, str],
-    redis_url: str,  # noqa: F811
+    redis_url: str,
     tiny_detector_dir: Path,
     tiny_hf_sam_dir: Path,
     tmp_path: Path,

@@ -15,8 +15,6 @@ import signal
 import uuid
 from pathlib import Path
 
-import pytest
-
 from tests.e2e.backends import setup_model_version
 from tests.e2e.bulk import (
     ScaledBackend,
@@ -30,14 +28,9 @@ from tests.e2e.bulk import (
     wait_for,
 )
 from tests.e2e.flows import REPO, Project, assert_predictions_valid, predictions_by_task
-from tests.e2e.images import ImageServer
 from tests.e2e.labelstudio import LabelStudio
-from tests.integration.conftest import (
-    Processes,
-    redis_url,  # noqa: F401  (session fixture: embedded valkey or $REDIS_URL)
-)
-
-pytestmark = pytest.mark.e2e
+from tests.support.images import ImageServer
+from tests.support.processes import Processes
 
 TASKS = 200
 CHUNK = 8
@@ -61,7 +54,7 @@ def test_prelabel_a_project_with_two_workers_a_killed_worker_and_an_interrupt(
     label_studio: LabelStudio,
     api_keys: dict[str, str],
     image_host: ImageServer,
-    redis_url: str,  # noqa: F811
+    redis_url: str,
     tiny_detector_dir: Path,
     tiny_hf_sam_dir: Path,
     tmp_path: Path,

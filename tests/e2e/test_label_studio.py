@@ -31,10 +31,8 @@ from tests.e2e.flows import (
     match_tasks,
     predictions_by_task,
 )
-from tests.e2e.images import ImageServer, TestImage, image_set, write_image
 from tests.e2e.labelstudio import LabelStudio
-
-pytestmark = pytest.mark.e2e
+from tests.support.images import ImageServer, TestImage, image_set, write_image
 
 BRUSH = REPO / "label_config" / "brush.xml"
 BRUSH_AND_RECT = REPO / "label_config" / "brush_and_rectangle.xml"

@@ -36,7 +36,6 @@ from tests.e2e.bulk import (
     wait_for,
 )
 from tests.e2e.flows import REPO, assert_predictions_valid, predictions_by_task
-from tests.e2e.images import serve_images
 from tests.e2e.labelstudio import LabelStudio
 from tests.e2e.netns import (
     NamespacedProcesses,
@@ -46,10 +45,9 @@ from tests.e2e.netns import (
     tcp_relay,
     wait_listening,
 )
-from tests.integration.conftest import Proc, Processes, wait_healthy
+from tests.support.images import serve_images
+from tests.support.processes import Proc, Processes, wait_healthy
 from tests.validation import assert_valid_prediction
-
-pytestmark = pytest.mark.e2e
 
 TASKS = 48
 CHUNK = 8

@@ -24,7 +24,7 @@ from rq.serializers import JSONSerializer
 
 from backend.queueing.client import sweep_abandoned
 from backend.queueing.worker import HeartbeatWorker
-from tests.integration.conftest import REPO, redis_url  # noqa: F401  (session fixture)
+from tests.support.paths import REPO
 
 HEARTBEAT_S = 0.5
 WAIT_S = 60.0
@@ -49,7 +49,7 @@ def until(what: str, probe: Callable[[], bool], timeout: float = WAIT_S) -> None
         time.sleep(0.05)
 
 
-def start_worker(redis_url: str, queue: str) -> subprocess.Popen[str]:  # noqa: F811
+def start_worker(redis_url: str, queue: str) -> subprocess.Popen[str]:
     """A HeartbeatWorker process that takes one job from `queue` and exits once it is empty (burst)."""
     return subprocess.Popen(
         [
@@ -75,7 +75,7 @@ def start_worker(redis_url: str, queue: str) -> subprocess.Popen[str]:  # noqa: 
     )
 
 
-def frozen_mid_job(redis_url: str, stale_raises: bool) -> tuple[Redis, Queue, Job, subprocess.Popen[str], str]:  # noqa: F811
+def frozen_mid_job(redis_url: str, stale_raises: bool) -> tuple[Redis, Queue, Job, subprocess.Popen[str], str]:
     """Worker A running the job, then frozen (SIGSTOP); the job's resume key is returned last."""
     redis = Redis.from_url(redis_url)
     name = f"abandoned-{uuid.uuid4().hex[:8]}"
@@ -112,7 +112,7 @@ def resumed(worker_a: subprocess.Popen[str], redis: Redis, resume: str) -> str:
 
 @pytest.mark.parametrize("stale_raises", [True, False], ids=["stale-run-fails", "stale-run-returns"])
 def test_a_run_abandoned_and_redone_elsewhere_does_not_overwrite_the_jobs_outcome(
-    redis_url: str,  # noqa: F811
+    redis_url: str,
     stale_raises: bool,
 ) -> None:
     redis, queue, job, worker_a, resume = frozen_mid_job(redis_url, stale_raises)
@@ -139,7 +139,7 @@ def test_a_run_abandoned_and_redone_elsewhere_does_not_overwrite_the_jobs_outcom
         worker_a.wait()
 
 
-def test_a_late_run_nobody_swept_keeps_its_outcome(redis_url: str) -> None:  # noqa: F811
+def test_a_late_run_nobody_swept_keeps_its_outcome(redis_url: str) -> None:
     """Beats missed past the heartbeat TTL, but no sweep queued the job again: the run is still the job's."""
     redis, queue, job, worker_a, resume = frozen_mid_job(redis_url, stale_raises=False)
     try:

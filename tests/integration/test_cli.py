@@ -17,13 +17,13 @@ import pytest
 from PIL import Image
 from redis import Redis
 
-from backend import cli
+from backend.commands import main as cli
 from backend.labelstudio.templates import config_for_labels
 from backend.queueing.connection import api_connection, embedded_redis
-from tests.integration.conftest import REPO, free_port
+from tests.support.paths import REPO
+from tests.support.ports import free_port
+from tests.support.serving import serving
 from tests.validation import assert_valid_prediction
-
-pytestmark = pytest.mark.integration
 
 
 def _run(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -108,10 +108,8 @@ class _Health(http.server.BaseHTTPRequestHandler):
 def health_server() -> Iterator[int]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield int(server.server_address[1])
-    server.shutdown()
-    server.server_close()
+    with serving(server):
+        yield int(server.server_address[1])
 
 
 class _Listener:

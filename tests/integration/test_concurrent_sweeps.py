@@ -20,7 +20,6 @@ from rq.registry import StartedJobRegistry, clean_registries
 from rq.serializers import JSONSerializer
 
 from backend.queueing.client import sweep_abandoned
-from tests.integration.conftest import redis_url  # noqa: F401  (session fixture)
 
 TRIALS = 40
 SWEEPERS = 6
@@ -73,7 +72,7 @@ def sweep_together(queue: Queue) -> None:
 
 
 @pytest.mark.parametrize("retries", [1, 0], ids=["requeued-once", "poison-failed-once"])
-def test_concurrent_sweeps_act_on_an_abandoned_job_exactly_once(redis_url: str, retries: int) -> None:  # noqa: F811
+def test_concurrent_sweeps_act_on_an_abandoned_job_exactly_once(redis_url: str, retries: int) -> None:
     redis = Redis.from_url(redis_url)
     doubled = []
     for trial in range(TRIALS):

@@ -17,15 +17,10 @@ from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
 from backend.errors import ModelVersionMismatchError
-from backend.queueing.bulk import BulkRuns, ChunkSpec
+from backend.queueing.bulk import BulkRuns
 from backend.queueing.client import JobLimits, PredictionQueue
-from backend.queueing.payloads import (
-    CONFIG_KEY,
-    config_ttl,
-    payload_config,
-    store_config,
-)
-from tests.integration.conftest import redis_url  # noqa: F401  (session fixture)
+from backend.queueing.configs import CONFIG_KEY, config_ttl, payload_config, store_config
+from backend.queueing.messages import ChunkJob, PredictJob, QueuedTask
 
 SHORT_TTL_S = 30
 LIMITS = JobLimits(job_timeout=600, result_ttl=3600, failure_ttl=7200)
@@ -41,16 +36,16 @@ def read_config_as_a_job(payload: dict[str, Any]) -> None:
     from backend.jobs import checked_config
 
     with contextlib.suppress(ModelVersionMismatchError):
-        checked_config(SimpleNamespace(fingerprint={}), payload)  # type: ignore[arg-type]
+        checked_config(SimpleNamespace(model_version=lambda config: "y"), PredictJob.from_json(payload))  # type: ignore[arg-type]
 
 
-def test_a_worker_read_extends_the_configs_life_to_the_jobs_config_ttl(redis_url: str) -> None:  # noqa: F811
+def test_a_worker_read_extends_the_configs_life_to_the_jobs_config_ttl(redis_url: str) -> None:
     redis = Redis.from_url(redis_url)
     ref = a_config(redis)
     queue = Queue(f"cfg-{uuid.uuid4().hex[:8]}", connection=redis, serializer=JSONSerializer)
     queue.enqueue(
         "tests.integration.test_config_lifetime.read_config_as_a_job",
-        {"label_config_ref": ref, "model_version": "x"},
+        PredictJob(QueuedTask(1, None), label_config_ref=ref, model_version="x").to_json(),
         job_timeout=LIMITS.job_timeout,
         result_ttl=LIMITS.result_ttl,
         failure_ttl=LIMITS.failure_ttl,
@@ -61,11 +56,11 @@ def test_a_worker_read_extends_the_configs_life_to_the_jobs_config_ttl(redis_url
     assert ttl <= config_ttl(LIMITS.job_timeout, LIMITS.result_ttl, LIMITS.failure_ttl)
 
 
-def test_a_cached_read_extends_it_too_and_stores_an_expired_one_again(redis_url: str) -> None:  # noqa: F811
+def test_a_cached_read_extends_it_too_and_stores_an_expired_one_again(redis_url: str) -> None:
     redis = Redis.from_url(redis_url)
     ref = a_config(redis)
     key = CONFIG_KEY.format(ref)
-    payload = {"label_config_ref": ref}
+    payload = PredictJob(QueuedTask(1, None), label_config_ref=ref, model_version="x")
     text = payload_config(redis, payload, 1000)
     redis.expire(key, SHORT_TTL_S)
     assert payload_config(redis, payload, 1000) == text
@@ -75,21 +70,14 @@ def test_a_cached_read_extends_it_too_and_stores_an_expired_one_again(redis_url:
     assert redis.get(key) == text.encode() and redis.ttl(key) > SHORT_TTL_S, "an expired cached config was lost"
 
 
-def test_progress_of_a_run_extends_the_configs_of_its_waiting_chunks(redis_url: str) -> None:  # noqa: F811
+def test_progress_of_a_run_extends_the_configs_of_its_waiting_chunks(redis_url: str) -> None:
     redis = Redis.from_url(redis_url)
     ref = a_config(redis)
     ttl_s = config_ttl(LIMITS.job_timeout, LIMITS.result_ttl, LIMITS.failure_ttl)
     queue = PredictionQueue(redis, f"cfg-{uuid.uuid4().hex[:8]}", LIMITS)
     runs = BulkRuns(redis, queue, ttl_s)
-    payload = {
-        "project": "1",
-        "tasks": [{"id": 1, "data": {}}],
-        "label_config_ref": ref,
-        "model_version": "x",
-        "force": False,
-        "label_studio_host": None,
-    }
-    run_id = runs.start("1", [ChunkSpec(f"bulk-1-n1-{uuid.uuid4().hex[:16]}", payload)])  # no worker: it waits
+    chunk = ChunkJob("1", (QueuedTask(1, {}),), label_config_ref=ref, model_version=f"x-{uuid.uuid4().hex[:8]}")
+    run_id = runs.start("1", [chunk])  # no worker: it waits
     redis.expire(CONFIG_KEY.format(ref), SHORT_TTL_S)  # the request that stored it was long ago
     progress = runs.progress(run_id)
     assert progress is not None and progress.queued == 1

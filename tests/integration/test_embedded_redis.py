@@ -16,8 +16,6 @@ from backend.errors import QueueUnavailableError
 from backend.queueing import connection
 from backend.queueing.connection import EmbeddedRedis
 
-pytestmark = pytest.mark.integration
-
 STUB = Path(__file__).with_name("resp_stub.py")
 DEADLINE_S = 60.0
 

@@ -1,4 +1,5 @@
-"""The API in-process over a real Redis-protocol server (no workers): limits, validation, bounded Redis state."""
+"""The API in-process over a real Redis-protocol server (workers announced, none runs a job): limits, validation,
+bounded Redis state."""
 
 from __future__ import annotations
 
@@ -6,29 +7,30 @@ import contextlib
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 from redis.exceptions import OutOfMemoryError
-from rq import Queue
+from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
 from backend.api import service as service_module
 from backend.api.app import create_app
 from backend.api.service import PredictionService
 from backend.errors import PredictTimeoutError
-from backend.queueing.client import queue_names
+from backend.queueing.client import chunk_job_id, queue_names
+from backend.queueing.configs import CONFIG_KEY, payload_config
 from backend.queueing.connection import embedded_redis
-from backend.queueing.payloads import CONFIG_KEY, payload_config
+from backend.queueing.messages import ChunkJob, PredictJob, QueuedTask
 from backend.settings import Settings
+from tests.support.paths import REPO
+from tests.support.ports import free_port
+from tests.support.workers import announce_worker
 
-pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
 CONFIG = (REPO / "label_config" / "brush_and_rectangle.xml").read_text()
 LS_CREDENTIALS = {"label_studio_url": "http://127.0.0.1:9", "label_studio_api_key": "unused"}
+FULL_QUEUE = "edge-full"  # the queues of the small_redis fixture, which has a worker announced on them
 
 
 def _settings(redis_url: str, **changes: object) -> Settings:
@@ -49,7 +51,11 @@ def redis(redis_url: str) -> Redis:
     return Redis.from_url(redis_url)
 
 
-def _client(settings: Settings) -> TestClient:
+def _client(settings: Settings, *, announce: bool = True) -> TestClient:
+    """The app on `settings`; with `announce`, a worker on its queues announced `settings`' models (taking no
+    jobs), so /setup and /predict have a model_version."""
+    if announce:
+        announce_worker(Redis.from_url(settings.redis_url), settings)
     return TestClient(create_app(settings))
 
 
@@ -85,6 +91,9 @@ def test_too_many_tasks_with_label_studio_go_bulk_at_once(redis_url: str, redis:
     assert time.monotonic() - started < 10
     interactive, bulk = _queued(settings, redis)
     assert (interactive.count, bulk.count) == (0, 3)
+    chunks = [ChunkJob.from_json(job.args[0]) for job in bulk.get_jobs()]  # typed messages of this schema
+    assert sorted(task for chunk in chunks for task in chunk.task_ids) == list(range(1, 11))
+    assert sorted(len(chunk.tasks) for chunk in chunks) == [2, 4, 4] and not any(c.force for c in chunks)
 
 
 def test_label_config_over_the_cap_is_413_everywhere(redis_url: str, redis: Redis) -> None:
@@ -175,8 +184,9 @@ def test_jobs_carry_a_reference_to_one_stored_config(redis_url: str, redis: Redi
     assert redis.strlen(key) == len(big.encode())
     assert redis.ttl(key) > settings.failure_ttl + settings.job_timeout
     assert all(len(redis.hget(job.key, "data") or b"") < 5_000 for job in jobs)
-    assert payload_config(redis, jobs[0].args[0]) == big  # what the worker reads
-    assert payload_config(redis, {"label_config": "<View/>"}) == "<View/>"  # payloads queued by older versions
+    assert payload_config(redis, PredictJob.from_json(jobs[0].args[0])) == big  # what the worker reads
+    older = PredictJob.from_json({"task": {"id": 1}, "model_version": "v", "label_config": "<View/>"})
+    assert payload_config(redis, older) == "<View/>"  # messages queued by older versions carry the text
 
 
 def test_a_request_past_its_deadline_answers_at_once_and_queues_nothing(redis_url: str, redis: Redis) -> None:
@@ -210,6 +220,7 @@ def small_redis() -> Iterator[str]:
         used = int(redis.info("memory")["used_memory"])
         redis.config_set("maxmemory-policy", "noeviction")
         redis.config_set("maxmemory", str(used + 2 * 2**20))
+        announce_worker(redis, _settings(url, queue_name=FULL_QUEUE))  # before Redis is full
         filler = b"x" * 100_000
         with contextlib.suppress(OutOfMemoryError):  # full: the state the test wants
             for index in range(1000):
@@ -218,13 +229,37 @@ def small_redis() -> Iterator[str]:
 
 
 def test_a_full_redis_is_503_saying_so(small_redis: str) -> None:
-    client = _client(_settings(small_redis))
+    client = _client(_settings(small_redis, queue_name=FULL_QUEUE), announce=False)
     for tasks in ([_task(1)], [_task(i) for i in range(3)]):
         response = _predict(client, tasks)
         assert response.status_code == 503, response.text
         assert response.json()["detail"].startswith("Redis is full"), response.text
         assert "unreachable" not in response.json()["detail"]
     assert client.get("/health").json()["status"] == "UP"  # reads still work
-    bulk = _client(_settings(small_redis, sync_max_tasks=1, **LS_CREDENTIALS))
+    bulk = _client(_settings(small_redis, queue_name=FULL_QUEUE, sync_max_tasks=1, **LS_CREDENTIALS), announce=False)
     response = _predict(bulk, [_task(1), _task(2)])
     assert response.status_code == 503 and response.json()["detail"].startswith("Redis is full")
+
+
+def test_metrics_read_the_queues_from_redis_and_survive_redis_down(redis_url: str, redis: Redis) -> None:
+    """GET /metrics (backend/api/metrics.py): workers, jobs per queue and state, redis_up; a Redis that does not
+    answer is redis_up 0 in a scrape that still succeeds."""
+    settings = _settings(redis_url, **LS_CREDENTIALS)
+    client = _client(settings, announce=False)
+    interactive, bulk = _queued(settings, redis)
+    chunk = ChunkJob("7", (QueuedTask(1, {}),), "0" * 64, f"v-{uuid.uuid4().hex[:8]}")
+    PredictionService(settings, redis).queue.submit(chunk_job_id(chunk), chunk)
+    worker = SimpleWorker([interactive, bulk], connection=redis, serializer=JSONSerializer)
+    worker.register_birth()
+    try:
+        text = client.get("/metrics").text
+    finally:
+        worker.register_death()
+    assert f'grounded_sam_jobs{{queue="{bulk.name}",state="queued"}} 1.0' in text
+    assert f'grounded_sam_jobs{{queue="{interactive.name}",state="queued"}} 0.0' in text
+    assert "grounded_sam_workers 1.0" in text and "grounded_sam_redis_up 1.0" in text
+
+    down = _client(_settings(f"redis://127.0.0.1:{free_port()}/0"), announce=False)
+    response = down.get("/metrics")
+    assert response.status_code == 200 and "grounded_sam_redis_up 0.0" in response.text
+    assert "grounded_sam_jobs{" not in response.text

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,11 +18,14 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+from redis import Redis
 
 from backend.queueing.connection import EmbeddedRedis
-from tests.integration.conftest import REPO, ImageServer, Processes
-
-pytestmark = pytest.mark.integration
+from tests.support.images import ImageServer
+from tests.support.paths import REPO
+from tests.support.processes import Processes
+from tests.support.serving import serving
+from tests.support.workers import announce_worker, settings_of
 
 CONFIG = (REPO / "label_config" / "brush_and_rectangle.xml").read_text()
 MARKER = "sekrit-MARKER-8c1d"
@@ -47,7 +49,7 @@ def test_health_and_setup_answer_in_time_while_100_predictions_wait(
     """100 /predict on slow images wait at once: /health stays under 1 s and /setup under 3 s, and every
     /predict answers 504 by PREDICT_TIMEOUT counted from its arrival (before: /health took 18.8 s with 45)."""
     timeout = 20.0
-    image_server.server.slow_s = 25.0  # type: ignore[attr-defined]
+    image_server.slow_s = 25.0
     for index in range(WAITING):
         image_server.add(f"w{index}.png", Image.new("RGB", (32, 32), (index, 0, 0)))
     serve = processes.serve({**model_env, "PREDICT_TIMEOUT": str(timeout)})
@@ -100,8 +102,11 @@ def stoppable_redis() -> Iterator[EmbeddedRedis]:
 def test_health_says_down_within_a_second_when_redis_hangs(
     processes: Processes, model_env: dict[str, str], stoppable_redis: EmbeddedRedis
 ) -> None:
-    """SIGSTOP of the Redis server (connections accepted, nothing answered): DOWN in ~1 s, not 5 s."""
-    api = processes.serve({**model_env, "REDIS_URL": stoppable_redis.url}, wait_workers=0)
+    """SIGSTOP of the Redis server (connections accepted, nothing answered): DOWN in ~1 s, not 5 s; /setup still
+    answers in time, with the workers' announcements the API read last (here by serve's first /health)."""
+    env = {**model_env, "REDIS_URL": stoppable_redis.url}
+    announce_worker(Redis.from_url(stoppable_redis.url), settings_of(env))
+    api = processes.serve(env, wait_workers=0)
     assert stoppable_redis.process is not None
     stoppable_redis.process.send_signal(signal.SIGSTOP)
     try:
@@ -140,7 +145,9 @@ def _raw_request(url: str, head: bytes, body_chunks: Iterator[bytes]) -> bytes:
 def test_request_bodies_over_the_cap_get_413_declared_or_streamed(
     processes: Processes, model_env: dict[str, str], redis_url: str
 ) -> None:
-    api = processes.serve({**model_env, "REDIS_URL": redis_url, "MAX_REQUEST_BYTES": "100000"}, wait_workers=0)
+    env = {**model_env, "REDIS_URL": redis_url, "MAX_REQUEST_BYTES": "100000"}
+    api = processes.serve(env, wait_workers=0)
+    announce_worker(Redis.from_url(redis_url), settings_of(env))  # no worker runs a job here
     declared = _raw_request(
         api.url,
         b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 52428800\r\n\r\n",
@@ -215,10 +222,8 @@ class _RejectingStudio(http.server.BaseHTTPRequestHandler):
 @pytest.fixture()
 def rejecting_studio() -> Iterator[str]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RejectingStudio)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(server) as url:
+        yield url
 
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

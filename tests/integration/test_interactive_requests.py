@@ -5,13 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
-import pytest
 from PIL import Image
 
-from tests.integration.conftest import ImageServer, Processes
+from tests.support.images import ImageServer
+from tests.support.processes import Processes
 from tests.validation import assert_valid_prediction
-
-pytestmark = pytest.mark.integration
 
 CONFIG = (Path(__file__).resolve().parents[2] / "label_config" / "interactive.xml").read_text()
 

@@ -31,12 +31,13 @@ from rq.serializers import JSONSerializer
 
 from backend.errors import ImageFetchError
 from backend.queueing.client import CRASH_RETRIES, JobLimits, PredictionQueue, failure_reason, queue_names
+from backend.queueing.messages import PredictJob, QueuedTask
 from backend.queueing.worker import HeartbeatWorker
-from tests.integration.conftest import ImageServer, Processes, free_port
+from tests.support.images import ImageServer
+from tests.support.paths import REPO
+from tests.support.ports import free_port
+from tests.support.processes import Processes, wait_healthy
 
-pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
 BRUSH_AND_RECT = (REPO / "label_config" / "brush_and_rectangle.xml").read_text()
 DEADLINE_S = 90.0
 
@@ -216,6 +217,7 @@ def test_job_that_kills_two_workers_is_failed_as_poison_and_never_run_again(
     assert job.get_status() == JobStatus.FAILED
     assert failure_reason(job) == f"took down {CRASH_RETRIES + 1} workers; not retried"
 
+    wait_healthy(serve, 1)  # the last replacement announced its models: /predict has a model_version again
     again = _predict(serve.url, gate.url)  # the same task: re-attaches to the poison job's id
     assert again.status_code == 200 and again.json()["results"][0]["result"] == []
     assert gate.requests == 2, "the poison job ran again"
@@ -395,7 +397,8 @@ def test_worker_logs_one_record_per_failed_job_and_does_not_retry_exceptions(
     assert caplog.text.count("Traceback") == 1
     assert isinstance(worker, SimpleWorker)
 
-    queue.submit("boom" + prefix, {"n": "boom"})  # ordinary failure: a resubmit queues it again
+    resubmit = PredictJob(QueuedTask(1, None), label_config_ref="0" * 64, model_version="v")
+    queue.submit("boom" + prefix, resubmit)  # ordinary failure: a resubmit queues it again
     job = Job.fetch("boom" + prefix, connection=redis, serializer=JSONSerializer)
     assert job.get_status() == JobStatus.QUEUED and job.retries_left == CRASH_RETRIES
 

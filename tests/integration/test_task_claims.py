@@ -9,31 +9,30 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 from redis import Redis
-from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
 from backend.errors import ImageFetchError
-from backend.jobs import Runtime, stream_images, text_classes
+from backend.flow import PredictionFlow
 from backend.labelstudio.config import parse_label_config
-from backend.pipeline.detector import GroundingDinoDetector
 from backend.pipeline.grounded_sam import GroundedSam
 from backend.pipeline.types import DetectionThresholds
-from backend.prelabel import _Chunk
+from backend.prelabel import Chunk
 from backend.queueing.claims import Claimant, TaskClaims
+from backend.queueing.messages import QueuedTask
 from backend.queueing.stats import WorkerStats
-from tests.integration.conftest import redis_url  # noqa: F401  (session fixture)
-from tests.unit.test_segmenter import hf_segmenter
+from tests.support.models import hf_segmenter, tiny_detector
+from tests.support.paths import REPO
 
 TTL_S = 2
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
-def claims(redis_url: str) -> TaskClaims:  # noqa: F811
+def claims(redis_url: str) -> TaskClaims:
     return TaskClaims(Redis.from_url(redis_url), f"p{uuid.uuid4().hex[:8]}", "gsam-test")
 
 
@@ -73,7 +72,7 @@ def test_a_live_holder_keeps_its_claim_past_the_ttl(claims: TaskClaims) -> None:
         assert claims.holder(5) == "a", "the holder is alive but its claim lapsed"
 
 
-def test_a_killed_holders_claim_lapses_within_the_ttl(claims: TaskClaims, redis_url: str) -> None:  # noqa: F811
+def test_a_killed_holders_claim_lapses_within_the_ttl(claims: TaskClaims, redis_url: str) -> None:
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -147,7 +146,7 @@ class RecordingStudio:
     def prediction_ids(self, task: int, model_version: str) -> list[int]:
         return []
 
-    def create_prediction(self, task: int, prediction: dict[str, object]) -> None:
+    def create_prediction(self, task: int, prediction: dict[str, Any]) -> None:
         self.created.append(task)
 
     def delete_prediction(self, prediction_id: int) -> None:
@@ -155,59 +154,60 @@ class RecordingStudio:
 
 
 @pytest.fixture(scope="module")
-def runtime(tiny_detector_dir: Path, tiny_hf_sam_dir: Path) -> Runtime:
-    model = AutoModelForZeroShotObjectDetection.from_pretrained(tiny_detector_dir).eval()
-    detector = GroundingDinoDetector(model, AutoProcessor.from_pretrained(tiny_detector_dir))
+def flow(tiny_detector_dir: Path, tiny_hf_sam_dir: Path) -> PredictionFlow:
+    detector = tiny_detector(tiny_detector_dir)
     thresholds = DetectionThresholds(box=0.0, text=0.0, max_detections=3, nms_iou=1.0)
     pipeline = GroundedSam(detector, hf_segmenter(tiny_hf_sam_dir), thresholds)
-    return Runtime(pipeline=pipeline, fetcher=None, fingerprint={})  # type: ignore[arg-type]
+    return PredictionFlow(pipeline)
 
 
-def chunk_of(runtime: Runtime, studio: RecordingStudio, claimant: Claimant) -> _Chunk:
+def chunk_of(flow: PredictionFlow, studio: RecordingStudio, claimant: Claimant) -> Chunk:
     config = parse_label_config((REPO / "label_config" / "rectangle.xml").read_text())
     stats = WorkerStats(claimant.claims.redis)
-    return _Chunk(runtime, studio, {}, config, claimant.claims.model_version, claimant, stats)  # type: ignore[arg-type]
+    version = claimant.claims.model_version
+    return Chunk(flow=flow, studio=studio, config=config, version=version, claimant=claimant, stats=stats)
 
 
-def test_a_chunk_pushes_only_the_tasks_whose_claims_it_still_holds(claims: TaskClaims, runtime: Runtime) -> None:
+def test_a_chunk_pushes_only_the_tasks_whose_claims_it_still_holds(claims: TaskClaims, flow: PredictionFlow) -> None:
     """The models ran on two tasks; meanwhile task 2's claim lapsed and another worker took it. Only task 1 is
     pushed and marked done; task 2 is skipped as lost, not failed, and stays the other worker's. Before, both
     were pushed and task 2's claim was overwritten with "done"."""
     studio = RecordingStudio()
     mine = Claimant(claims, "returning", 600)
     assert mine.take(1) and mine.take(2)
-    chunk = chunk_of(runtime, studio, mine)
+    chunk = chunk_of(flow, studio, mine)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
-    classes = text_classes(chunk.config)
-    segmented = list(stream_images(runtime, [image, image], classes))
+    segmented = list(flow.stream([image, image], chunk.config))
     claims.redis.delete(claims.key(2))  # as if it lapsed while this worker was cut off (lapsing is tested above)
     with Claimant(claims, "heir", TTL_S) as heir:
         assert heir.take(2)
-        pushed = [chunk.finish(task, image, found, classes) for task, found in zip((1, 2), segmented, strict=True)]
+        pushed = [chunk.deliver(task, image, found) for task, found in zip((1, 2), segmented, strict=True)]
         assert pushed == [True, False]
         assert studio.created == [1], f"pushed tasks {studio.created}: a task whose claim was lost was pushed"
         assert chunk.report.pushed == [1] and chunk.report.lost == [2] and not chunk.report.failed
         assert claims.holder(1) == "done" and claims.holder(2) == "heir"
 
 
-def test_a_chunk_drops_lost_tasks_after_fetching_and_does_not_fail_them(claims: TaskClaims, runtime: Runtime) -> None:
+def test_a_chunk_drops_lost_tasks_after_fetching_and_does_not_fail_them(
+    claims: TaskClaims, flow: PredictionFlow
+) -> None:
     """Back from a partition with its images: tasks taken over meanwhile are dropped before the models run; a
     task whose work failed after its claim was lost is lost, not failed (its new holder does it)."""
     studio = RecordingStudio()
     mine = Claimant(claims, "returning", 600)
     assert mine.take(3) and mine.take(4)
-    chunk = chunk_of(runtime, studio, mine)
+    chunk = chunk_of(flow, studio, mine)
     claims.redis.delete(claims.key(4))  # as if it lapsed
     with Claimant(claims, "heir", TTL_S) as heir:
         assert heir.take(4)
         fetched = [ImageFetchError("HTTP 503"), ImageFetchError("timed out")]
-        tasks, images = chunk.still_held([{"id": 3}, {"id": 4}], fetched)
-        assert tasks == [{"id": 3}] and images == fetched[:1]
+        tasks, images = chunk.still_held([QueuedTask(3, {}), QueuedTask(4, {})], fetched)
+        assert tasks == [QueuedTask(3, {})] and images == fetched[:1]
         assert chunk.report.lost == [4]
-        assert not chunk.finish(4, None, fetched[1], ())  # type: ignore[arg-type]
+        assert not chunk.deliver(4, fetched[1], fetched[1])
         assert chunk.report.lost == [4, 4] and not chunk.report.failed, "a lost task's failure counted as failed"
-        assert not chunk.finish(3, None, fetched[0], ())  # type: ignore[arg-type]
-        assert chunk.report.failed == {3: "HTTP 503"} and claims.holder(3) is None, "an own failure is failed"
+        assert not chunk.deliver(3, fetched[0], fetched[0])
+        assert chunk.report.failed == {3: fetched[0]} and claims.holder(3) is None, "an own failure is failed"
         assert claims.holder(4) == "heir" and not studio.created
 
 
@@ -226,18 +226,17 @@ def test_a_lapsed_claim_nobody_took_is_still_held_and_taken_again(claims: TaskCl
     assert stalled.release(11) and claims.holder(11) is None
 
 
-def test_a_chunk_pushes_a_task_whose_claim_lapsed_and_nobody_took(claims: TaskClaims, runtime: Runtime) -> None:
+def test_a_chunk_pushes_a_task_whose_claim_lapsed_and_nobody_took(claims: TaskClaims, flow: PredictionFlow) -> None:
     """Back from a partition with its images, the chunk finds its claim lapsed and the task untaken: it claims it
     again and pushes it (before, it was skipped as lost and the chunk ended "successfully" without it)."""
     studio = RecordingStudio()
     mine = Claimant(claims, "returning", 1)  # not entered: nothing renewed it while cut off
     assert mine.take(12)
-    chunk = chunk_of(runtime, studio, mine)
+    chunk = chunk_of(flow, studio, mine)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
     lapsed(claims, 12)
-    tasks, images = chunk.still_held([{"id": 12}], [image])
-    assert tasks == [{"id": 12}] and not chunk.report.lost, "a lapsed claim nobody took was dropped as lost"
-    classes = text_classes(chunk.config)
-    segmented = next(stream_images(runtime, images, classes))
-    assert chunk.finish(12, image, segmented, classes)
+    tasks, images = chunk.still_held([QueuedTask(12, {})], [image])
+    assert tasks == [QueuedTask(12, {})] and not chunk.report.lost, "a lapsed claim nobody took was dropped as lost"
+    segmented = next(flow.stream(images, chunk.config))
+    assert chunk.deliver(12, image, segmented)
     assert studio.created == [12] and chunk.report.pushed == [12] and claims.holder(12) == "done"

@@ -38,7 +38,11 @@ def test_every_route_declares_a_schema_for_its_200_answer() -> None:
 def test_the_spec_names_the_real_answers_and_main_errors() -> None:
     spec = _spec()
     paths, schemas = spec["paths"], spec["components"]["schemas"]
-    assert set(schemas["HealthUp"]["properties"]) == {"status", "model_class", "workers", "queued"}
+    health_up = set(schemas["HealthUp"]["properties"])
+    assert health_up == {"status", "model_class", "workers", "queued", "fingerprints", "fingerprints_differ"}
+    assert set(schemas["WorkerFingerprint"]["properties"]) == {
+        "fingerprint", "workers", "names", "devices", "package_versions"
+    }  # fmt: skip
     health_down = paths["/health"]["get"]["responses"]["503"]["content"]["application/json"]["schema"]
     assert health_down == {"$ref": "#/components/schemas/HealthDown"}
     assert set(schemas["PredictAnswer"]["properties"]) == {"results", "run_id"}

@@ -13,25 +13,22 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
 from backend.errors import DeviceOutOfMemoryError, ImageFetchError
-from backend.jobs import Runtime
+from backend.flow import PredictionFlow
+from backend.labelstudio.config import parse_label_config
+from backend.labelstudio.templates import config_for_labels
 from backend.packed_mask import stacked
 from backend.pipeline import threads as preprocess_threads
 from backend.pipeline.detector import GroundingDinoDetector
 from backend.pipeline.grounded_sam import GroundedSam
 from backend.pipeline.halving import run_halving
 from backend.pipeline.types import DetectionThresholds, Segmented, TextClass
-from backend.prelabel import _Chunk
-from tests.unit.test_segmenter import hf_segmenter
+from tests.support.models import hf_segmenter
+from tests.support.synthetic import random_rgb
 
 EVERYTHING = DetectionThresholds(box=0.0, text=0.0, max_detections=5, nms_iou=1.0)
 CLASSES = (TextClass("Cat", ("cat",)), TextClass("Dog", ("dog",)))
-
-
-def rgb(height: int, width: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
 def boxes_for(height: int, width: int, count: int, seed: int) -> np.ndarray:
@@ -95,7 +92,7 @@ def test_other_errors_are_not_taken_for_memory() -> None:
 
 def test_sam_batch_gives_each_image_its_single_image_masks(tiny_hf_sam_dir: Path) -> None:
     segmenter = hf_segmenter(tiny_hf_sam_dir, image_batch=8)
-    images = [rgb(48, 64, 1), rgb(90, 40, 2), rgb(30, 30, 3), rgb(64, 64, 4)]
+    images = [random_rgb(48, 64, 1), random_rgb(90, 40, 2), random_rgb(30, 30, 3), random_rgb(64, 64, 4)]
     boxes = [boxes_for(48, 64, 3, 1), boxes_for(90, 40, 1, 2), np.zeros((0, 4), np.float32), boxes_for(64, 64, 5, 4)]
     with torch.inference_mode():
         together = segmenter.segment_batch(images, boxes)
@@ -116,13 +113,13 @@ def test_sam_encoder_takes_image_batch_images_at_a_time(
     model = segmenter._model
     model.get_image_embeddings = oom_above(99, lambda pixels: len(pixels), encoded)(model.get_image_embeddings)
     with torch.inference_mode():
-        segmenter.segment_batch([rgb(48, 64, seed) for seed in range(5)], [boxes_for(48, 64, 2, 0)] * 5)
+        segmenter.segment_batch([random_rgb(48, 64, seed) for seed in range(5)], [boxes_for(48, 64, 2, 0)] * 5)
     assert encoded == forwards
 
 
 def test_sam_out_of_memory_splits_images_then_boxes(tiny_hf_sam_dir: Path) -> None:
     segmenter = hf_segmenter(tiny_hf_sam_dir, box_batch=8, image_batch=8)
-    images = [rgb(48, 64, seed) for seed in range(4)]
+    images = [random_rgb(48, 64, seed) for seed in range(4)]
     boxes = [boxes_for(48, 64, 6, seed) for seed in range(4)]
     with torch.inference_mode():
         expected = segmenter.segment_batch(images, boxes)
@@ -144,16 +141,10 @@ def test_sam_out_of_memory_splits_images_then_boxes(tiny_hf_sam_dir: Path) -> No
 # Grounding DINO: a same-size group that does not fit
 
 
-@pytest.fixture(scope="module")
-def detector(tiny_detector_dir: Path) -> GroundingDinoDetector:
-    model = AutoModelForZeroShotObjectDetection.from_pretrained(tiny_detector_dir).eval()
-    return GroundingDinoDetector(model, AutoProcessor.from_pretrained(tiny_detector_dir))
-
-
 def test_detector_out_of_memory_splits_the_group_and_gives_the_same_detections(
     detector: GroundingDinoDetector,
 ) -> None:
-    images = [Image.fromarray(rgb(48, 64, seed)) for seed in range(5)]
+    images = [Image.fromarray(random_rgb(48, 64, seed)) for seed in range(5)]
     plan = detector.prepare(CLASSES)
     with torch.inference_mode():
         expected = detector.detect_batch(images, plan, EVERYTHING)
@@ -174,14 +165,15 @@ def test_detector_image_that_never_fits_is_a_named_error(detector: GroundingDino
     detector._forward = oom_above(0, lambda pixels, _plan: len(pixels), rows)(detector_call)  # type: ignore[method-assign]
     try:
         with torch.inference_mode(), pytest.raises(DeviceOutOfMemoryError, match="one image does not fit"):
-            detector.detect_batch([Image.fromarray(rgb(48, 64, 0))] * 2, plan, EVERYTHING)
+            detector.detect_batch([Image.fromarray(random_rgb(48, 64, 0))] * 2, plan, EVERYTHING)
     finally:
         del detector._forward  # back to the class's method for the module's other tests
     assert rows == [2, 1]
 
 
-def test_a_chunk_image_that_never_fits_fails_alone(detector: GroundingDinoDetector, tiny_hf_sam_dir: Path) -> None:
-    """One image too large for the device even alone: its task gets the error, its chunk-mates their instances."""
+def test_a_streamed_image_that_never_fits_fails_alone(detector: GroundingDinoDetector, tiny_hf_sam_dir: Path) -> None:
+    """One image too large for the device even alone: its item in the flow's stream is the error, the images
+    streamed with it get their instances (a bulk chunk's task fails alone)."""
     segmenter = hf_segmenter(tiny_hf_sam_dir, image_batch=8)
     model = segmenter._model
 
@@ -191,24 +183,16 @@ def test_a_chunk_image_that_never_fits_fails_alone(detector: GroundingDinoDetect
         return 1000 if bool(flat.any()) else len(pixels)
 
     model.get_image_embeddings = oom_above(999, with_the_flat_image, [])(model.get_image_embeddings)
-    runtime = Runtime(pipeline=GroundedSam(detector, segmenter, EVERYTHING), fetcher=None, fingerprint={})  # type: ignore[arg-type]
-    chunk = _Chunk(runtime, None, {}, None, "v", None, Unrecorded())  # type: ignore[arg-type]
+    flow = PredictionFlow(GroundedSam(detector, segmenter, EVERYTHING))
     flat = Image.new("RGB", (64, 48), (200, 200, 200))
     fetch_failed = ImageFetchError("HTTP 404")
-    images = [Image.fromarray(rgb(48, 64, 0)), fetch_failed, flat, Image.fromarray(rgb(48, 64, 2))]
+    images = [Image.fromarray(random_rgb(48, 64, 0)), fetch_failed, flat, Image.fromarray(random_rgb(48, 64, 2))]
 
-    results = list(chunk.segment_all(images, CLASSES))
+    results = list(flow.stream(images, parse_label_config(config_for_labels([c.name for c in CLASSES]))))
 
     assert results[1] is fetch_failed and isinstance(results[2], DeviceOutOfMemoryError)
     for found in (results[0], results[3]):
         assert isinstance(found, Segmented) and found.detections and len(found.masks) == len(found.detections)
-
-
-class Unrecorded:
-    """Worker stats that go nowhere (this test has no Redis)."""
-
-    def observe(self, stage: str, seconds: float) -> None:
-        pass
 
 
 # CPU preprocessing off the model's thread
@@ -221,7 +205,7 @@ def test_processors_run_beside_the_models_and_change_nothing(
     """With PREPROCESS_THREADS > 1 the detector's image processor runs on worker threads and SAM's processor
     prepares the next image on a side thread; the results are those of the single-threaded run."""
     segmenter = hf_segmenter(tiny_hf_sam_dir)
-    images = [rgb(48, 64, seed) for seed in range(4)]
+    images = [random_rgb(48, 64, seed) for seed in range(4)]
     boxes = [boxes_for(48, 64, 2, seed) for seed in range(4)]
     plan = detector.prepare(CLASSES)
     with torch.inference_mode():
@@ -271,7 +255,7 @@ class RecordingProxy:
 def test_sam_stream_runs_without_gradients_whoever_consumes_it(tiny_hf_sam_dir: Path) -> None:
     segmenter = hf_segmenter(tiny_hf_sam_dir)
     [(packed, scores)] = list(
-        segmenter.segment_stream([rgb(48, 64, 0)], [boxes_for(48, 64, 2, 0)])
+        segmenter.segment_stream([random_rgb(48, 64, 0)], [boxes_for(48, 64, 2, 0)])
     )  # no inference_mode
     masks = stacked(packed, (48, 64))
     assert masks.shape == (2, 48, 64) and scores.shape == (2,)

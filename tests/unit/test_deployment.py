@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import yaml
 
 from backend.commands.main import _parser
 from backend.settings import Settings
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 # Variables read by libraries, not by Settings, that the deployment files may set on purpose.
 LIBRARY_ENV = {
     "HF_HOME",

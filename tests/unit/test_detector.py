@@ -5,16 +5,14 @@ The tiny model has random weights, so its scores are garbage: these tests assert
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
 from backend.pipeline.detector import GroundingDinoDetector, _class_nms, _score, _to_pixels
 from backend.pipeline.types import Detection, DetectionThresholds, TextClass
+from tests.support.synthetic import random_image
 
 EVERYTHING = DetectionThresholds(box=0.0, text=0.0, max_detections=100, nms_iou=1.0)
 CLASSES = [
@@ -23,17 +21,6 @@ CLASSES = [
     TextClass("?", ("?",)),  # normalises to nothing: never detected
     TextClass("Wheelbarrow", ("wheelbarrow",)),
 ]
-
-
-@pytest.fixture(scope="module")
-def detector(tiny_detector_dir: Path) -> GroundingDinoDetector:
-    model = AutoModelForZeroShotObjectDetection.from_pretrained(tiny_detector_dir).eval()
-    return GroundingDinoDetector(model, AutoProcessor.from_pretrained(tiny_detector_dir))
-
-
-def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
 
 
 def detect(detector: GroundingDinoDetector, image: Image.Image, thresholds: DetectionThresholds) -> list[Detection]:

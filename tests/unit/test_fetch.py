@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import struct
 import threading
 import time
@@ -23,6 +22,8 @@ from PIL import Image
 from backend.errors import ImageFetchError
 from backend.images.fetch import FetchOptions, ImageFetcher, decode_image, load_image_file
 from backend.images.outbound import OutboundPolicy, parse_networks
+from tests.support.ports import free_port
+from tests.support.serving import serving
 
 LEGACY = "0123456789abcdef0123456789abcdef01234567"
 PAT = "eyJhbGciOiJIUzI1NiJ9.eyJ0b2tlbl90eXBlIjoicmVmcmVzaCJ9.c2lnbmF0dXJl"
@@ -120,6 +121,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, b"\0" * 100, length=MAX_BYTES * 10)
         if path == "/big-stream":
             return self._stream_forever()
+        if path == "/cut-short":  # the connection closes before the declared body is sent
+            return self._send(200, PNG[:10], length=len(PNG))
         if path.startswith("/status/"):
             return self._send(int(path.rsplit("/", 1)[1]), b"nope")
         if path in ("/data/upload/1/legacy.png", "/data/local-files/"):
@@ -165,11 +168,8 @@ def server() -> Iterator[FakeLabelStudio]:
     handler = type("BoundHandler", (Handler,), {"state": state})
     httpd = _Server(("127.0.0.1", 0), handler)
     state.port = httpd.server_address[1]
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(httpd):
+        yield state
 
 
 def _fetcher(server: FakeLabelStudio, api_key: str | None = LEGACY, **changes: object) -> ImageFetcher:
@@ -212,7 +212,14 @@ def test_exif_orientation_is_applied_as_label_studio_displays_it(server: FakeLab
         ("/status/500", "HTTP 500", True),
         ("/status/503", "HTTP 503", True),
         ("/status/429", "HTTP 429", True),
+        ("/status/502", "HTTP 502", True),
+        ("/status/504", "HTTP 504", True),
+        ("/status/408", "HTTP 408", True),
+        ("/cut-short", "request failed (RemoteProtocolError", True),
         ("/status/404", "HTTP 404", False),
+        ("/status/400", "HTTP 400", False),
+        ("/status/403", "HTTP 403", False),
+        ("/status/410", "HTTP 410", False),
         ("/big-declared", f"larger than the {MAX_BYTES}-byte limit", False),
         ("/big-stream", f"larger than the {MAX_BYTES}-byte limit", False),
         ("/bomb.png", "too many pixels", False),
@@ -236,9 +243,7 @@ def test_pixel_cap_is_checked_before_decoding(server: FakeLabelStudio) -> None:
 
 
 def test_connection_refused_is_retryable() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     options = FetchOptions(
         label_studio_url=None,
         api_key=None,

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
 from backend.errors import ModelLoadError
 from backend.packed_mask import PackedMask
@@ -25,14 +24,11 @@ from backend.pipeline.types import (
     PostprocessOptions,
     TextClass,
 )
+from tests.support.models import checkpoint_spec
+from tests.support.synthetic import random_image
 
 CLASSES = [TextClass("Cat", ("cat", "kitten")), TextClass("Traffic light", ("traffic light",))]
 LOW = DetectionThresholds(box=0.0, text=0.0, max_detections=5)
-
-
-def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
 
 
 def assert_instances(pipeline: GroundedSam, image: Image.Image) -> None:
@@ -59,9 +55,7 @@ def test_hf_sam_pipeline_gives_a_mask_per_detection(
 def test_segment_anything_pipeline_gives_a_mask_per_detection(
     tiny_detector_dir: Path, tiny_sam_checkpoint: Path
 ) -> None:
-    spec = ModelSpec(
-        detector=str(tiny_detector_dir), sam="unused", sam_checkpoint=str(tiny_sam_checkpoint), sam_model_type="vit_b"
-    )
+    spec = checkpoint_spec(tiny_detector_dir, tiny_sam_checkpoint)
 
     assert_instances(build_pipeline(spec, LOW), random_image(64, 48))
 
@@ -87,12 +81,6 @@ class RecordingSegmenter:
 
     def describe(self) -> dict[str, str]:
         return {"source": "recording"}
-
-
-@pytest.fixture(scope="module")
-def detector(tiny_detector_dir: Path) -> GroundingDinoDetector:
-    model = AutoModelForZeroShotObjectDetection.from_pretrained(tiny_detector_dir).eval()
-    return GroundingDinoDetector(model, AutoProcessor.from_pretrained(tiny_detector_dir))
 
 
 def test_nothing_detected_means_no_sam_call(detector: GroundingDinoDetector) -> None:
@@ -163,9 +151,7 @@ def hf_pipeline(tiny_detector_dir: Path, tiny_hf_sam_dir: Path) -> GroundedSam:
 
 @pytest.fixture(scope="module")
 def official_pipeline(tiny_detector_dir: Path, tiny_sam_checkpoint: Path) -> GroundedSam:
-    spec = ModelSpec(
-        detector=str(tiny_detector_dir), sam="unused", sam_checkpoint=str(tiny_sam_checkpoint), sam_model_type="vit_b"
-    )
+    spec = checkpoint_spec(tiny_detector_dir, tiny_sam_checkpoint)
     return build_pipeline(spec, LOW)
 
 

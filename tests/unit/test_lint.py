@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.paths import REPO
+
 # mypy on backend/ takes about 20-60 s without a cache; the bound is for a loaded machine.
 TIMEOUT_S = 600
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from backend.packed_mask import PackedMask
-from backend.pipeline.build import _build_segmenter, build_pipeline
+from backend.pipeline.build import build_pipeline, build_segmenter
 from backend.pipeline.types import DetectionThresholds, Instance, ModelSpec, TextClass
 
 CLASSES = (TextClass("Cat", ("cat",)), TextClass("Dog", ("dog",)), TextClass("Car", ("car",)))
@@ -78,8 +78,8 @@ def test_low_precision_sam_masks_match_float32_on_the_same_boxes(
     lowered_dtype(device, dtype)
     sam = os.environ.get("EQUIVALENCE_SAM", str(tiny_hf_sam_dir))
     spec = ModelSpec(detector="unused", sam=sam, device=device)
-    exact = _build_segmenter(spec)
-    low = _build_segmenter(replace(spec, sam_dtype=dtype))
+    exact = build_segmenter(spec)
+    low = build_segmenter(replace(spec, sam_dtype=dtype))
     ious, score_gaps = [], []
     with torch.inference_mode():
         for seed, image in enumerate(scenes(4)):

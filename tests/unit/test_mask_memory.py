@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForMaskGeneration, AutoProcessor
 
 from backend.packed_mask import stacked
 from backend.pipeline.build import _load_sam_checkpoint
@@ -21,13 +20,11 @@ from backend.pipeline.segmenter import (
     SegmentAnythingSegmenter,
     masks_per_call,
 )
+from tests.support.models import hf_segmenter
+from tests.support.synthetic import random_rgb
 
 HEIGHT, WIDTH = 90, 130
 ONE_MASK = 4 * HEIGHT * WIDTH  # bytes of one float32 mask of the test image
-
-
-def image(height: int = HEIGHT, width: int = WIDTH, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
 def boxes(count: int, height: int = HEIGHT, width: int = WIDTH, seed: int = 0) -> np.ndarray:
@@ -35,11 +32,6 @@ def boxes(count: int, height: int = HEIGHT, width: int = WIDTH, seed: int = 0) -
     x0, y0 = rng.uniform(0, width * 0.7, count), rng.uniform(0, height * 0.7, count)
     x1, y1 = x0 + rng.uniform(2, width * 0.3, count), y0 + rng.uniform(2, height * 0.3, count)
     return np.stack([x0, y0, x1, y1], axis=1).astype(np.float32)
-
-
-def hf_segmenter(directory: Path, budget: int = UPSAMPLE_BUDGET) -> HfSamSegmenter:
-    model = AutoModelForMaskGeneration.from_pretrained(directory).eval()
-    return HfSamSegmenter(model, AutoProcessor.from_pretrained(directory), upsample_budget=budget)
 
 
 def official_segmenter(checkpoint: Path, budget: int = UPSAMPLE_BUDGET) -> SegmentAnythingSegmenter:
@@ -77,11 +69,14 @@ def test_masks_upsampled_in_slices_are_the_masks_of_one_call(
 ) -> None:
     """1, 3 or all 12 masks per upsampling call: the same masks, bit for bit, as before, and the same scores."""
     if which == "hf":
-        segmenter, reference = hf_segmenter(request.getfixturevalue("tiny_hf_sam_dir"), budget), hf_reference
+        segmenter, reference = (
+            hf_segmenter(request.getfixturevalue("tiny_hf_sam_dir"), upsample_budget=budget),
+            hf_reference,
+        )
     else:
         checkpoint = request.getfixturevalue("tiny_sam_checkpoint")
         segmenter, reference = official_segmenter(checkpoint, budget), official_reference
-    pixels, prompts = image(), boxes(12)
+    pixels, prompts = random_rgb(HEIGHT, WIDTH), boxes(12)
     with torch.inference_mode():
         masks, scores = segmenter.segment(pixels, prompts)
         expected, expected_scores = reference(segmenter, pixels, prompts)
@@ -126,7 +121,7 @@ def test_hf_sam_upsamples_at_most_the_budget_at_a_time_on_a_large_image(tiny_hf_
     segmenter = hf_segmenter(tiny_hf_sam_dir)
     segmenter._processor = proxy = CountingProxy(segmenter._processor, "post_process_masks", axis=1)
     with torch.inference_mode():
-        masks, _ = segmenter.segment(image(height, width), boxes(64, height, width))
+        masks, _ = segmenter.segment(random_rgb(height, width), boxes(64, height, width))
 
     assert_bounded(proxy.counts, masks, height, width, 64)
 
@@ -139,7 +134,7 @@ def test_segment_anything_upsamples_at_most_the_budget_at_a_time_on_a_large_imag
     upsample = sam.postprocess_masks
     sam.postprocess_masks = lambda masks, *args: counts.append(len(masks)) or upsample(masks, *args)
     with torch.inference_mode():
-        masks, _ = segmenter.segment(image(height, width), boxes(64, height, width))
+        masks, _ = segmenter.segment(random_rgb(height, width), boxes(64, height, width))
 
     assert_bounded(counts, masks, height, width, 64)
 
@@ -161,7 +156,7 @@ def test_interactive_prompts_upsample_only_the_best_proposal(
     sam = official._predictor.model
     upsample: Callable[..., torch.Tensor] = sam.postprocess_masks
     sam.postprocess_masks = lambda masks, *args: counts.append(masks.shape[1]) or upsample(masks, *args)
-    pixels = image()
+    pixels = random_rgb(HEIGHT, WIDTH)
     with torch.inference_mode():
         for segmenter in (hf, official):
             mask, score = segmenter.segment_points(pixels, points, positive, box)
@@ -174,6 +169,8 @@ def test_segment_anything_runs_without_gradients_whoever_calls_it(tiny_sam_check
     """Its models are called directly now (not through the package's no_grad predict_torch): outside inference
     mode too, nothing asks for gradients."""
     segmenter = official_segmenter(tiny_sam_checkpoint)
-    [(masks, scores)] = list(segmenter.segment_stream([image()], [boxes(3)]))  # no inference_mode here
-    mask, _ = segmenter.segment_points(image(), np.array([[30.0, 40.0]]), np.array([True]), None)
+    [(masks, scores)] = list(
+        segmenter.segment_stream([random_rgb(HEIGHT, WIDTH)], [boxes(3)])
+    )  # no inference_mode here
+    mask, _ = segmenter.segment_points(random_rgb(HEIGHT, WIDTH), np.array([[30.0, 40.0]]), np.array([True]), None)
     assert len(masks) == 3 and scores.shape == (3,) and mask.shape == (HEIGHT, WIDTH)

@@ -15,7 +15,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import threading
 import time
 import tracemalloc
 import zlib
@@ -35,6 +34,7 @@ from backend.images.content import CHUNK
 from backend.images.fetch import FetchOptions, ImageFetcher
 from backend.images.outbound import OutboundPolicy, address_kind, parse_hosts, parse_networks
 from backend.settings import Settings
+from tests.support.serving import serving
 
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
 MAX_BYTES = 200_000
@@ -172,13 +172,8 @@ def _serving(host: str, port: int = 0, tls: ssl.SSLContext | None = None) -> Ite
     if tls is not None:
         httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
     state.port = httpd.server_address[1]
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(httpd):
         yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 @pytest.fixture

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from backend.settings import Settings
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
 
 

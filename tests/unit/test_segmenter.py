@@ -10,17 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForMaskGeneration, AutoProcessor
 
 from backend.errors import ModelLoadError
 from backend.packed_mask import stacked
 from backend.pipeline.build import SamArchitecture, _load_sam_checkpoint, build_pipeline
 from backend.pipeline.segmenter import (
-    HfSamSegmenter,
     SegmentAnythingSegmenter,
     Segmenter,
 )
-from backend.pipeline.types import DetectionThresholds, ModelSpec
+from backend.pipeline.types import DetectionThresholds
+from tests.support.models import checkpoint_spec, hf_segmenter
+from tests.support.synthetic import random_rgb
 from tests.tiny_models import TINY_SAM_ARCHITECTURE
 
 HEIGHT, WIDTH = 48, 64
@@ -28,17 +28,6 @@ BOXES = np.array([[1, 2, 30, 40], [5, 5, 60, 44], [0, 0, 64, 48], [10, 20, 12, 2
 needs_segment_anything = pytest.mark.skipif(
     importlib.util.find_spec("torchvision") is None, reason="segment-anything imports torchvision"
 )
-
-
-def image() -> np.ndarray:
-    return np.random.default_rng(0).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
-
-
-def hf_segmenter(
-    directory: Path, dtype: torch.dtype = torch.float32, box_batch: int = 64, image_batch: int = 1
-) -> HfSamSegmenter:
-    model = AutoModelForMaskGeneration.from_pretrained(directory, dtype=dtype).eval()
-    return HfSamSegmenter(model, AutoProcessor.from_pretrained(directory), box_batch=box_batch, image_batch=image_batch)
 
 
 def count_calls(module: torch.nn.Module) -> list[int]:
@@ -50,7 +39,7 @@ def count_calls(module: torch.nn.Module) -> list[int]:
 
 def assert_masks(segmenter: Segmenter, boxes: np.ndarray) -> None:
     with torch.inference_mode():
-        packed, scores = segmenter.segment(image(), boxes)
+        packed, scores = segmenter.segment(random_rgb(HEIGHT, WIDTH), boxes)
     masks = stacked(packed, (HEIGHT, WIDTH))
     assert masks.shape == (len(boxes), HEIGHT, WIDTH) and masks.dtype == np.bool_
     assert scores.shape == (len(boxes),) and scores.dtype == np.float32
@@ -145,10 +134,7 @@ def vit_b_shaped_state_dict() -> dict[str, torch.Tensor]:
 
 
 def build_with_checkpoint(detector_dir: Path, checkpoint: Path, model_type: str = "vit_h") -> None:
-    spec = ModelSpec(
-        detector=str(detector_dir), sam="unused", sam_checkpoint=str(checkpoint), sam_model_type=model_type
-    )
-    build_pipeline(spec, DetectionThresholds())
+    build_pipeline(checkpoint_spec(detector_dir, checkpoint, model_type), DetectionThresholds())
 
 
 def test_a_model_type_that_disagrees_with_the_checkpoint_is_refused(tiny_detector_dir: Path, tmp_path: Path) -> None:

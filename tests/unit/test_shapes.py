@@ -32,6 +32,7 @@ from backend.pipeline.types import (
     PostprocessOptions,
     TextClass,
 )
+from tests.support.models import checkpoint_spec
 
 CLASSES = [TextClass("Cat", ("cat",)), TextClass("Traffic light", ("traffic light",))]
 EVERYTHING = DetectionThresholds(box=0.0, text=0.0, max_detections=3)
@@ -50,10 +51,7 @@ def pipeline(request: pytest.FixtureRequest, tiny_detector_dir: Path) -> Grounde
     if request.param == "hf":
         spec = ModelSpec(detector=str(tiny_detector_dir), sam=str(request.getfixturevalue("tiny_hf_sam_dir")))
     else:
-        checkpoint = str(request.getfixturevalue("tiny_sam_checkpoint"))
-        spec = ModelSpec(
-            detector=str(tiny_detector_dir), sam="unused", sam_checkpoint=checkpoint, sam_model_type="vit_b"
-        )
+        spec = checkpoint_spec(tiny_detector_dir, request.getfixturevalue("tiny_sam_checkpoint"))
     return build_pipeline(spec, EVERYTHING, PostprocessOptions(dedup_iou=1.0))
 
 

@@ -1,4 +1,4 @@
-"""Generated test images (with the size Label Studio shows them at) and an image server with gates.
+"""Test images and the one image server: static files over HTTP, a slow path, and gates that hold requests.
 
 A gate holds the requests it matches (by image name and client address) until the test opens it, so a
 test decides when some tasks can finish instead of racing the machine's speed.
@@ -7,6 +7,7 @@ test decides when some tasks can finish instead of racing the machine's speed.
 from __future__ import annotations
 
 import http.server
+import io
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from tests.support.serving import serving
 
 EXIF_ORIENTATION = 0x0112
 ROTATE_90_CW = 6  # viewers (browsers, Label Studio) show a W x H file as H x W
@@ -29,6 +32,14 @@ class TestImage:
     path: Path
     width: int
     height: int
+
+
+def exif_rotated_jpeg(width: int, height: int) -> tuple[Image.Image, dict[str, object]]:
+    """A width x height image and the save options that make it a JPEG with EXIF Orientation=6, which viewers
+    show height x width."""
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = ROTATE_90_CW
+    return Image.new("RGB", (width, height), (200, 60, 40)), {"exif": exif.tobytes()}
 
 
 def draw_scene(width: int, height: int, background: tuple[int, int, int]) -> Image.Image:
@@ -142,7 +153,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @dataclass
 class ImageServer:
-    """Static images over HTTP (absolute image URLs in tasks), on 127.0.0.1 unless told otherwise."""
+    """Static images from `root` over HTTP (absolute image URLs in tasks); /slow/<name> waits `slow_s` first
+    (settable while serving)."""
 
     root: Path
     slow_s: float
@@ -151,6 +163,13 @@ class ImageServer:
 
     def url_for(self, name: str, *, slow: bool = False) -> str:
         return f"{self.url}/slow/{name}" if slow else f"{self.url}/{name}"
+
+    def add(self, name: str, image: Image.Image, **save_kwargs: object) -> str:
+        """Save `image` under `name` (PNG or JPEG by suffix) and return its absolute URL."""
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG" if name.endswith(".png") else "JPEG", **save_kwargs)
+        (self.root / name).write_bytes(buffer.getvalue())
+        return self.url_for(name)
 
     @contextmanager
     def holding(self, matches: Callable[[str, str], bool]) -> Iterator[Gate]:
@@ -167,16 +186,12 @@ class ImageServer:
 
 @contextmanager
 def serve_images(root: Path, slow_s: float, host: str = "127.0.0.1") -> Iterator[ImageServer]:
-    """Serve `root` on `host` (a free port) until the block ends."""
+    """Serve `root` (created if missing) on `host` (a free port) until the block ends."""
+    root.mkdir(parents=True, exist_ok=True)
     state = ImageServer(root, slow_s)
     httpd = http.server.ThreadingHTTPServer((host, 0), _Handler)
     httpd.owner = state  # type: ignore[attr-defined]
     httpd.daemon_threads = True
-    state.url = f"http://{host}:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(httpd) as url:
+        state.url = url
         yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()

@@ -1,0 +1,141 @@
+"""Doubles that isolate the API and queue code from the models and from Label Studio.
+
+FixedPipeline stands in for backend.pipeline.grounded_sam.GroundedSam under a real PredictionFlow: every image
+gets the same objects (boxes given as fractions of the image, so they fit any size), without a model.
+MemoryStudio stands in for Label Studio's prediction API (backend.flow.PredictionStore) in a worker.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from backend.packed_mask import PackedMask
+from backend.pipeline.negatives import ClassPlan
+from backend.pipeline.types import Detection, Instance, PromptedMask, Segmented, TextClass
+
+Fractions = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class FixedObject:
+    """One object FixedPipeline finds on every image: a class index, its box as fractions of the image's width
+    and height (x1, y1, x2, y2 in [0, 1]), filled as its mask, and its detection score."""
+
+    class_index: int
+    box: Fractions
+    score: float = 0.9
+
+
+@dataclass
+class FixedPipeline:
+    """A GroundedSam double: `objects` on every image, SAM alone answers a square around the first click.
+
+    `images` records the (width, height) of every image the models were given, across threads.
+    """
+
+    objects: tuple[FixedObject, ...] = (FixedObject(0, (0.1, 0.2, 0.6, 0.7)),)
+    mask_score: float = 0.8
+    images: list[tuple[int, int]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def prepare(self, classes: Sequence[TextClass]) -> ClassPlan:
+        """A plan naming `classes` (no prompt: nothing is tokenised)."""
+        classes = tuple(classes)
+        return ClassPlan(classes, None, tuple(frozenset() for _ in classes), ())  # type: ignore[arg-type]
+
+    def stream(self, images: Sequence[Image.Image], plan: ClassPlan) -> Iterator[Segmented]:
+        """One Segmented per image, in order: the objects whose class is in the plan, sized to the image."""
+        for image in images:
+            with self._lock:
+                self.images.append(image.size)
+            yield self._segmented(image.width, image.height, len(plan.classes))
+
+    def postprocess(self, segmented: Segmented, plan: ClassPlan) -> list[Instance]:
+        """The Segmented's detections with their masks, as they are (no cleanup)."""
+        if not segmented.detections or segmented.masks is None or segmented.scores is None:
+            return []
+        parts = zip(segmented.detections, segmented.masks, segmented.scores, strict=True)
+        return [Instance(detection, mask, float(score)) for detection, mask, score in parts]
+
+    def segment_points(
+        self,
+        image: Image.Image,
+        points_xy: npt.NDArray[np.floating[Any]],
+        positive: npt.NDArray[np.bool_],
+        box_xyxy: Fractions | None = None,
+    ) -> PromptedMask:
+        """A 10 x 10 square centred on the first point (the box when there is no point)."""
+        with self._lock:
+            self.images.append(image.size)
+        if len(points_xy):
+            x, y = (int(v) for v in points_xy[0])
+        elif box_xyxy is not None:
+            x, y = int((box_xyxy[0] + box_xyxy[2]) / 2), int((box_xyxy[1] + box_xyxy[3]) / 2)
+        else:
+            raise ValueError("SAM alone needs a point or a box")
+        mask = np.zeros((image.height, image.width), dtype=bool)
+        mask[max(0, y - 5) : y + 5, max(0, x - 5) : x + 5] = True
+        return PromptedMask(PackedMask.of(mask), self.mask_score)
+
+    def _segmented(self, width: int, height: int, classes: int) -> Segmented:
+        found = [obj for obj in self.objects if obj.class_index < classes]
+        if not found:
+            return Segmented((), None, None)
+        detections = tuple(Detection(_pixels(obj.box, width, height), obj.score, obj.class_index) for obj in found)
+        masks = tuple(_filled(detection.box_xyxy, width, height) for detection in detections)
+        return Segmented(detections, masks, np.full(len(found), self.mask_score, dtype=np.float32))
+
+
+def _pixels(box: Fractions, width: int, height: int) -> Fractions:
+    x1, y1, x2, y2 = box
+    return (x1 * width, y1 * height, x2 * width, y2 * height)
+
+
+def _filled(box: Fractions, width: int, height: int) -> PackedMask:
+    mask = np.zeros((height, width), dtype=bool)
+    x1, y1, x2, y2 = (round(v) for v in box)
+    mask[y1:y2, x1:x2] = True
+    return PackedMask.of(mask)
+
+
+@dataclass
+class MemoryStudio:
+    """Label Studio's predictions as a worker sees them (backend.flow.PredictionStore), in memory.
+
+    `predictions` maps each prediction id to (task, prediction); `created` lists the tasks pushed, in order.
+    """
+
+    predictions: dict[int, tuple[int, dict[str, Any]]] = field(default_factory=dict)
+    created: list[int] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def prediction_ids(self, task: int, model_version: str) -> list[int]:
+        with self._lock:
+            return [
+                pid
+                for pid, (tid, prediction) in self.predictions.items()
+                if tid == task and prediction.get("model_version") == model_version
+            ]
+
+    def create_prediction(self, task: int, prediction: dict[str, Any]) -> object:
+        with self._lock:
+            pid = len(self.created) + 1
+            self.predictions[pid] = (task, prediction)
+            self.created.append(task)
+        return {"id": pid}
+
+    def delete_prediction(self, prediction: int) -> None:
+        with self._lock:
+            del self.predictions[prediction]
+
+    def of_task(self, task: int) -> list[dict[str, Any]]:
+        """The predictions task `task` holds now."""
+        with self._lock:
+            return [prediction for tid, prediction in self.predictions.values() if tid == task]
