@@ -113,52 +113,48 @@ def build_models(directory: Path, models: str, sam: str, sam_size: str, device: 
     return _build_full(directory, sam, sam_size, device)
 
 
+# Words that tokenize whole in the full-size vocabulary (others split into characters): the bench's labels.
+BENCH_WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "and",
+    "with",
+    "on",
+    "in",
+    "cat",
+    "dog",
+    "car",
+    "person",
+    "traffic",
+    "light",
+    "bicycle",
+    "bus",
+    "truck",
+    "bird",
+    "tree",
+    "sign",
+    "road",
+    "automobile",
+    "cone",
+    "label",
+    "object",
+    "thing",
+    "red",
+    "green",
+    "blue",
+    "small",
+    "large",
+]
+
+
 def _bert_vocab() -> dict[str, int]:
     """A bert-base-uncased-sized vocabulary (30522 ids) with its special ids where Grounding DINO hard-codes them
     ([CLS] 101, [SEP] 102, '.' 1012, '?' 1029); lower-case ASCII text tokenizes into words or single characters."""
-    import string
+    from tests.tiny_models import bert_vocab
 
-    fixed = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103, ".": 1012, "?": 1029}
-    words = [
-        "a",
-        "an",
-        "the",
-        "of",
-        "and",
-        "with",
-        "on",
-        "in",
-        "cat",
-        "dog",
-        "car",
-        "person",
-        "traffic",
-        "light",
-        "bicycle",
-        "bus",
-        "truck",
-        "bird",
-        "tree",
-        "sign",
-        "road",
-        "automobile",
-        "cone",
-        "label",
-        "object",
-        "thing",
-        "red",
-        "green",
-        "blue",
-        "small",
-        "large",
-    ]
-    chars = [c for c in string.ascii_lowercase + string.digits + string.punctuation if c not in ".?"]
-    pieces = [*chars, *(f"##{c}" for c in string.ascii_lowercase + string.digits), *words]
-    free = (i for i in range(30522) if i not in fixed.values())
-    vocab = dict(fixed)
-    vocab.update(zip(pieces, free, strict=False))
-    vocab.update((f"[unused{i}]", i) for i in free)
-    return vocab
+    return bert_vocab(BENCH_WORDS, size=30522)
 
 
 def _build_full(directory: Path, sam: str, sam_size: str, device: str) -> dict[str, str]:

@@ -8,6 +8,7 @@ Random weights give garbage scores: tests assert structure, never specific detec
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -70,14 +71,15 @@ _WORDS = [
 ]
 
 
-def _vocab() -> dict[str, int]:
+def bert_vocab(words: Sequence[str] = _WORDS, size: int | None = None) -> dict[str, int]:
     """A BERT vocabulary with the real special ids; any lower-case ASCII text tokenizes without [UNK].
 
-    Words outside `_WORDS` split into one word piece per character, so labels span several tokens.
+    Words outside `words` split into one word piece per character, so labels span several tokens. size: the
+    vocabulary's size (bert-base-uncased: 30522; the rest are [unusedN]); None: just large enough.
     """
     chars = [c for c in string.ascii_lowercase + string.digits + string.punctuation if c not in ".?"]
-    pieces = [*chars, *(f"##{c}" for c in string.ascii_lowercase + string.digits), *_WORDS]
-    size = max(_FIXED_IDS.values()) + 1 + len(pieces)
+    pieces = [*chars, *(f"##{c}" for c in string.ascii_lowercase + string.digits), *words]
+    size = max(_FIXED_IDS.values()) + 1 + len(pieces) if size is None else size
     free = (i for i in range(size) if i not in _FIXED_IDS.values())
     vocab = dict(_FIXED_IDS)
     vocab.update(zip(pieces, free, strict=False))
@@ -91,7 +93,7 @@ def build_tiny_grounding_dino(directory: Path) -> Path:
     The processor resizes to a 160-px shortest edge so that a forward takes tens of milliseconds.
     """
     torch.manual_seed(SEED)
-    vocab = _vocab()
+    vocab = bert_vocab()
     config = GroundingDinoConfig(
         backbone_config=SwinConfig(
             embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], out_features=["stage2", "stage3", "stage4"]

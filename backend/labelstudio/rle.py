@@ -8,7 +8,7 @@ then blocks; zero bits pad it to whole bytes, always at least one (as the SDK do
 We do not encode with label_studio_sdk.converter.brush.mask2rle: it builds that stream as a Python string,
 bit field by bit field, which took 24 ms for a 1920x1080 object mask and 64 ms for a ragged one (48k ints)
 on a 2-core AMD EPYC, against 2.8 and 4.2 ms for `mask_to_rle` (bench/results/cpu_postprocess.json).
-`mask_to_rle` computes the same list of ints with numpy: tests/unit/test_rle.py checks that it equals
+`mask_to_rle` computes the same list of ints with numpy: tests/unit/labelstudio/test_rle.py checks that it equals
 mask2rle's output on many masks. Decoding (`rle_to_mask`: tests, not the prediction path) stays with the SDK.
 It encodes a `PackedMask` from its crop's runs (offset into the image), never building the H x W mask.
 """

@@ -4,7 +4,7 @@ Every function takes and returns a bool (H, W) mask and leaves its input untouch
 parts are 8-connected, holes 4-connected (the usual pairing, so a diagonal gap never counts as both).
 
 `clean_mask` runs the steps on a window around the mask's pixels (`_window`): the result is the whole
-image's, pixel for pixel (tests/unit/test_masks.py compares them), at a fraction of the cost for an object
+image's, pixel for pixel (tests/unit/pipeline/test_masks.py compares them), at a fraction of the cost for an object
 covering a small part of the image, since connected components and blurs cost per pixel of their input.
 It takes the pipeline's PackedMask (and gives one back): only that window is ever unpacked.
 """

@@ -4,8 +4,9 @@ A worker writes its `Announcement` into rq's own worker hash (`rq:worker:<name>`
 when it registers its birth, so the announcement lives exactly as long as rq's record of the worker: rq's
 heartbeat refreshes that key's TTL, register_death (a stopped worker, or `serve` unregistering a killed one)
 removes the worker from its queues' worker sets, and a worker killed without either expires with rq's
-worker TTL. The API reads the live announcements of the workers on its queues (`read_fleet`) and takes
-model_version from their one fingerprint (`Fleet.fingerprint`), so only workers read the model settings.
+worker TTL (queueing/worker.py WORKER_TTL_S: within 2 minutes). The API reads the live announcements of the
+workers on its queues (`read_fleet`) and takes model_version from their one fingerprint (`Fleet.fingerprint`),
+so only workers read the model settings.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class Fleet:
         ]
         return (
             f"workers on these queues run different model settings ({' | '.join(parts)}); give every worker the same "
-            "settings (a worker killed without stopping stays listed until rq's worker TTL, about 8 minutes, ends)"
+            "settings (a worker killed without stopping stays listed for up to 2 minutes)"
         )
 
 

@@ -44,6 +44,10 @@ MISSED_BEATS_BEFORE_ABANDONED = 3
 # rq waits 1 s, 2 s, 4 s ... between reconnection attempts when Redis is gone; a restarted embedded Redis
 # is back within seconds, so the worker does not wait a minute to notice.
 MAX_RECONNECT_WAIT_S = 5.0
+# rq's worker record (and the announcement in it) outlives a worker killed without unregistering by this plus a
+# minute; rq's default (420 s) kept a dead worker's fingerprint, and /setup's refusal when it differs, 8 minutes.
+# An idle worker then wakes every 45 s to heart-beat: nothing to speak of.
+WORKER_TTL_S = 60
 
 # Compare-and-act on rq's records (KEYS: the started registry, the job's hash; ARGV: this execution's entry,
 # this worker's name, now, the heartbeat TTL): this run still owns the job while its entry in the started
@@ -70,6 +74,7 @@ class HeartbeatWorker(SimpleWorker):
         """`announcement`: what this worker runs, written into rq's worker hash with its birth (fleet.py);
         None announces nothing (the API then takes no model_version from this worker)."""
         # The job description is the whole payload (labeling config included): the job id is enough.
+        kwargs.setdefault("worker_ttl", WORKER_TTL_S)
         super().__init__(*args, log_job_description=False, **kwargs)  # type: ignore[arg-type, misc]
         self.heartbeat_s = heartbeat_s
         self.announcement = announcement
@@ -215,7 +220,7 @@ def _sweep_until(queues: list[Queue], every_s: float, stop: threading.Event) -> 
 def forget_worker(redis: Redis, pid: int) -> None:
     """Unregister the rq worker that ran as process `pid` on this host (it was killed and could not).
 
-    Without this a killed worker counts in /health for rq's worker TTL (7 minutes) after a new one replaced it.
+    Without this a killed worker counts in /health for rq's worker TTL (up to 2 minutes) after a new one replaced it.
     """
     from rq import Worker
 

@@ -13,7 +13,6 @@ import time
 import uuid
 from collections.abc import Callable
 from importlib.metadata import version
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -29,10 +28,10 @@ from backend.queueing.client import queue_names
 from backend.queueing.fleet import Fleet, read_fleet
 from backend.queueing.worker import HeartbeatWorker, forget_worker
 from backend.settings import Settings
+from tests.support.paths import REPO
 from tests.support.processes import START_TIMEOUT_S, Proc, Processes
 from tests.support.workers import announce_worker, announced_worker, settings_of
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIG = (REPO / "label_config" / "brush_and_rectangle.xml").read_text()
 TASK = {"id": 1, "data": {"image": "http://127.0.0.1:9/a.png"}}
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import httpx
 from PIL import Image
 
 from tests.support.images import ImageServer
+from tests.support.paths import REPO
 from tests.support.processes import Processes
 from tests.validation import assert_valid_prediction
 
-CONFIG = (Path(__file__).resolve().parents[2] / "label_config" / "interactive.xml").read_text()
+CONFIG = (REPO / "label_config" / "interactive.xml").read_text()
 
 
 def _ask(url: str, image_url: str, context: object) -> httpx.Response:

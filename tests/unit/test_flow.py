@@ -37,8 +37,8 @@ from backend.queueing.configs import store_config
 from backend.queueing.messages import SCHEMA_KEY, ChunkJob, PredictJob, QueuedTask
 from backend.queueing.stats import PREFIX, WorkerStats
 from backend.settings import Settings
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 EVERYTHING = DetectionThresholds(box=0.0, text=0.0, max_detections=3, nms_iou=1.0)
 SIZES = ((48, 64), (40, 72), (56, 56))  # (height, width): each image's masks tell which image they are
 

@@ -44,7 +44,7 @@ def test_a_worker_read_extends_the_configs_life_to_the_jobs_config_ttl(redis_url
     ref = a_config(redis)
     queue = Queue(f"cfg-{uuid.uuid4().hex[:8]}", connection=redis, serializer=JSONSerializer)
     queue.enqueue(
-        "tests.integration.test_config_lifetime.read_config_as_a_job",
+        f"{__name__}.read_config_as_a_job",
         PredictJob(QueuedTask(1, None), label_config_ref=ref, model_version="x").to_json(),
         job_timeout=LIMITS.job_timeout,
         result_ttl=LIMITS.result_ttl,

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from backend.class_options import ClassOptions
 from backend.errors import ModelLoadError
 from backend.packed_mask import PackedMask
 from backend.pipeline.build import build_pipeline
 from backend.pipeline.detector import GroundingDinoDetector
 from backend.pipeline.grounded_sam import GroundedSam
 from backend.pipeline.types import (
-    ClassOptions,
     Detection,
     DetectionThresholds,
     Instance,

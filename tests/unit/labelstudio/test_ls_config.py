@@ -11,6 +11,7 @@ from backend.class_options import ClassOptions
 from backend.errors import LabelConfigError
 from backend.labelstudio.config import ControlRef, LabelSpec, parse_label_config
 from backend.labelstudio.image_tags import ImageTagControl
+from tests.support.paths import REPO
 
 BOTH = """
 <View>
@@ -160,7 +161,7 @@ def test_external_entities_are_not_read(tmp_path) -> None:
 
 # Per-label attributes, polygon, image tags, interactive controls.
 
-REPO_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "label_config").glob("*.xml"))
+REPO_CONFIGS = sorted((REPO / "label_config").glob("*.xml"))
 IMG = '<Image name="i" value="$image"/>'
 
 
