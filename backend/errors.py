@@ -90,7 +90,10 @@ class InteractiveContextError(BackendError, ValueError):
 
 
 class ModelVersionMismatchError(BackendError):
-    """The job was queued for other models or thresholds than this worker runs."""
+    """The job was queued for other models or thresholds than this worker runs. Retryable: a bulk chunk is run
+    again later, when a worker with the announced settings may take it."""
+
+    retryable = True
 
 
 class DeviceOutOfMemoryError(BackendError):

@@ -2,8 +2,9 @@
 
 This is where the three pure layers meet: Label Studio format (config, task, result), image fetching and the
 model pipeline. A worker loads one `PredictionFlow` (`PredictionFlow.load`: the slow part of its start) and
-calls its methods for every job: `fetch` a task's image, then `predict` one image (interactive jobs, the
-`predict` command), `answer` an interactive request (SAM alone for clicks and boxes, typed text as prompts), or
+calls its methods for every job: `fetch` a task's image, then `predict` one image (`instances` and
+`prediction` for the `predict` command, which also draws the objects), `answer` an interactive request (SAM
+alone for clicks and boxes, typed text as prompts), or
 `stream` many images through the models and turn each into a prediction with `result` on other threads (bulk
 chunks). Nothing here knows of rq or Redis.
 
@@ -66,16 +67,18 @@ class PredictionFlow:
         output: OutputOptions = OutputOptions(),
         studio: PredictionStore | None = None,
         timer: StageTimer = NO_TIMER,
+        device: str = "cpu",
     ) -> None:
         """fetcher None: a flow for images at hand (tests, the benchmark), whose `fetch` fails every task.
         fingerprint: what enters model_version (Settings.model_fingerprint); studio: Label Studio (LabelStudioApi),
-        which bulk work pushes to."""
+        which bulk work pushes to; device: where the models run (resolved, e.g. "cuda"), as workers announce it."""
         self.pipeline = pipeline
         self.fetcher = fetcher
         self.fingerprint: Mapping[str, object] = dict(fingerprint or {})
         self.output = output
         self.studio = studio
         self.timer = timer
+        self.device = device
         self._plans: dict[tuple[TextClass, ...], ClassPlan] = {}
         self._plans_lock = threading.Lock()
 
@@ -96,6 +99,7 @@ class PredictionFlow:
             output=settings.output_options(),
             studio=_label_studio(settings),
             timer=timer,
+            device=device,
         )
 
     def model_version(self, config: LabelConfig) -> str:

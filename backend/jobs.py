@@ -91,7 +91,7 @@ def checked_config(flow: PredictionFlow, message: PredictJob | ChunkJob) -> tupl
     expected = flow.model_version(config)
     if message.model_version != expected:
         raise ModelVersionMismatchError(
-            f"job asks for model_version {message.model_version} but this worker computes {expected}: "
-            "API and worker run with different model settings"
+            f"job asks for model_version {message.model_version} but this worker computes {expected}: the job was "
+            "queued for the fingerprint other workers announced, and this worker runs other model settings"
         )
     return config, expected

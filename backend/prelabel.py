@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
+from rq.job import Job
 
 from backend.errors import BackendError, StudioNotConfiguredError, TasksFailedError
 from backend.flow import PredictionFlow, PredictionStore
@@ -88,13 +89,20 @@ def prelabel_chunk(payload: dict[str, Any]) -> dict[str, Any]:
             stats=current_stats(),
             label_studio_host=message.label_studio_host,
         )
-        chunk.run(message.tasks, force=message.force)
+        chunk.run(_still_to_do(message.tasks, job), force=message.force)
     job.meta[META_FAILED] = sorted(chunk.report.failed)
     job.save_meta()
     failure = chunk.report.failure()
     if failure is not None:
         raise failure
     return {"pushed": chunk.report.pushed, "skipped": chunk.report.skipped, "lost": chunk.report.lost}
+
+
+def _still_to_do(tasks: Sequence[QueuedTask], job: Job) -> Sequence[QueuedTask]:
+    """The tasks this run computes: on a rerun of a chunk that recorded failed tasks (a transient retry, a retry
+    by hand), only those; with `force` too, since the others' predictions were replaced already."""
+    failed = set(job.meta.get(META_FAILED) or ())
+    return [task for task in tasks if task.id in failed] if failed else tasks
 
 
 @dataclass(kw_only=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backend.images.fetch import FetchOptions
@@ -17,19 +17,25 @@ from backend.images.outbound import OutboundPolicy, parse_hosts, parse_networks
 from backend.labelstudio.results import OutputOptions
 from backend.pipeline.types import DetectionThresholds, ModelSpec, PostprocessOptions
 
+# The defaults of the model settings are the pipeline's own (one place for each number).
+_THRESHOLDS = DetectionThresholds()
+_POSTPROCESS = PostprocessOptions()
+_OUTPUT = OutputOptions()
+
 DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_SAM = "facebook/sam-vit-huge"
 
 
 def describe_settings_error(exc: ValidationError) -> str:
-    """One line per invalid setting, named by its environment variable (BOX_THRESHOLD), never with the value
-    given: a secret set in the wrong place (BASIC_AUTH_PASS, LABEL_STUDIO_API_KEY) must not reach a log."""
-    lines = []
+    """One line: each invalid setting named by its environment variable (BOX_THRESHOLD: ...), "; " between them,
+    never with the value given: a secret set in the wrong place (BASIC_AUTH_PASS, LABEL_STUDIO_API_KEY) must not
+    reach a log."""
+    parts = []
     for error in exc.errors(include_input=False, include_url=False, include_context=False):
         names = [str(part).upper() for part in error.get("loc", ()) if isinstance(part, str)]
         message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-        lines.append(f"  {'.'.join(names)}: {message}" if names else f"  {message}")
-    return "\n".join(lines)
+        parts.append(f"{'.'.join(names)}: {message}" if names else message)
+    return "; ".join(parts)
 
 
 class Settings(BaseSettings):
@@ -103,6 +109,10 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds between a busy worker's heartbeats; 3 missed beats after its worker dies a job is queued again, once (a second death fails it).",
     )
+    worker_heartbeat_file: str | None = Field(
+        None,
+        description="File a worker touches every WORKER_HEARTBEAT seconds while it reaches Redis; `grounded-sam health --worker` checks it is fresh (the image sets it; unset: off).",
+    )
     embedded_redis_dir: str = Field(
         "~/.local/state/grounded-sam/redis",
         description="Folder where the embedded Redis (REDIS_URL unset) keeps its append-only file, so queued and finished work survive restarts; one `serve` per folder.",
@@ -137,55 +147,63 @@ class Settings(BaseSettings):
         le=64,
         description="Images per SAM image-encoder forward in bulk chunks (transformers SAM). On a 2-core CPU 8 was 2.3x slower per image than 1; raise it on a GPU after measuring (bench/). Splits itself when GPU memory runs out.",
     )
-    box_threshold: float = Field(0.3, ge=0, le=1, description="Minimum detector score of a box.")
-    text_threshold: float = Field(0.25, ge=0, le=1, description="Minimum score of the label chosen for a box.")
-    max_detections: int = Field(100, ge=1, description="Most objects kept per image (best scores first).")
-    nms_iou: float = Field(0.7, ge=0, le=1, description="Boxes of one label overlapping more than this IoU are merged.")
+    box_threshold: float = Field(_THRESHOLDS.box, ge=0, le=1, description="Minimum detector score of a box.")
+    text_threshold: float = Field(
+        _THRESHOLDS.text, ge=0, le=1, description="Minimum score of the label chosen for a box."
+    )
+    max_detections: int = Field(
+        _THRESHOLDS.max_detections, ge=1, description="Most objects kept per image (best scores first)."
+    )
+    nms_iou: float = Field(
+        _THRESHOLDS.nms_iou, ge=0, le=1, description="Boxes of one label overlapping more than this IoU are merged."
+    )
 
     # Post-processing and output (Label attributes min_area / max_instances override the first two per label)
     min_area: int = Field(
-        0, ge=0, description="Fewest mask pixels an object needs to be returned; a Label's min_area overrides it."
+        _POSTPROCESS.min_area,
+        ge=0,
+        description="Fewest mask pixels an object needs to be returned; a Label's min_area overrides it.",
     )
     max_instances: int | None = Field(
-        None,
+        _POSTPROCESS.max_instances,
         ge=1,
         description="Most objects of one label per image (unset: no limit); a Label's max_instances overrides it.",
     )
     negative_iou: float = Field(
-        0.5,
+        _POSTPROCESS.negative_iou,
         ge=0,
         le=1,
         description="A box overlapping a box of one of its label's negative prompts by more than this IoU is dropped.",
     )
     dedup_iou: float = Field(
-        0.5,
+        _POSTPROCESS.dedup_iou,
         ge=0,
         le=1,
         description="Objects of different labels whose masks overlap more than this IoU are one object; the higher score keeps it (1: off).",
     )
     dedup_score_margin: float = Field(
-        0.02,
+        _POSTPROCESS.dedup_score_margin,
         ge=0,
         le=1,
         description="Detection scores this close count as a tie there; the higher SAM mask score wins it.",
     )
     mask_fill_holes: int = Field(
-        100, ge=0, description="Holes in a mask of at most this many pixels are filled (0: off)."
+        _POSTPROCESS.fill_holes, ge=0, description="Holes in a mask of at most this many pixels are filled (0: off)."
     )
     mask_min_island: int = Field(
-        100,
+        _POSTPROCESS.min_island,
         ge=0,
         description="Parts of a mask smaller than this many pixels are dropped, never its largest part (0: off).",
     )
     mask_smoothing: float = Field(
-        0.0, ge=0, description="Sigma in pixels of the Gaussian that smooths mask outlines (0: off)."
+        _POSTPROCESS.smoothing, ge=0, description="Sigma in pixels of the Gaussian that smooths mask outlines (0: off)."
     )
     rectangle_source: Literal["detector", "mask"] = Field(
-        "detector",
+        _OUTPUT.rectangle_source,
         description="Rectangles are the detector's box (detector) or the box around the cleaned mask (mask).",
     )
     polygon_tolerance: float = Field(
-        1.0, ge=0, description="Most distance in pixels between a polygon and its mask's outline."
+        _OUTPUT.polygon_tolerance, ge=0, description="Most distance in pixels between a polygon and its mask's outline."
     )
 
     # Images
@@ -219,6 +237,11 @@ class Settings(BaseSettings):
         None,
         description="Comma-separated host names image fetches may connect to whatever they resolve to; a leading dot allows subdomains (.corp.example: a.corp.example, not corp.example).",
     )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level_any_case(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _auth_pair(self) -> Settings:

@@ -9,10 +9,10 @@
 #     run(command="bash bench/gpu_run.sh", carry=[".whl"], timeout_s=600)
 # and copy the JSON files it leaves in $OUT (files_at) into bench/results/.
 #
-# Expected time on an H100 (an estimate from DESIGN.md's anchors and the CPU-side stage costs measured here, not
-# a measurement): ~1 min to build and save the random models (3.2 GB), then ~2.5-4 min per SAM dtype (64 images
-# x 2 paths x 2 passes: one without stage timers for images/s, one with them). Both runs share DEADLINE, so the
-# float32 JSON comes back even if the bfloat16 run is cut short. N=32 halves the image work.
+# Expected time on an H100 (an estimate from forward times measured on one before and the CPU-side stage costs
+# measured here, not a measurement): ~1 min to build and save the random models (3.2 GB), then ~2.5-4 min per
+# SAM dtype (64 images x 2 paths x 2 passes: one without stage timers for images/s, one with them). Both runs
+# share DEADLINE, so the float32 JSON comes back even if the bfloat16 run is cut short. N=32 halves the image work.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}

@@ -11,7 +11,8 @@ the detector's box count (capped here, see `thresholds`) and the masks' shapes (
 
 Both paths are the production PredictionFlow (backend/flow.py): `predict` per image, and the bulk path's
 `stream` + `result`. Per-stage times come from the StageTimer hook the flow and the pipeline offer
-(backend/pipeline/timing.py): this script passes its own timer and patches nothing. On CUDA every stage
+(backend/pipeline/timing.py): this script passes its own timer and replaces no code (its one knob: the staged pass sets
+backend.pipeline.threads.PREPROCESS_THREADS to 1, as that module documents). On CUDA every stage
 boundary synchronises, so the stage breakdown comes from its own pass and the images/s from a pass with the
 timers switched off. See bench/README.md for what every number means.
 """

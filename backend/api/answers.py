@@ -24,10 +24,24 @@ class WorkerFingerprint(BaseModel):
     package_versions: list[str]
 
 
+class WorkerStateAnswer(BaseModel):
+    """One worker's readiness: "ready" (live, announced its models), "loading" its models (since: Unix time the
+    load started) or "failed" to load them (since: when; error: the load error, one line). models: what it loads,
+    in words (empty for ready workers: their fingerprint says it)."""
+
+    name: str
+    state: Literal["loading", "ready", "failed"]
+    models: list[str]
+    since: float | None
+    error: str | None
+
+
 class HealthUp(BaseModel):
     """GET /health when Redis answers: live workers, jobs waiting per queue name, and the workers' model
     fingerprints; `fingerprints_differ` when workers run different model settings (then /setup, /predict and
-    /prelabel answer 503 until they agree)."""
+    /prelabel answer 503 until they agree). `ready` when a worker can answer; `worker_states` tells each worker
+    loading / ready / failed (a failed load stays listed for 10 minutes); `detail` says in one sentence why
+    /setup is refused while no worker is ready. `status` is UP whenever Redis answers: Label Studio needs it."""
 
     status: Literal["UP"]
     model_class: str
@@ -35,6 +49,9 @@ class HealthUp(BaseModel):
     queued: dict[str, int]
     fingerprints: list[WorkerFingerprint]
     fingerprints_differ: bool
+    ready: bool
+    worker_states: list[WorkerStateAnswer]
+    detail: str | None = None
 
 
 class HealthDown(BaseModel):

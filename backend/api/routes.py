@@ -131,8 +131,8 @@ def versions(service: ServiceDep) -> VersionsAnswer:
 def prelabel(body: PrelabelRequest, service: ServiceDep) -> PrelabelAnswer:
     """Queue a project's tasks as bulk work (workers push predictions to Label Studio)."""
     tasks = [task.model_dump() for task in body.tasks]
-    run_id = service.start_bulk(str(body.project), tasks, body.label_config, force=body.force)
-    return PrelabelAnswer(run_id=run_id, tasks=len(tasks), model_version=service.model_version_for(body.label_config))
+    run = service.start_bulk(str(body.project), tasks, body.label_config, force=body.force)
+    return PrelabelAnswer(run_id=run.run_id, tasks=len(tasks), model_version=run.model_version)
 
 
 @bulk.get("/runs/{run_id}", response_model=ProgressAnswer, responses={404: {"model": ErrorAnswer}})

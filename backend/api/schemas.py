@@ -1,4 +1,5 @@
-"""Request bodies as Label Studio sends them (shared/reference/label-studio-protocol.md §1.2, §1.4).
+"""Request bodies as Label Studio sends them: /predict (tasks, label_config, params with the editor's context)
+and /setup (project, schema, hostname, access_token), as label_studio/ml/api_connector.py posts them.
 
 Unknown fields are kept out of the way (`extra="ignore"` on bodies, kept as they are on tasks): Label Studio
 adds keys between versions.

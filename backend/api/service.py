@@ -28,7 +28,7 @@ from backend.queueing.bulk import BulkRuns
 from backend.queueing.client import JobLimits, JobOutcome, PredictionQueue, prediction_job_id, queue_error
 from backend.queueing.configs import config_ttl, store_config
 from backend.queueing.connection import ping
-from backend.queueing.fleet import FingerprintGroup, Fleet, read_fleet
+from backend.queueing.fleet import FingerprintGroup, Fleet, WorkerState, read_fleet
 from backend.queueing.messages import ChunkJob, PredictJob, QueuedTask
 from backend.queueing.stats import seconds_per_task
 from backend.queueing.transient import TransientRetry
@@ -57,6 +57,14 @@ class PredictReport:
     results: list[dict[str, Any]]
     failed: int
     run_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRun:
+    """A bulk run just queued: its id and the model_version its chunks carry."""
+
+    run_id: str
+    model_version: str
 
 
 class PredictionService:
@@ -191,7 +199,7 @@ class PredictionService:
         interactive = parse_context(context, config) is not None  # InteractiveContextError: a 400, nothing queued
         over_cap = len(tasks) > self.settings.sync_max_tasks
         if not interactive and self._can_push() and (over_cap or self._too_large_for_sync(len(tasks))):
-            run_id = self.start_bulk(project, tasks, label_config, force=False)
+            run_id = self.start_bulk(project, tasks, label_config, force=False, version=version).run_id
             log.info("predict of %d tasks queued as bulk run %s", len(tasks), run_id)
             return PredictReport([], failed=0, run_id=run_id)
         if over_cap:
@@ -216,9 +224,20 @@ class PredictionService:
         results = [self._result(job_id, outcomes, version) for job_id in job_ids]
         return PredictReport([prediction for prediction, _ in results], failed=sum(1 for _, ok in results if not ok))
 
-    def start_bulk(self, project: str, tasks: Sequence[dict[str, Any]], label_config: str, *, force: bool) -> str:
-        """Queue `tasks` (integer ids) as bulk chunks whose predictions workers push to Label Studio; the run id."""
-        version = self.model_version_for(label_config)
+    def start_bulk(
+        self,
+        project: str,
+        tasks: Sequence[dict[str, Any]],
+        label_config: str,
+        *,
+        force: bool,
+        version: str | None = None,
+    ) -> QueuedRun:
+        """Queue `tasks` (integer ids) as bulk chunks whose predictions workers push to Label Studio.
+
+        version: the model_version already read from the workers for this request (read once per request, so the
+        answer names the version the chunks carry); None: read it now."""
+        version = self.model_version_for(label_config) if version is None else version
         size = self.settings.bulk_chunk_size
         ref = self._store_config(label_config)
         host = self._label_studio_host(project)
@@ -228,13 +247,14 @@ class PredictionService:
             for start in range(0, len(queued), size)
         ]
         try:
-            return self.bulk.start(project, chunks)
+            return QueuedRun(self.bulk.start(project, chunks), version)
         except RedisError as exc:
             raise queue_error(exc, "queueing bulk work") from exc
 
     def health(self) -> dict[str, Any]:
         """Redis reachability, live workers, queued jobs per queue, the workers' model fingerprints (grouped) and
-        whether they differ; QueueUnavailableError when Redis is down."""
+        whether they differ, and each worker's state (ready, loading, failed); QueueUnavailableError when Redis is
+        down."""
         ping(self.probe)
         try:
             state = {"workers": self._probe_queue.worker_count(), "queued": self._probe_queue.depth()}
@@ -242,7 +262,11 @@ class PredictionService:
         except (RedisError, OSError) as exc:
             raise QueueUnavailableError(f"Redis is unreachable: {exc}") from exc
         fingerprints = [_fingerprint_entry(group) for group in fleet.groups]
-        return {**state, "fingerprints": fingerprints, "fingerprints_differ": fleet.differ}
+        ready = [_ready_entry(name) for group in fleet.groups for name in group.workers]
+        states = ready + [_state_entry(worker) for worker in fleet.not_ready]
+        readiness = {"ready": bool(fleet.groups), "worker_states": states}
+        detail = {} if fleet.groups else {"detail": fleet.why_not_ready()}
+        return {**state, "fingerprints": fingerprints, "fingerprints_differ": fleet.differ, **readiness, **detail}
 
     def _check_deadline(self, deadline: float, tasks: int) -> None:
         late = time.monotonic() - deadline
@@ -321,4 +345,21 @@ def _fingerprint_entry(group: FingerprintGroup) -> dict[str, Any]:
         "names": list(group.workers),
         "devices": list(group.devices),
         "package_versions": list(group.package_versions),
+    }
+
+
+def _ready_entry(name: str) -> dict[str, Any]:
+    """One /health worker state of a live worker that announced its models."""
+    return {"name": name, "state": "ready", "models": [], "since": None, "error": None}
+
+
+def _state_entry(worker: WorkerState) -> dict[str, Any]:
+    """One /health worker state of a worker loading its models, or that failed to."""
+    error = worker.error if worker.state == "failed" else None
+    return {
+        "name": worker.name,
+        "state": worker.state,
+        "models": list(worker.models),
+        "since": worker.since,
+        "error": error,
     }

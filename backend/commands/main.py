@@ -7,6 +7,7 @@ Every command builds one Settings from the environment and passes it down.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -20,13 +21,15 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from backend.commands import usage
+from backend.commands.usage import add_command, top_parser, usage_error
+from backend.errors import BackendError
 from backend.settings import Settings, describe_settings_error
 
 if TYPE_CHECKING:
     from redis import Redis
 
     from backend.queueing.connection import EmbeddedRedis
-    from backend.queueing.fleet import Announcement
     from backend.supervisor import Supervisor
 
 log = logging.getLogger("backend")
@@ -39,7 +42,7 @@ WORKER_STOP_GRACE_S = 10.0
 # Docker's HEALTHCHECK gives the command its own timeout; this one is for the request alone.
 HEALTH_TIMEOUT_S = 5.0
 # The installed distribution whose version workers announce.
-DISTRIBUTION = "label-studio-grounded-sam"
+DISTRIBUTION = usage.DISTRIBUTION
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,8 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        print(f"invalid settings:\n{describe_settings_error(exc)}", file=sys.stderr)
-        return 2
+        return usage_error(f"invalid settings: {describe_settings_error(exc)}")
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         # httpx logs every request at INFO: one line per image and per push, and per poll under a progress bar.
@@ -61,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.info("stopped")
         return 0
+    except BackendError as exc:  # the command boundary: one line; the traceback only at LOG_LEVEL=DEBUG
+        log.debug("%s failed", args.command, exc_info=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -68,17 +74,22 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="grounded-sam", description=__doc__)
-    commands = parser.add_subparsers(required=True, metavar="COMMAND")
-    serve = commands.add_parser("serve", help="run the HTTP API Label Studio connects to")
+    parser = top_parser("grounded-sam")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND", dest="command")
+    serve = add_command(
+        commands, "serve", "run the backend Label Studio connects to (REDIS_URL unset: also its queue and a worker)"
+    )
     serve.set_defaults(run=_serve)
-    worker = commands.add_parser("worker", help="load the models and process jobs from REDIS_URL")
+    worker = add_command(commands, "worker", "load the models and process jobs from REDIS_URL (one per GPU)")
     worker.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     worker.set_defaults(run=_worker)
-    health = commands.add_parser("health", help="exit 0 when this machine's API is UP (Docker HEALTHCHECK)")
+    health = add_command(commands, "health", "exit 0 when this machine's API is UP (Docker HEALTHCHECK)")
+    health.add_argument(
+        "--worker", action="store_true", help="check this machine's worker instead: WORKER_HEARTBEAT_FILE is fresh"
+    )
     health.set_defaults(run=_health)
-    predict = commands.add_parser("predict", help="run the pipeline on local images, without Label Studio or Redis")
-    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    predict = add_command(commands, "predict", "run the pipeline on local images, without Label Studio or Redis")
+    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (PNG, JPEG, ...)")
     group = predict.add_mutually_exclusive_group(required=True)
     group.add_argument("--labels", help='comma-separated label names, e.g. "cat,dog,traffic light"')
     group.add_argument("--config", type=Path, help="a Label Studio labeling config XML file")
@@ -89,20 +100,34 @@ def _parser() -> argparse.ArgumentParser:
         ("status", "task counts of a project's bulk work by state"),
         ("retry", "queue a project's failed bulk work again"),
     ):
-        bulk = commands.add_parser(name, help=help_text)
+        bulk = add_command(commands, name, help_text)
         bulk.add_argument("--project", type=int, required=True, help="Label Studio project id")
         bulk.add_argument("--backend", help="backend URL (default: http://127.0.0.1:$PORT)")
         if name == "prelabel":
-            bulk.add_argument("--filter", type=json.loads, help='Data Manager query JSON, e.g. {"filters": ...}')
+            bulk.add_argument("--filter", type=_json_query, help='Data Manager query JSON, e.g. {"filters": ...}')
             bulk.add_argument("--force", action="store_true", help="recompute tasks that already have a prediction")
-        bulk.set_defaults(run=_bulk, command=name)
+        bulk.set_defaults(run=_bulk)
     return parser
 
 
+def _json_query(text: str) -> object:
+    """--filter's value: a JSON object (argparse turns the ArgumentTypeError into a one-line usage error)."""
+    try:
+        query = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc})") from None
+    if not isinstance(query, dict):
+        raise argparse.ArgumentTypeError('a JSON object is needed, e.g. {"filters": ...}')
+    return query
+
+
 def _serve(settings: Settings, _: argparse.Namespace) -> int:
+    problem = _cannot_listen(settings.host, settings.port)
+    if problem:  # before Redis and the worker start: one line, not their start-up and shutdown
+        print(f"error: cannot listen on {settings.host}:{settings.port}: {problem}", file=sys.stderr)
+        return 1
     if settings.redis_url:
         return _serve_api(settings)
-    from backend.errors import BackendError
     from backend.queueing.connection import EmbeddedRedis, api_connection
 
     redis = EmbeddedRedis(Path(settings.embedded_redis_dir).expanduser(), settings.embedded_redis_maxmemory)
@@ -121,6 +146,28 @@ def _serve(settings: Settings, _: argparse.Namespace) -> int:
             # In order (the API has stopped): the worker finishes its job, then Redis; a restart in progress
             # is waited for and stopped too.
             supervisor.stop_all()
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why the HTTP server could not bind HOST:PORT now ("the port is in use ..."), or None when it can."""
+    import socket
+
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"HOST does not resolve ({exc.strerror})"
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's server does
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return "the port is in use (another server runs there): stop it, or set PORT to a free port"
+                return f"{exc.strerror or exc} (check HOST and PORT)"
+    return None
 
 
 def _embedded_supervisor(settings: Settings, redis: EmbeddedRedis, registry: Redis) -> Supervisor:
@@ -183,6 +230,11 @@ def _serve_api(settings: Settings, supervisor: Supervisor | None = None) -> int:
         threading.Thread(target=_supervise, args=(supervisor, server, failed), daemon=True, name="supervisor").start()
     try:
         server.run()
+    except SystemExit:  # uvicorn's own start-up failure (the port taken since the check): it logged why
+        if server.started:
+            raise
+        print(f"error: the HTTP server did not start on {settings.host}:{settings.port} (see above)", file=sys.stderr)
+        return 1
     finally:
         if supervisor is not None:
             supervisor.stopping.set()  # no restarts while the children are stopped
@@ -240,8 +292,13 @@ def _stop(worker: subprocess.Popen[bytes], registry: Redis | None = None) -> Non
             worker.wait()
 
 
-def _health(settings: Settings, _: argparse.Namespace) -> int:
-    """GET this machine's /health (with basic auth when set): exit 0 when UP, 1 otherwise; one line out."""
+def _health(settings: Settings, args: argparse.Namespace) -> int:
+    """GET this machine's /health (with basic auth when set): exit 0 when UP, 1 otherwise; one line out.
+
+    With --worker: whether this machine's worker touched WORKER_HEARTBEAT_FILE lately (it does so while it
+    reaches Redis, once its models are loaded), for a worker container's HEALTHCHECK; 0 fresh, 1 otherwise."""
+    if args.worker:
+        return _worker_health(settings)
     import httpx
 
     host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(settings.host, settings.host)
@@ -265,69 +322,65 @@ def _health(settings: Settings, _: argparse.Namespace) -> int:
     return 1
 
 
-def _worker(settings: Settings, args: argparse.Namespace) -> int:
-    if not settings.redis_url:
-        print("the worker needs REDIS_URL (the Redis the API enqueues to)", file=sys.stderr)
-        return 2
-    from backend import jobs
-    from backend.errors import BackendError
-    from backend.flow import PredictionFlow
-    from backend.queueing.connection import worker_connection
-    from backend.queueing.stats import WorkerStats
-    from backend.queueing.worker import run_worker
+def _worker_health(settings: Settings) -> int:
+    """`health --worker`: one line, exit 0 when WORKER_HEARTBEAT_FILE is younger than 3 heartbeats plus 1 s."""
+    import time
 
-    redis = worker_connection(settings.redis_url)  # connects on first use
-    stats = WorkerStats(redis)  # the flow's stage timer too, for the whole process
-    try:
-        flow = PredictionFlow.load(settings, timer=stats)
-    except BackendError as exc:  # e.g. a model path that does not exist: one line, not a traceback
-        print(f"error: the worker cannot start: {exc}", file=sys.stderr)
+    from backend.queueing.worker import alive_file_stale_after
+
+    if not settings.worker_heartbeat_file:
+        print("DOWN: WORKER_HEARTBEAT_FILE is not set, so the worker writes no heartbeat to check")
         return 1
-    jobs.install(flow, stats)
-    run_worker(redis, settings.queue_name, settings.worker_heartbeat, _announcement(settings), burst=args.burst)
+    path = Path(settings.worker_heartbeat_file)
+    try:
+        age = time.time() - path.stat().st_mtime
+    except OSError:
+        print(f"DOWN: no worker heartbeat in {path} (the worker is loading its models, cannot reach Redis, or stopped)")
+        return 1
+    limit = alive_file_stale_after(settings.worker_heartbeat)
+    if age > limit:
+        print(f"DOWN: the worker's last heartbeat in {path} is {age:.0f} s old (limit {limit:.0f} s)")
+        return 1
+    print(f"UP: worker heartbeat {age:.1f} s ago")
     return 0
 
 
-def _announcement(settings: Settings) -> Announcement:
-    """What this worker runs, as the API reads it: the fingerprint its model_version comes from, and its device."""
-    from importlib.metadata import PackageNotFoundError, version
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.commands.worker import run
 
-    from backend.flow import resolve_device
-    from backend.queueing.fleet import Announcement
-
-    try:
-        package = version(DISTRIBUTION)
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        package = "unknown"
-    return Announcement(settings.model_fingerprint(), resolve_device(settings.device), package)
+    return run(settings, burst=args.burst)
 
 
 def _predict(settings: Settings, args: argparse.Namespace) -> int:
+    """Usage mistakes (no label named) exit 2, an unreadable --config or image 1; both before the models load."""
     from backend.commands.predict import predict_files
-    from backend.errors import BackendError
     from backend.labelstudio.templates import config_for_labels, parse_label_list
 
-    label_config = config_for_labels(parse_label_list(args.labels)) if args.labels else args.config.read_text()
-    try:
-        written = predict_files(settings, args.images, label_config, args.out)
-    except BackendError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if args.labels is not None:
+        labels = parse_label_list(args.labels)
+        if not labels:
+            return usage_error('--labels names no label: give comma-separated names, e.g. --labels "cat,dog"')
+        label_config = config_for_labels(labels)
+    else:
+        try:
+            label_config = args.config.read_text(encoding="utf-8")
+        except OSError as exc:
+            print(f"error: --config {args.config}: cannot read ({exc.strerror or exc})", file=sys.stderr)
+            return 1
+        except UnicodeDecodeError:
+            print(f"error: --config {args.config}: not a UTF-8 text file (a labeling config XML)", file=sys.stderr)
+            return 1
+    written = predict_files(settings, args.images, label_config, args.out)
     print(json.dumps({"written": [str(path) for path in written]}, indent=2))
     return 0
 
 
 def _bulk(settings: Settings, args: argparse.Namespace) -> int:
     from backend.commands import bulk as bulk_cli
-    from backend.errors import BackendError
 
     backend = bulk_cli.BackendClient(args.backend or f"http://127.0.0.1:{settings.port}", settings.basic_auth)
-    try:
-        if args.command == "prelabel":
-            return bulk_cli.prelabel(settings, backend, args.project, args.filter, args.force)
-        if args.command == "status":
-            return bulk_cli.status(backend, args.project)
-        return bulk_cli.retry(backend, args.project)
-    except BackendError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if args.command == "prelabel":
+        return bulk_cli.prelabel(settings, backend, args.project, args.filter, args.force)
+    if args.command == "status":
+        return bulk_cli.status(backend, args.project)
+    return bulk_cli.retry(backend, args.project)

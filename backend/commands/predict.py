@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,15 +13,21 @@ from backend.labelstudio.config import LabelConfig, parse_label_config
 from backend.pipeline.overlay import draw_overlay
 from backend.settings import Settings
 
-log = logging.getLogger(__name__)
+# Levels of the prediction JSON written one item per line (the prediction's keys, then its regions); deeper
+# values (a region, its RLE) stay on one line.
+JSON_LINE_LEVELS = 2
 
 
 def predict_files(settings: Settings, images: Sequence[Path], label_config: str, out_dir: Path) -> list[Path]:
     """Write `<stem>.json` (the Label Studio prediction) and `<stem>.overlay.png` per image into `out_dir`.
 
-    Raises LocalPredictError after all images were tried if any failed; LabelConfigError up front.
+    Raises, before the models load: LabelConfigError, or LocalPredictError when an image file cannot be opened.
+    Then LocalPredictError after all images were tried if any failed (the others are written).
     """
     config = parse_label_config(label_config)
+    unreadable = [problem for problem in map(_unreadable, images) if problem]
+    if unreadable:
+        raise LocalPredictError(f"{'; '.join(unreadable)} (nothing was predicted)")
     flow = PredictionFlow.load(settings)
     version = flow.model_version(config)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -32,11 +37,34 @@ def predict_files(settings: Settings, images: Sequence[Path], label_config: str,
         try:
             written.extend(_predict_one(flow, settings, path, config, version, out_dir))
         except BackendError as exc:
-            log.error("%s: %s", path, exc)
-            failures.append(f"{path}: {exc}")
+            failures.append(str(exc))
     if failures:
-        raise LocalPredictError("; ".join(failures))
+        raise LocalPredictError(
+            f"{len(failures)} of {len(images)} images failed: {'; '.join(failures)} (the others are in {out_dir})"
+        )
     return written
+
+
+def layered_json(value: object, levels: int = JSON_LINE_LEVELS, _level: int = 0) -> str:
+    """JSON with the items of the outer `levels` objects and arrays one per line (indented by one space per
+    level) and everything deeper compact: readable outside, never one RLE integer per line."""
+    pad, close = " " * (_level + 1), " " * _level
+    if _level < levels and isinstance(value, dict) and value:
+        items = [f"{pad}{json.dumps(key)}: {layered_json(item, levels, _level + 1)}" for key, item in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{close}}}"
+    if _level < levels and isinstance(value, list) and value:
+        items = [pad + layered_json(item, levels, _level + 1) for item in value]
+        return "[\n" + ",\n".join(items) + f"\n{close}]"
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why `path` cannot be opened as a file ("x.png: cannot read (No such file or directory)"), or None."""
+    try:
+        with path.open("rb"):
+            return None
+    except OSError as exc:
+        return f"{path}: cannot read ({exc.strerror or exc})"
 
 
 def _predict_one(
@@ -45,7 +73,7 @@ def _predict_one(
     image = load_image_file(path, settings.image_max_bytes, settings.image_max_pixels)
     instances = flow.instances(image, config)
     json_path = out_dir / f"{path.stem}.json"
-    json_path.write_text(json.dumps(flow.prediction(image, instances, config, version), indent=1))
+    json_path.write_text(layered_json(flow.prediction(image, instances, config, version)) + "\n")
     overlay_path = out_dir / f"{path.stem}.overlay.png"
     draw_overlay(image, instances, [c.name for c in text_classes(config)]).save(overlay_path)
     return [json_path, overlay_path]

@@ -1,17 +1,27 @@
 """The only place weights load: Grounding DINO and SAM from hub ids, local folders or official .pth files.
 
-Whether hub ids may be downloaded is up to huggingface_hub (HF_HUB_OFFLINE, set by the environment).
+Before anything loads, every configured model is located (`locate_models`): a local path, or a hub id already in
+the Hugging Face cache (then loaded from the cache, with no hub request), or else the hub must answer one quick
+request (HUB_CHECK_TIMEOUT_S); when it does not, one ModelLoadError names every model that could not be found and
+how to get it, instead of minutes of download retries. Whether hub ids may be downloaded at all is up to
+huggingface_hub (HF_HUB_OFFLINE, HF_ENDPOINT, HF_HOME: its own environment variables).
 """
 
 from __future__ import annotations
 
+import logging
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils._validators import validate_repo_id
 from safetensors import SafetensorError
 from transformers import (
     AutoModelForMaskGeneration,
@@ -41,6 +51,13 @@ if TYPE_CHECKING:
 _HF_LOAD_ERRORS = (OSError, ValueError, RuntimeError, ImportError, SafetensorError, pickle.UnpicklingError)
 # (ViT width, depth) of the official segment-anything checkpoints.
 _OFFICIAL_SAM = {(768, 12): "vit_b", (1024, 24): "vit_l", (1280, 32): "vit_h"}
+# Libraries that attach a stderr handler of their own to their root logger: huggingface_hub's also propagates,
+# so with the application's handler each of its warnings printed twice.
+_SELF_LOGGING_LIBRARIES = ("huggingface_hub", "transformers")
+# The one request that tells whether the hub answers at all, before any download is tried.
+HUB_CHECK_TIMEOUT_S = 3.0
+# What torch.load raises for a file that is no checkpoint (a text file: KeyError from its legacy format reader).
+_CHECKPOINT_ERRORS = (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, ValueError, IndexError)
 
 
 def build_pipeline(
@@ -54,6 +71,8 @@ def build_pipeline(
 
     `timer` times the pipeline's stages (backend.pipeline.timing); the default measures nothing.
     """
+    log_through_the_application()
+    spec = locate_models(spec)  # every model found (or one error naming all that are not) before any loads
     detector = build_detector(spec, timer)  # first: a missing detector is reported before SAM is loaded
     return GroundedSam(detector, build_segmenter(spec, timer), thresholds, postprocess, timer=timer)
 
@@ -78,6 +97,99 @@ def build_segmenter(spec: ModelSpec, timer: StageTimer = NO_TIMER) -> Segmenter:
         image_batch=spec.sam_image_batch,
         timer=timer,
     )
+
+
+def log_through_the_application() -> None:
+    """When the application configured logging (the root logger has a handler), the model libraries' records go
+    through it alone: each warning once, in the application's format. Else the libraries keep their own."""
+    if not logging.getLogger().handlers:
+        return
+    for name in _SELF_LOGGING_LIBRARIES:
+        library = logging.getLogger(name)
+        for handler in list(library.handlers):
+            library.removeHandler(handler)
+        library.propagate = True
+
+
+def locate_models(spec: ModelSpec, *, endpoint: str | None = None, offline: bool | None = None) -> ModelSpec:
+    """`spec` with each hub id that is in the Hugging Face cache replaced by its cached folder (loaded without
+    asking the hub); local paths and ids the hub can serve stay as they are.
+
+    ModelLoadError naming every model that cannot be found when some is neither local nor cached and the hub at
+    `endpoint` (default HF_ENDPOINT) does not answer within HUB_CHECK_TIMEOUT_S, or `offline` (default
+    HF_HUB_OFFLINE) forbids asking it; also when SAM_CHECKPOINT is set to no file.
+    """
+    wanted = [(f"the detector (DETECTOR_MODEL={spec.detector!r})", spec.detector)]
+    if spec.sam_checkpoint is None:
+        wanted.append((f"the SAM model (SAM_MODEL={spec.sam!r})", spec.sam))
+    cached: dict[str, str] = {}
+    no_folder, uncached = [], []
+    for named, source in wanted:
+        if Path(source).expanduser().exists():
+            continue
+        if not _is_hub_id(source):
+            no_folder.append(f"{named} is no local folder (and no hub id)")
+        elif (folder := _cached(source)) is not None:
+            cached[source] = folder
+        else:
+            uncached.append((named, source))
+    why = hub_unreachable(endpoint, offline) if uncached else None
+    missing = no_folder + ([_not_found([named for named, _ in uncached], why)] if why else [])
+    if spec.sam_checkpoint is not None and not Path(spec.sam_checkpoint).expanduser().is_file():
+        missing.append(f"SAM_CHECKPOINT={spec.sam_checkpoint!r} is not a file")
+    if missing:
+        raise ModelLoadError(_missing_message(missing, [source for _, source in uncached] if why else []))
+    return replace(spec, detector=cached.get(spec.detector, spec.detector), sam=cached.get(spec.sam, spec.sam))
+
+
+def hub_unreachable(endpoint: str | None = None, offline: bool | None = None) -> str | None:
+    """None when the Hugging Face hub answers an HTTP request (any status) within HUB_CHECK_TIMEOUT_S, else why
+    it will not serve downloads, in words."""
+    if hub_constants.HF_HUB_OFFLINE if offline is None else offline:
+        return "HF_HUB_OFFLINE=1 forbids downloads"
+    url = endpoint or hub_constants.ENDPOINT
+    try:
+        httpx.head(url, timeout=HUB_CHECK_TIMEOUT_S)
+    except httpx.HTTPError as error:
+        return f"the Hugging Face hub at {url} does not answer ({type(error).__name__}: {error or 'no answer'})"
+    return None
+
+
+def _is_hub_id(source: str) -> bool:
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _cached(repo_id: str) -> str | None:
+    """The folder of `repo_id`'s snapshot in the Hugging Face cache (loaded from there, no hub request), or None."""
+    try:
+        folder = snapshot_download(repo_id, local_files_only=True)
+    except OSError:  # LocalEntryNotFoundError: not (fully) cached
+        return None
+    return folder if isinstance(folder, str) else None
+
+
+def _not_found(named: list[str], why: str) -> str:
+    where = "is neither a local folder nor a hub id" if len(named) == 1 else "are neither local folders nor hub ids"
+    return f"{' and '.join(named)} {where} in the Hugging Face cache, and {why}"
+
+
+def _missing_message(missing: list[str], hub_ids: list[str]) -> str:
+    """One line: every model not found, why the hub cannot help, and how to fix it."""
+    fixes = []
+    if hub_ids:
+        download = " and ".join(f"`hf download {source}`" for source in hub_ids)
+        fixes.append(
+            f"on a machine with network run {download} (`huggingface-cli download` in older huggingface_hub) and "
+            "copy the Hugging Face cache (~/.cache/huggingface, or HF_HOME) here, then set HF_HUB_OFFLINE=1; or set "
+            "the variable to a local folder written by save_pretrained"
+        )
+    if len(missing) > len(fixes):
+        fixes.append("point SAM_CHECKPOINT at the official .pth file, or unset it to use SAM_MODEL")
+    return f"cannot load the models: {'; '.join(missing)}. Fix: {'; '.join(fixes)}"
 
 
 def _load_hf(
@@ -107,8 +219,14 @@ def _load_sam_checkpoint(path: Path, model_type: str) -> Sam:
         )
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise ModelLoadError(f"SAM checkpoint {str(path)!r} cannot be read as a state dict: {error}") from error
+    except _CHECKPOINT_ERRORS as error:
+        raise ModelLoadError(
+            f"SAM checkpoint {str(path)!r} cannot be read as a state dict, so it is no segment-anything checkpoint "
+            f"({type(error).__name__}: {_first_line(error)}). "
+            "Fix: point SAM_CHECKPOINT at the official .pth file"
+        ) from error
+    if not isinstance(state_dict, dict):
+        raise ModelLoadError(f"SAM checkpoint {str(path)!r} holds a {type(state_dict).__name__}, not a state dict")
     architecture = SamArchitecture.from_state_dict(state_dict, path)
     if architecture.official_type not in (None, model_type):
         raise ModelLoadError(
@@ -234,6 +352,12 @@ class SamArchitecture:
             pixel_mean=[123.675, 116.28, 103.53],
             pixel_std=[58.395, 57.12, 57.375],
         )
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message (torch.load's run on for paragraphs)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def _count_layers(shapes: dict[str, tuple[int, ...]], prefix: str) -> int:

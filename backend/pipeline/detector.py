@@ -19,7 +19,8 @@ from backend.pipeline.types import Detection, DetectionThresholds, TextClass
 class GroundingDinoDetector:
     """A transformers Grounding DINO (or MM-Grounding-DINO / LLMDet) model and its processor.
 
-    The model runs in float32 always: low precision changed its outputs in measurements (DESIGN.md).
+    The model runs in float32 always: in bfloat16/float16 it gave NaNs on CPU, and on a GPU autocast changed its
+    outputs substantially (on the same weights most of its top queries differed from float32's).
     `timer` times the stages "detector", "detector_preprocess" and "detector_forward" (backend.pipeline.timing).
     """
 

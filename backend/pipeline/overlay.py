@@ -21,7 +21,8 @@ PALETTE = (
 def draw_overlay(image: Image.Image, instances: Sequence[Instance], class_names: Sequence[str]) -> Image.Image:
     """A new RGB image: `image` with each instance's translucent mask, box outline, and "name score" label.
 
-    Masks must be (H, W) of `image`; boxes are xyxy pixels of it; class_names is indexed by class_index.
+    Masks must be (H, W) of `image`; boxes are xyxy pixels of it; class_names is indexed by class_index. The score
+    is the instance's review score (`Instance.score`), the one its regions carry in the prediction JSON.
     """
     tint = np.zeros((image.height, image.width, 4), dtype=np.uint8)
     for instance in instances:
@@ -35,7 +36,7 @@ def draw_overlay(image: Image.Image, instances: Sequence[Instance], class_names:
     for instance in instances:
         detection = instance.detection
         draw.rectangle(detection.box_xyxy, outline=_colour(instance), width=2)
-        text = f"{class_names[detection.class_index]} {detection.score:.2f}"
+        text = f"{class_names[detection.class_index]} {instance.score:.2f}"
         box_left, box_top = detection.box_xyxy[:2]
         height = font.getbbox(text)[3]
         origin = (box_left, box_top - height if box_top >= height else box_top)  # above the box where it fits

@@ -229,9 +229,11 @@ class PredictionQueue:
 
 
 def job_counts(queue: Queue) -> dict[str, int]:
-    """Jobs of `queue` by state (queued, started, finished, failed, canceled)."""
+    """Jobs of `queue` by state (queued, scheduled: waiting for a transient retry, started, finished, failed,
+    canceled)."""
     return {
         "queued": queue.count,
+        "scheduled": queue.scheduled_job_registry.count,
         "started": queue.started_job_registry.count,
         "finished": queue.finished_job_registry.count,
         "failed": queue.failed_job_registry.count,

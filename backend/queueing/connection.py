@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 # connection gives up fast; rq's worker raises socket_timeout above its dequeue timeout itself.
 API_CONNECT_TIMEOUT_S = 0.5
 API_SOCKET_TIMEOUT_S = 5.0
+# Above rq's blocking dequeue of an idle worker (backend.queueing.worker.WORKER_TTL_S - 15 s) plus the 10 s rq adds.
+WORKER_SOCKET_TIMEOUT_S = 60.0
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 LOCK_FILE = "serve.lock"
 # A server still loading a large append-only file answers -LOADING: it is alive, and is waited for this long
@@ -52,8 +54,12 @@ def api_connection(
 
 
 def worker_connection(url: str) -> Redis:
-    """A connection for a worker process (rq adjusts its socket timeout)."""
-    return Redis.from_url(url, socket_connect_timeout=5.0, health_check_interval=30)
+    """A connection for a worker process. Its socket timeout outlasts rq's blocking dequeue (the worker TTL less
+    15 s): rq raises a shorter timeout only for connections opened after the worker is built, and redis-py's
+    default (5 s) on one opened before (the loading announcements) made an idle worker quit after 5 s."""
+    return Redis.from_url(
+        url, socket_connect_timeout=5.0, socket_timeout=WORKER_SOCKET_TIMEOUT_S, health_check_interval=30
+    )
 
 
 def ping(redis: Redis) -> None:

@@ -1,9 +1,8 @@
 """Retries of bulk chunks that failed only transiently: later, with a doubling back-off, a bounded number of times.
 
 A chunk whose failed tasks all failed transiently (its TasksFailedError is `retryable`: an image fetch timed out,
-a connection failed, an HTTP 5xx, 408 or 429) is run again later; tasks it pushed are done in the claims and are
-skipped on the rerun, so only the failed ones are computed again (a chunk queued with `force` takes and
-recomputes every task on each run, as a retry by hand of it does). The policy travels with the job, in its meta,
+a connection failed, an HTTP 5xx, 408 or 429) is run again later, for the tasks its last run failed only
+(backend.prelabel reads them from the job's meta; with `force` too). The policy travels with the job, in its meta,
 from when it is queued (`TransientRetry.meta`): TRANSIENT_RETRIES reruns, the first TRANSIENT_RETRY_DELAY seconds
 after the failure, each next one after twice the wait before it (at most MAX_INTERVAL_S). A failure that would
 repeat fails the job at once, and so does the failure of its last retry, with that failure's reason.

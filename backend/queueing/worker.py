@@ -25,10 +25,12 @@ import math
 import socket
 import threading
 from contextlib import suppress
+from pathlib import Path
 
 from redis import Redis
+from redis.client import Pipeline
 from redis.exceptions import RedisError
-from rq import Queue, SimpleWorker
+from rq import Queue, SimpleWorker, worker_registration
 from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.utils import current_timestamp
@@ -84,8 +86,26 @@ class HeartbeatWorker(SimpleWorker):
         self._transient_failure: str | None = None
 
     def serialize(self) -> dict[str, object]:
-        """rq's worker hash (written at birth, and again when a heartbeat finds it expired) plus the announcement."""
+        """rq's worker hash (written at birth, and again when a heartbeat finds it lost) plus the announcement."""
         return {**super().serialize(), **announcement_fields(self.announcement)}
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
+        """rq's heartbeat; an idle worker whose record was lost meanwhile (Redis restarted without it, flushed, or
+        unreachable longer than the record's TTL) writes it again and rejoins its queues' worker sets. rq's own
+        heartbeat would leave a bare hash that the API does not count, and refuse /setup for want of workers."""
+        if pipeline is None and not self.connection.hexists(self.key, "birth"):
+            self._register_again()
+        super().heartbeat(timeout, pipeline)
+
+    def _register_again(self) -> None:
+        log.warning(
+            "worker %s: its record in Redis was gone (Redis restarted or flushed); registering again", self.name
+        )
+        with self.connection.pipeline() as pipe:
+            pipe.hset(self.key, mapping=self.serialize())  # type: ignore[arg-type]
+            worker_registration.register(self, pipe)
+            pipe.expire(self.key, self.worker_ttl + 60)
+            pipe.execute()
 
     def get_heartbeat_ttl(self, job: Job) -> int:
         # rq keeps whole seconds: rounded up, plus one, so a sub-second heartbeat never gets a TTL under 2 s.
@@ -179,7 +199,13 @@ class HeartbeatWorker(SimpleWorker):
 
 
 def run_worker(
-    redis: Redis, queue_prefix: str, heartbeat_s: float, announcement: Announcement, *, burst: bool = False
+    redis: Redis,
+    queue_prefix: str,
+    heartbeat_s: float,
+    announcement: Announcement,
+    *,
+    burst: bool = False,
+    alive_file: Path | None = None,
 ) -> bool:
     """Process jobs until stopped (SIGINT/SIGTERM: finish the current job, then exit).
 
@@ -188,7 +214,8 @@ def run_worker(
     A side thread sweeps for jobs abandoned by dead workers every `heartbeat_s`, so they are queued again
     within seconds even when no request is waiting on them (bulk chunks), and queues the transient retries that
     are due (rq's scheduler stays off, with_scheduler=False: it would fork a process from this one). A burst
-    worker leaves the retries not yet due for the next worker.
+    worker leaves the retries not yet due for the next worker. After each sweep that reached Redis it touches
+    `alive_file` (when given; removed when the worker stops), which `grounded-sam health --worker` checks.
     The caller has installed the job runtime (models loaded) before this is called, and `announcement` says
     what it loaded: the API reads it to answer with the model_version this worker computes.
     Returns rq's `work()` result (True when at least one job was processed).
@@ -198,23 +225,47 @@ def run_worker(
         queues, connection=redis, serializer=JSONSerializer, heartbeat_s=heartbeat_s, announcement=announcement
     )
     stop = threading.Event()
-    threading.Thread(target=_sweep_until, args=(queues, heartbeat_s, stop), daemon=True, name="rq-sweeper").start()
+    sweeper = threading.Thread(
+        target=_sweep_until, args=(queues, heartbeat_s, stop, alive_file), daemon=True, name="rq-sweeper"
+    )
+    sweeper.start()
     log.info("worker %s listening on %s", worker.name, ", ".join(q.name for q in queues))
     try:
         level = logging.getLevelName(log.getEffectiveLevel())
         return worker.work(burst=burst, with_scheduler=False, logging_level=level)
     finally:
         stop.set()
+        if alive_file is not None:
+            sweeper.join(timeout=5.0)  # its last touch must not come after the removal
+            with suppress(OSError):
+                alive_file.unlink()
 
 
-def _sweep_until(queues: list[Queue], every_s: float, stop: threading.Event) -> None:
-    """Every `every_s`: queue again the jobs abandoned by dead workers, and the transient retries now due."""
-    while not stop.wait(every_s):
+def alive_file_stale_after(heartbeat_s: float) -> float:
+    """Seconds after its last touch that a worker's alive file counts as stale: 3 missed sweeps, plus one."""
+    return heartbeat_s * MISSED_BEATS_BEFORE_ABANDONED + 1
+
+
+def _sweep_until(queues: list[Queue], every_s: float, stop: threading.Event, alive_file: Path | None = None) -> None:
+    """At once and then every `every_s`: queue again the jobs abandoned by dead workers and the transient retries
+    now due; after each sweep that reached Redis, touch `alive_file` (when given)."""
+    warned = False
+    while True:
         try:
             sweep_abandoned(queues)
             enqueue_due(queues)
         except RedisError as exc:  # Redis restarting: the worker loop reports it; try again next time
             log.debug("abandoned-job sweep failed: %s", exc)
+        else:
+            if alive_file is not None and not stop.is_set():
+                try:
+                    alive_file.touch()
+                except OSError as exc:  # once: `health --worker` keeps saying it
+                    if not warned:
+                        log.warning("cannot touch WORKER_HEARTBEAT_FILE %s: %s", alive_file, exc)
+                    warned = True
+        if stop.wait(every_s):
+            return
 
 
 def forget_worker(redis: Redis, pid: int) -> None:

@@ -1,7 +1,7 @@
 """A real Label Studio process and the REST calls a user's clicks make, for end-to-end tests.
 
-How Label Studio 1.23 behaves as a client is written up in shared/reference/label-studio-live-behaviour.md;
-the comments below name the parts of it each choice follows.
+Each choice below follows how Label Studio 1.23 was seen to behave as a client (tokens, ML backend connection,
+prediction retrieval); the comments say which behaviour.
 """
 
 from __future__ import annotations

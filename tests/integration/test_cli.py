@@ -6,6 +6,7 @@ import base64
 import http.server
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from backend.labelstudio.templates import config_for_labels
 from backend.queueing.connection import api_connection, embedded_redis
 from tests.support.paths import REPO
 from tests.support.ports import free_port
+from tests.support.processes import Processes
 from tests.support.serving import serving
 from tests.validation import assert_valid_prediction
 
@@ -45,9 +47,13 @@ def test_predict_writes_prediction_json_and_overlay(tmp_path: Path, model_env: d
     assert result.returncode == 0, result.stderr
     config = config_for_labels(labels)
     for path, (width, height) in images:
-        prediction = json.loads((out / f"{path.stem}.json").read_text())
+        text = (out / f"{path.stem}.json").read_text()
+        prediction = json.loads(text)
         assert prediction["result"], "tiny random models at threshold 0.05 always find something"
         assert_valid_prediction(prediction, config, width, height)
+        # Compact: the prediction's keys and one region per line, never one RLE integer per line.
+        assert len(text.splitlines()) == len(prediction) + len(prediction["result"]) + 3
+        assert all(json.loads(line.rstrip(",")) for line in text.splitlines()[2 : 2 + len(prediction["result"])])
         with Image.open(out / f"{path.stem}.overlay.png") as overlay:
             assert overlay.size == (width, height)
 
@@ -80,7 +86,48 @@ def test_serve_exits_with_the_reason_when_models_cannot_load(tmp_path: Path, mod
 def test_invalid_settings_are_refused_up_front(model_env: dict[str, str]) -> None:
     result = _run(["worker"], {**model_env, "BOX_THRESHOLD": "1.5", "REDIS_URL": "redis://127.0.0.1:1"})
     assert result.returncode == 2
-    assert "box_threshold" in result.stderr.lower()
+    assert result.stderr.splitlines() == [
+        "error: invalid settings: BOX_THRESHOLD: Input should be less than or equal to 1"
+    ]
+
+
+def _without_studio(env: dict[str, str], **extra: str) -> dict[str, str]:
+    return {k: v for k, v in env.items() if not k.startswith("LABEL_STUDIO_")} | extra
+
+
+def test_a_command_error_is_one_line_and_its_traceback_shows_at_debug(model_env: dict[str, str]) -> None:
+    """prelabel without LABEL_STUDIO_URL; LOG_LEVEL in lower case is accepted."""
+    plain = _run(["prelabel", "--project", "1"], _without_studio(model_env), timeout=60)
+    assert plain.returncode == 1
+    assert len(plain.stderr.splitlines()) == 1 and plain.stderr.startswith("error: "), plain.stderr
+    debug = _run(["prelabel", "--project", "1"], _without_studio(model_env, LOG_LEVEL="debug"), timeout=60)
+    assert debug.returncode == 1
+    assert "Traceback" in debug.stderr and debug.stderr.splitlines()[-1] == plain.stderr.strip()
+
+
+def test_a_sam_checkpoint_that_is_no_checkpoint_is_one_line(tmp_path: Path, model_env: dict[str, str]) -> None:
+    text_file = tmp_path / "sam_vit_h.pth"
+    text_file.write_text("not a checkpoint\n")
+    image = tmp_path / "a.png"
+    Image.new("RGB", (40, 30)).save(image)
+    result = _run(
+        ["predict", str(image), "--labels", "cat", "--out", str(tmp_path / "out")],
+        {**model_env, "SAM_CHECKPOINT": str(text_file)},
+    )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "sam_vit_h.pth" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_stopped_by_sigterm_logs_no_error(processes: Processes, model_env: dict[str, str]) -> None:
+    """docker stop: the API, the worker and the embedded Redis stop in order, and nothing is logged as a failure
+    (the worker that SIGTERM stopped is no dead worker)."""
+    serve = processes.serve(model_env)
+    assert serve.stop(signal.SIGTERM, timeout=60) == 0
+    log = serve.log()
+    assert " ERROR " not in log and "ERROR:" not in log, log
+    assert "exited with code" not in log and "killed by" not in log, log
 
 
 class _Health(http.server.BaseHTTPRequestHandler):

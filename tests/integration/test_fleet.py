@@ -28,6 +28,7 @@ from backend.queueing.client import queue_names
 from backend.queueing.fleet import Fleet, read_fleet
 from backend.queueing.worker import HeartbeatWorker, forget_worker
 from backend.settings import Settings
+from tests.support.api import queueing_answers
 from tests.support.paths import REPO
 from tests.support.processes import START_TIMEOUT_S, Proc, Processes
 from tests.support.workers import announce_worker, announced_worker, settings_of
@@ -54,16 +55,6 @@ def _wait_for(redis: Redis, prefix: str, done: Callable[[Fleet], bool], procs: l
             return fleet
         time.sleep(0.2)
     pytest.fail("the fleet never got there:\n" + "\n".join(proc.log() for proc in procs))
-
-
-def _refused(client: TestClient) -> list[tuple[int, str]]:
-    """/setup, /predict and /prelabel answers as (status, detail)."""
-    answers = [
-        client.post("/setup", json={"project": "5.1", "schema": CONFIG}),
-        client.post("/predict", json={"tasks": [TASK], "label_config": CONFIG, "project": "5.1"}),
-        client.post("/prelabel", json={"project": 5, "label_config": CONFIG, "tasks": [TASK]}),
-    ]
-    return [(answer.status_code, answer.json()["detail"]) for answer in answers]
 
 
 def test_a_workers_announcement_lives_as_long_as_the_worker(
@@ -99,7 +90,7 @@ def test_no_worker_is_503_with_the_reason(redis_url: str) -> None:
     silent = HeartbeatWorker(queues, connection=redis, serializer=JSONSerializer, name=f"silent-{uuid.uuid4().hex}")
     silent.register_birth()
     try:
-        for status, detail in _refused(client):
+        for status, detail in queueing_answers(client, CONFIG, TASK, 5):
             assert status == 503
             assert "no worker has announced its models yet" in detail and "grounded-sam worker" in detail
         health = client.get("/health")
@@ -111,6 +102,9 @@ def test_no_worker_is_503_with_the_reason(redis_url: str) -> None:
             "queued": {},
             "fingerprints": [],
             "fingerprints_differ": False,
+            "ready": False,
+            "worker_states": [],
+            "detail": detail,
         }
         assert all(queue.count == 0 for queue in queues)
     finally:
@@ -156,7 +150,7 @@ def test_workers_with_different_settings_are_refused_and_listed(
     with announced_worker(redis, settings, name=f"a-same-{uuid.uuid4().hex[:6]}") as same:
         odd = announce_worker(redis, odd_settings, name=f"b-odd-{uuid.uuid4().hex[:6]}")
         for _ in range(2):
-            for status, detail in _refused(client):
+            for status, detail in queueing_answers(client, CONFIG, TASK, 5):
                 assert status == 503
                 assert "different model settings" in detail
                 assert f"box_threshold: {settings.box_threshold} on {same.name}; 0.4 on {odd.name}" in detail

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+from typing import Any, cast
 
+import pytest
 import yaml
 
 from backend.commands.main import _parser
@@ -21,6 +25,24 @@ LIBRARY_ENV = {
     "PATH",
     "DEBIAN_FRONTEND",
 }
+
+
+# Variables compose itself fills in (`${NAME}`) that are no backend setting.
+COMPOSE_ONLY = {"REDIS_MAXMEMORY"}
+WORKER_HEALTHCHECK = ["CMD", "grounded-sam", "health", "--worker"]
+
+
+def _compose() -> dict[str, Any]:
+    return cast(dict[str, Any], yaml.safe_load((REPO / "docker-compose.yml").read_text()))
+
+
+def _workers(compose: dict[str, Any]) -> list[str]:
+    """The compose services that run `grounded-sam worker`."""
+    return [name for name, service in compose["services"].items() if service.get("command") == ["worker"]]
+
+
+def _settings() -> set[str]:
+    return {name.upper() for name in Settings.model_fields}
 
 
 def _commands() -> set[str]:
@@ -108,7 +130,7 @@ def test_compose_restarts_services_and_persists_a_bounded_redis() -> None:
     [volume] = services["redis"]["volumes"]
     name, path = volume.split(":")
     assert path == "/data" and name in compose["volumes"]
-    assert services["worker"]["healthcheck"] == {"disable": True}
+    assert all(services[name]["healthcheck"]["test"] == WORKER_HEALTHCHECK for name in _workers(compose))
 
 
 def test_dockerfile_healthcheck_is_the_health_command() -> None:
@@ -119,3 +141,90 @@ def test_dockerfile_healthcheck_is_the_health_command() -> None:
     assert int(options["timeout"].rstrip("s")) >= 5
     command = json.loads(match.group(2))
     assert command == ["grounded-sam", "health"] and command[1] in _commands()
+
+
+def test_every_setting_can_be_passed_to_api_and_workers_and_every_named_variable_exists() -> None:
+    """Any setting goes into `.env` (read whole by API and workers; optional); every ${NAME} compose fills in and
+    every variable the Dockerfile sets is a setting (or a library's, or compose's own)."""
+    compose = _compose()
+    for name in ["api", *_workers(compose)]:
+        assert {"path": ".env", "required": False} in compose["services"][name]["env_file"], name
+    text = (REPO / "docker-compose.yml").read_text()
+    named = set(re.findall(r"\$\{([A-Z_]+)", text)) | set(re.findall(r"^\s+([A-Z_]+):", text, re.M))
+    label_studio = set(compose["services"]["label-studio"]["environment"])
+    dashboard = set(compose["services"]["rq-dashboard"]["environment"])
+    unknown = named - _settings() - LIBRARY_ENV - COMPOSE_ONLY - label_studio - dashboard
+    assert not unknown, unknown
+
+
+def test_each_worker_service_reserves_its_own_gpu() -> None:
+    """One GPU per worker in a way compose supports: an explicit device id per service, never a shared `count`."""
+    compose = _compose()
+    ids = []
+    for name in _workers(compose):
+        [device] = compose["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        assert "count" not in device and device["capabilities"] == ["gpu"], name
+        ids += device["device_ids"]
+    assert len(_workers(compose)) >= 2 and len(ids) == len(set(ids)) == len(_workers(compose)), ids
+
+
+def test_the_worker_healthcheck_is_a_heartbeat_the_worker_writes() -> None:
+    """The image names the file (a setting), the worker services check it with `health --worker` (a real flag)."""
+    env = dict(re.findall(r"^\s+([A-Z_]+)=(\S+?)(?: \\)?$", _dockerfile(), re.M))
+    assert env["WORKER_HEARTBEAT_FILE"].startswith("/tmp/") and "WORKER_HEARTBEAT_FILE" in _settings()
+    args = _parser().parse_args(WORKER_HEALTHCHECK[2:])
+    assert args.worker is True
+    compose = _compose()
+    for name in _workers(compose):
+        check = compose["services"][name]["healthcheck"]
+        assert check["test"] == WORKER_HEALTHCHECK and "disable" not in check, name
+
+
+def test_label_studio_may_reach_the_backend_on_private_addresses() -> None:
+    """Both Label Studio variables the README names for a backend on a private address are set."""
+    environment = _compose()["services"]["label-studio"]["environment"]
+    assert environment["LABEL_STUDIO_ML_BLOCK_LOCAL_IP"] == "false"
+    assert environment["LABEL_STUDIO_SSRF_PROTECTION_ENABLED"] == "false"
+    readme = (REPO / "README.md").read_text()
+    assert "`LABEL_STUDIO_ML_BLOCK_LOCAL_IP=false`, `LABEL_STUDIO_SSRF_PROTECTION_ENABLED=false`" in readme
+
+
+def test_the_build_context_leaves_out_history_environments_and_secrets_but_not_what_the_image_copies() -> None:
+    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
+    assert {".git", ".venv", ".venv-*", ".env", "**/__pycache__", "tests", "bench"} <= ignored
+    copied = {part for line in re.findall(r"^COPY (.+) \S+$", _dockerfile(), re.M) for part in line.split()}
+    assert copied == {"pyproject.toml", "README.md", "backend", "label_config"}
+    assert not copied & ignored
+
+
+def _ci_torch_pair() -> tuple[str, str]:
+    match = re.search(r"pip install .*torch==(\S+) torchvision==(\S+)", (REPO / ".ci" / "run").read_text())
+    assert match is not None
+    return match.group(1), match.group(2)
+
+
+def test_one_torch_and_torchvision_pair_everywhere() -> None:
+    """.ci/run, the Dockerfile and the README's install commands name the same pair; pyproject only bounds it
+    from below, so installing the project (any extra) keeps the torch build installed first."""
+    torch, torchvision = _ci_torch_pair()
+    text = _dockerfile()
+    assert re.search(rf"^ARG TORCH_VERSION={re.escape(torch)}$", text, re.M)
+    assert re.search(rf"^ARG TORCHVISION_VERSION={re.escape(torchvision)}$", text, re.M)
+    assert '"torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" --index-url' in text
+    readme = (REPO / "README.md").read_text()
+    pair = f"pip install torch=={torch} torchvision=={torchvision} --index-url https://download.pytorch.org/whl/"
+    assert f"{pair}cpu" in readme and re.search(rf"{re.escape(pair)}cu\d+", readme)
+    requirements = re.findall(r'"(torch(?:vision)?(?![\w-])[^"]*)"', (REPO / "pyproject.toml").read_text())
+    for name in ("torch", "torchvision"):
+        pins = [r for r in requirements if re.match(rf"{name}(?![\w-])", r)]
+        assert pins and all(re.fullmatch(rf"{name}>=[\d.]+", r) for r in pins), pins
+
+
+def test_docker_compose_config_accepts_the_file() -> None:
+    """`docker compose config` (no engine needed) where a docker CLI with the compose plugin exists."""
+    docker = shutil.which("docker")
+    if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
+        pytest.skip("no docker CLI with the compose plugin on this machine")
+    for profile in ([], ["--profile", "gpu2", "--profile", "labelstudio", "--profile", "dashboard"]):
+        result = subprocess.run([docker, "compose", *profile, "config", "--quiet"], cwd=REPO, capture_output=True)
+        assert result.returncode == 0, result.stderr.decode()

@@ -39,7 +39,10 @@ def test_the_spec_names_the_real_answers_and_main_errors() -> None:
     spec = _spec()
     paths, schemas = spec["paths"], spec["components"]["schemas"]
     health_up = set(schemas["HealthUp"]["properties"])
-    assert health_up == {"status", "model_class", "workers", "queued", "fingerprints", "fingerprints_differ"}
+    assert health_up == {
+        "status", "model_class", "workers", "queued", "fingerprints", "fingerprints_differ", "ready", "worker_states",
+        "detail",
+    }  # fmt: skip
     assert set(schemas["WorkerFingerprint"]["properties"]) == {
         "fingerprint", "workers", "names", "devices", "package_versions"
     }  # fmt: skip

@@ -1,4 +1,5 @@
-"""Interactive context (the request shapes Label Studio sends, see shared/reference/label-studio-protocol.md §1.2)."""
+"""Interactive context: the editor's keypoint/rectangle/brush clicks in /predict's `params.context`, as Label Studio
+sends them."""
 
 from __future__ import annotations
 

@@ -45,3 +45,19 @@ def test_no_instances_leave_the_image_as_it_was() -> None:
     image = Image.new("RGB", (64, 48), GREY)
 
     assert np.array_equal(np.asarray(draw_overlay(image, [], ["Cat"])), np.asarray(image))
+
+
+def test_the_label_shows_the_review_score_the_prediction_json_carries() -> None:
+    """Detector 0.81 with SAM 1.0 and detector 0.9 with SAM 0.9 have the same review score (0.90): the same
+    picture; detector 0.9 with SAM 0.5 (review score 0.67) is labelled differently."""
+    image = Image.new("RGB", (160, 120), GREY)
+
+    def drawn(detector: float, sam: float) -> np.ndarray:
+        mask = np.zeros((120, 160), dtype=bool)
+        mask[30:100, 10:70] = True
+        candidate = Instance(Detection((10, 30, 70, 100), detector, 0), mask, sam)
+        return np.asarray(draw_overlay(image, [candidate], ["Cat"]))
+
+    assert Instance(Detection((10, 30, 70, 100), 0.81, 0), np.zeros((120, 160), bool), 1.0).score == 0.9
+    assert np.array_equal(drawn(0.81, 1.0), drawn(0.9, 0.9))
+    assert not np.array_equal(drawn(0.9, 0.9), drawn(0.9, 0.5))
