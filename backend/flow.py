@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
-from backend.errors import BackendError, DeviceOutOfMemoryError, ImageFetchError
+from backend.errors import BackendError, DeviceOutOfMemoryError, ImageFetchError, ModelLoadError
 from backend.images.fetch import ImageFetcher
 from backend.labelstudio.config import LabelConfig
 from backend.labelstudio.interactive import SamPrompt, TextPrompt, parse_context
@@ -221,10 +221,21 @@ def text_classes(config: LabelConfig) -> tuple[TextClass, ...]:
 
 
 def resolve_device(device: str) -> str:
-    """ "auto" → the first CUDA device when torch sees one, else the CPU."""
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """ "auto" → the first CUDA device when torch sees one, else the CPU. ModelLoadError, before any model loads,
+    for a CUDA device torch cannot see (a CPU build of torch, no driver, an index past the GPUs)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        suffix = device.partition(":")[2]
+        index = int(suffix) if suffix.isdigit() else 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            build = "a CPU build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+            raise ModelLoadError(
+                f"DEVICE={device} but torch ({torch.__version__}, {build}) sees {torch.cuda.device_count()} CUDA "
+                "devices. Fix: DEVICE=cpu or auto, or install torch's CUDA build and the NVIDIA driver (README "
+                "Set up); in Docker, give the container the GPU"
+            )
+    return device
 
 
 def _to_object(instance: Instance, classes: tuple[TextClass, ...]) -> PredictedObject:

@@ -264,8 +264,10 @@ class PredictionService:
         fingerprints = [_fingerprint_entry(group) for group in fleet.groups]
         ready = [_ready_entry(name) for group in fleet.groups for name in group.workers]
         states = ready + [_state_entry(worker) for worker in fleet.not_ready]
-        readiness = {"ready": bool(fleet.groups), "worker_states": states}
-        detail = {} if fleet.groups else {"detail": fleet.why_not_ready()}
+        # Ready means /setup answers: one fingerprint among the live workers (several: /setup refuses, saying why).
+        readiness = {"ready": len(fleet.groups) == 1, "worker_states": states}
+        why = fleet.disagreement() if fleet.differ else None if fleet.groups else fleet.why_not_ready()
+        detail = {} if why is None else {"detail": why}
         return {**state, "fingerprints": fingerprints, "fingerprints_differ": fleet.differ, **readiness, **detail}
 
     def _check_deadline(self, deadline: float, tasks: int) -> None:

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from backend.commands import usage
 from backend.commands.usage import add_command, top_parser, usage_error
 from backend.errors import BackendError
 from backend.settings import Settings, describe_settings_error
@@ -42,7 +41,6 @@ WORKER_STOP_GRACE_S = 10.0
 # Docker's HEALTHCHECK gives the command its own timeout; this one is for the request alone.
 HEALTH_TIMEOUT_S = 5.0
 # The installed distribution whose version workers announce.
-DISTRIBUTION = usage.DISTRIBUTION
 
 
 def main(argv: Sequence[str] | None = None) -> int:

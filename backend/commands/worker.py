@@ -41,7 +41,7 @@ def run(settings: Settings, *, burst: bool = False) -> int:
     from backend.queueing.connection import api_connection, ping, worker_connection
 
     # Before the models (and torch's import): a wrong REDIS_URL is one line within a second (short timeouts).
-    probe = api_connection(settings.redis_url)
+    probe = api_connection(settings.redis_url, connect_timeout=5.0)  # a remote or TLS Redis may need seconds
     try:
         ping(probe)
     except BackendError as exc:

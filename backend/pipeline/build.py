@@ -112,34 +112,43 @@ def log_through_the_application() -> None:
 
 
 def locate_models(spec: ModelSpec, *, endpoint: str | None = None, offline: bool | None = None) -> ModelSpec:
-    """`spec` with each hub id that is in the Hugging Face cache replaced by its cached folder (loaded without
-    asking the hub); local paths and ids the hub can serve stay as they are.
+    """`spec`, checked before anything loads: local paths stay; hub ids stay while the hub answers (transformers
+    then uses the Hugging Face cache and completes an interrupted download); when the hub cannot serve (it does not
+    answer within HUB_CHECK_TIMEOUT_S at `endpoint`, default HF_ENDPOINT, or `offline`, default HF_HUB_OFFLINE),
+    each hub id in the cache is replaced by its cached folder, loaded without asking the hub again.
 
-    ModelLoadError naming every model that cannot be found when some is neither local nor cached and the hub at
-    `endpoint` (default HF_ENDPOINT) does not answer within HUB_CHECK_TIMEOUT_S, or `offline` (default
-    HF_HUB_OFFLINE) forbids asking it; also when SAM_CHECKPOINT is set to no file.
+    ModelLoadError naming every model that cannot be found (and one fix per kind of problem): a path that is no
+    folder and no hub id, a hub id neither cached nor downloadable, a SAM_CHECKPOINT that is no file.
     """
     wanted = [(f"the detector (DETECTOR_MODEL={spec.detector!r})", spec.detector)]
     if spec.sam_checkpoint is None:
         wanted.append((f"the SAM model (SAM_MODEL={spec.sam!r})", spec.sam))
-    cached: dict[str, str] = {}
-    no_folder, uncached = [], []
-    for named, source in wanted:
-        if Path(source).expanduser().exists():
-            continue
-        if not _is_hub_id(source):
-            no_folder.append(f"{named} is no local folder (and no hub id)")
-        elif (folder := _cached(source)) is not None:
-            cached[source] = folder
-        else:
-            uncached.append((named, source))
-    why = hub_unreachable(endpoint, offline) if uncached else None
-    missing = no_folder + ([_not_found([named for named, _ in uncached], why)] if why else [])
-    if spec.sam_checkpoint is not None and not Path(spec.sam_checkpoint).expanduser().is_file():
+    remote = [(named, source) for named, source in wanted if not Path(source).expanduser().exists()]
+    no_folder = [f"{named} is no local folder (and no hub id)" for named, source in remote if not _is_hub_id(source)]
+    hub_ids = [(named, source) for named, source in remote if _is_hub_id(source)]
+    why = hub_unreachable(endpoint, offline) if hub_ids else None
+    cached = {source: folder for _, source in hub_ids if why and (folder := _cached(source)) is not None}
+    uncached = [(named, source) for named, source in hub_ids if why and source not in cached]
+    missing = no_folder + ([_not_found([named for named, _ in uncached], why)] if why and uncached else [])
+    checkpoint_missing = spec.sam_checkpoint is not None and not Path(spec.sam_checkpoint).expanduser().is_file()
+    if checkpoint_missing:
         missing.append(f"SAM_CHECKPOINT={spec.sam_checkpoint!r} is not a file")
     if missing:
-        raise ModelLoadError(_missing_message(missing, [source for _, source in uncached] if why else []))
-    return replace(spec, detector=cached.get(spec.detector, spec.detector), sam=cached.get(spec.sam, spec.sam))
+        fixes = _fixes([source for _, source in uncached], bool(no_folder), checkpoint_missing)
+        raise ModelLoadError(f"cannot load the models: {'; '.join(missing)}. Fix: {'; '.join(fixes)}")
+    checkpoint = None if spec.sam_checkpoint is None else str(Path(spec.sam_checkpoint).expanduser())
+    return replace(
+        spec,
+        detector=cached.get(spec.detector, _expanded(spec.detector)),
+        sam=cached.get(spec.sam, _expanded(spec.sam)),
+        sam_checkpoint=checkpoint,
+    )
+
+
+def _expanded(source: str) -> str:
+    """A local path with `~` expanded (what was checked is what loads); a hub id as it is."""
+    path = Path(source).expanduser()
+    return str(path) if path.exists() else source
 
 
 def hub_unreachable(endpoint: str | None = None, offline: bool | None = None) -> str | None:
@@ -177,8 +186,8 @@ def _not_found(named: list[str], why: str) -> str:
     return f"{' and '.join(named)} {where} in the Hugging Face cache, and {why}"
 
 
-def _missing_message(missing: list[str], hub_ids: list[str]) -> str:
-    """One line: every model not found, why the hub cannot help, and how to fix it."""
+def _fixes(hub_ids: list[str], no_folder: bool, checkpoint_missing: bool) -> list[str]:
+    """One fix per kind of problem `locate_models` found."""
     fixes = []
     if hub_ids:
         download = " and ".join(f"`hf download {source}`" for source in hub_ids)
@@ -187,9 +196,11 @@ def _missing_message(missing: list[str], hub_ids: list[str]) -> str:
             "copy the Hugging Face cache (~/.cache/huggingface, or HF_HOME) here, then set HF_HUB_OFFLINE=1; or set "
             "the variable to a local folder written by save_pretrained"
         )
-    if len(missing) > len(fixes):
+    if no_folder:
+        fixes.append("set DETECTOR_MODEL / SAM_MODEL to an existing folder written by save_pretrained, or a hub id")
+    if checkpoint_missing:
         fixes.append("point SAM_CHECKPOINT at the official .pth file, or unset it to use SAM_MODEL")
-    return f"cannot load the models: {'; '.join(missing)}. Fix: {'; '.join(fixes)}"
+    return fixes
 
 
 def _load_hf(

@@ -100,5 +100,6 @@ def test_health_lists_the_live_workers_fingerprints_and_reports_a_disagreement(b
     announce_worker(backend.redis, backend.settings, fingerprint=other)
     health = backend.client.get("/health").json()
     assert (health["workers"], health["fingerprints_differ"], len(health["fingerprints"])) == (2, True, 2)
+    assert health["ready"] is False and "box_threshold" in health["detail"]  # /setup refuses: not ready
     refused = _setup(backend)
     assert refused.status_code == 503 and "box_threshold" in refused.json()["detail"], refused.text

@@ -21,7 +21,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from backend.api.app import create_app
-from backend.commands.main import DISTRIBUTION
+from backend.commands.usage import DISTRIBUTION
 from backend.labelstudio.config import parse_label_config
 from backend.labelstudio.version import model_version
 from backend.queueing.client import queue_names

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+import torch
 from PIL import Image
 from redis import Redis
 from rq import Queue, SimpleWorker
@@ -22,8 +23,8 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from backend import jobs
-from backend.errors import ImageFetchError, TaskDataError
-from backend.flow import PredictionFlow
+from backend.errors import ImageFetchError, ModelLoadError, TaskDataError
+from backend.flow import PredictionFlow, resolve_device
 from backend.images.fetch import ImageFetcher
 from backend.labelstudio.config import LabelConfig, parse_label_config
 from backend.pipeline.build import build_pipeline
@@ -248,3 +249,11 @@ def run_job(redis: Redis, function: str, message: dict[str, Any]) -> Job:
     SimpleWorker([queue], connection=redis, serializer=JSONSerializer).work(burst=True)
     job.refresh()
     return job
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:3"])
+def test_a_cuda_device_torch_cannot_see_is_a_load_error_before_any_model_loads(device: str) -> None:
+    with pytest.raises(ModelLoadError, match=f"DEVICE={device} but torch .* sees 0 CUDA devices"):
+        resolve_device(device)
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"

@@ -40,6 +40,27 @@ def listening() -> Iterator[tuple[str, socket.socket]]:
 
 
 @pytest.fixture()
+def answering_hub() -> Iterator[str]:
+    """The URL of a loopback server that answers every HEAD with 200 (a reachable hub)."""
+
+    class Hub(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture()
 def empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty Hugging Face hub cache (HF_HOME's hub folder) for the test."""
     cache = tmp_path / "hub"
@@ -76,15 +97,29 @@ def test_local_folders_load_without_asking_the_hub(
     assert not _called(sock)
 
 
-def test_a_cached_hub_id_loads_from_the_cache_without_asking_the_hub(
-    tiny_detector_dir: Path, tiny_hf_sam_dir: Path, listening: tuple[str, socket.socket], empty_cache: Path
+def test_a_cached_hub_id_loads_from_the_cache_when_the_hub_cannot_serve(
+    tiny_detector_dir: Path, tiny_hf_sam_dir: Path, empty_cache: Path
 ) -> None:
-    url, sock = listening
     snapshot = _cache(empty_cache, DETECTOR_ID, tiny_detector_dir)
-    located = locate_models(ModelSpec(detector=DETECTOR_ID, sam=str(tiny_hf_sam_dir)), endpoint=url, offline=False)
+    closed = f"http://127.0.0.1:{free_port()}"
+    located = locate_models(ModelSpec(detector=DETECTOR_ID, sam=str(tiny_hf_sam_dir)), endpoint=closed, offline=False)
     assert Path(located.detector) == snapshot and located.sam == str(tiny_hf_sam_dir)
-    assert not _called(sock)
     build_detector(located)  # the cached folder is a loadable model
+    offline = locate_models(ModelSpec(detector=DETECTOR_ID, sam=str(tiny_hf_sam_dir)), offline=True)
+    assert Path(offline.detector) == snapshot
+
+
+def test_while_the_hub_answers_a_hub_id_stays_so_an_interrupted_download_completes(
+    tiny_detector_dir: Path, tiny_hf_sam_dir: Path, answering_hub: str, empty_cache: Path
+) -> None:
+    """A snapshot holding only config.json (a first download cut off before the weights) is not taken for the
+    model: with the hub answering, the id is left to transformers, which uses the cache and fetches the rest."""
+    partial = empty_cache / "partial"
+    partial.mkdir()
+    shutil.copy(tiny_detector_dir / "config.json", partial / "config.json")
+    _cache(empty_cache, DETECTOR_ID, partial)
+    spec = ModelSpec(detector=DETECTOR_ID, sam=str(tiny_hf_sam_dir))
+    assert locate_models(spec, endpoint=answering_hub, offline=False) == spec
 
 
 def test_an_unreachable_hub_names_every_missing_model_in_one_line(empty_cache: Path) -> None:
@@ -122,23 +157,9 @@ def test_a_missing_folder_is_named_without_asking_the_hub(
     assert "hf download" not in str(error.value) and not _called(sock)
 
 
-def test_a_hub_that_answers_lets_the_download_go_ahead(empty_cache: Path) -> None:
-    class Hub(BaseHTTPRequestHandler):
-        def do_HEAD(self) -> None:
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *_: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        spec = ModelSpec(detector=DETECTOR_ID, sam=SAM_ID)
-        assert locate_models(spec, endpoint=f"http://127.0.0.1:{server.server_port}", offline=False) == spec
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_a_hub_that_answers_lets_the_download_go_ahead(empty_cache: Path, answering_hub: str) -> None:
+    spec = ModelSpec(detector=DETECTOR_ID, sam=SAM_ID)
+    assert locate_models(spec, endpoint=answering_hub, offline=False) == spec
 
 
 def test_a_missing_checkpoint_and_a_missing_detector_are_named_together(tmp_path: Path, empty_cache: Path) -> None:
