@@ -21,16 +21,20 @@ JSON_LINE_LEVELS = 2
 def predict_files(settings: Settings, images: Sequence[Path], label_config: str, out_dir: Path) -> list[Path]:
     """Write `<stem>.json` (the Label Studio prediction) and `<stem>.overlay.png` per image into `out_dir`.
 
-    Raises, before the models load: LabelConfigError, or LocalPredictError when an image file cannot be opened.
-    Then LocalPredictError after all images were tried if any failed (the others are written).
+    Raises, before the models load: LabelConfigError, or LocalPredictError when an image file cannot be opened or
+    `out_dir` cannot be made. Then LocalPredictError after all images were tried if any failed (the others are
+    written).
     """
     config = parse_label_config(label_config)
     unreadable = [problem for problem in map(_unreadable, images) if problem]
     if unreadable:
         raise LocalPredictError(f"{'; '.join(unreadable)} (nothing was predicted)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LocalPredictError(f"--out {str(out_dir)!r} cannot be a folder: {exc.strerror or exc}") from exc
     flow = PredictionFlow.load(settings)
     version = flow.model_version(config)
-    out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     failures: list[str] = []
     for path in images:

@@ -78,6 +78,18 @@ def test_a_model_that_cannot_load_is_one_line(tmp_path: Path, capsys: pytest.Cap
     assert "no-such-detector" in _one_error_line(capsys.readouterr().err)
 
 
+def test_an_out_folder_that_is_a_file_is_one_line_before_the_models_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+
+    assert main(["predict", str(image), "--labels", "cat", "--out", str(image)]) == 1
+
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--out" in line and "cannot be a folder" in line and "no-such-detector" not in line
+
+
 def test_a_runtime_error_at_the_command_boundary_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     """prelabel without LABEL_STUDIO_URL: a BackendError raised inside the command."""
     assert main(["prelabel", "--project", "1"]) == 1
