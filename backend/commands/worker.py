@@ -154,9 +154,20 @@ def _forget_forerunners(redis: Redis, queue_prefix: str, name: str) -> None:
     from backend.queueing.fleet import clear_states
 
     try:
-        clear_states(redis, queue_prefix, socket.gethostname(), keep=name)
+        clear_states(redis, queue_prefix, socket.gethostname(), _running, keep=name)
     except RedisError as exc:
         log.debug("could not clear earlier workers' states: %s", exc)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` of this host still runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
 
 
 def _forget(redis: Redis, queue_prefix: str, name: str) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -214,14 +214,22 @@ def write_state(redis: Redis, queue_prefix: str, state: WorkerState) -> None:
         pipe.execute()
 
 
-def clear_states(redis: Redis, queue_prefix: str, hostname: str, keep: str | None = None) -> None:
-    """Drop the records of worker processes on `hostname` (a worker that loaded clears its failed forerunners,
-    restarted by `serve`), except `keep`. Raises RedisError."""
+def clear_states(
+    redis: Redis, queue_prefix: str, hostname: str, running: Callable[[int], bool], keep: str | None = None
+) -> None:
+    """Drop the records of worker processes on `hostname` that no longer run (`running(pid)` False: a worker
+    that loaded clears its failed forerunners, restarted by `serve`), except `keep`; a sibling worker on the same
+    host (one per GPU) keeps its own. Raises RedisError."""
     key = STATES_KEY.format(queue_prefix)
     names = [text(name) for name in redis.hkeys(key)]
-    mine = [name for name in names if name.rsplit(":", 1)[0] == hostname and name != keep]
-    if mine:
-        redis.hdel(key, *mine)
+    gone = [name for name in names if name != keep and _on_host_and_gone(name, hostname, running)]
+    if gone:
+        redis.hdel(key, *gone)
+
+
+def _on_host_and_gone(name: str, hostname: str, running: Callable[[int], bool]) -> bool:
+    host, _, pid = name.rpartition(":")
+    return host == hostname and pid.isdigit() and not running(int(pid))
 
 
 def drop_state(redis: Redis, queue_prefix: str, name: str) -> None:
