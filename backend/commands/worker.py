@@ -82,6 +82,7 @@ def run(settings: Settings, *, burst: bool = False) -> int:
             announcement(flow),
             burst=burst,
             alive_file=alive_file,
+            on_registered=lambda: _forget(redis, settings.queue_name, name),  # ready: no longer loading
         )
     finally:
         _forget(redis, settings.queue_name, name)

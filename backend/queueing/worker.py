@@ -24,6 +24,7 @@ import logging
 import math
 import socket
 import threading
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
@@ -71,15 +72,22 @@ class HeartbeatWorker(SimpleWorker):
     max_connection_wait_time = MAX_RECONNECT_WAIT_S
 
     def __init__(
-        self, *args: object, heartbeat_s: float = 5.0, announcement: Announcement | None = None, **kwargs: object
+        self,
+        *args: object,
+        heartbeat_s: float = 5.0,
+        announcement: Announcement | None = None,
+        on_registered: Callable[[], None] | None = None,
+        **kwargs: object,
     ) -> None:
         """`announcement`: what this worker runs, written into rq's worker hash with its birth (fleet.py);
-        None announces nothing (the API then takes no model_version from this worker)."""
+        None announces nothing (the API then takes no model_version from this worker). `on_registered`: called
+        once its birth is registered (the worker is ready: its "loading" record goes)."""
         # The job description is the whole payload (labeling config included): the job id is enough.
         kwargs.setdefault("worker_ttl", WORKER_TTL_S)
         super().__init__(*args, log_job_description=False, **kwargs)  # type: ignore[arg-type, misc]
         self.heartbeat_s = heartbeat_s
         self.announcement = announcement
+        self._on_registered = on_registered
         self._still_running_it = self.connection.register_script(_STILL_RUNNING_IT)
         # The job whose failure handle_exception saw last was transient (rq passes only the failure's text on to
         # handle_job_failure, which it calls right after, in the same thread); None when it was not.
@@ -88,6 +96,11 @@ class HeartbeatWorker(SimpleWorker):
     def serialize(self) -> dict[str, object]:
         """rq's worker hash (written at birth, and again when a heartbeat finds it lost) plus the announcement."""
         return {**super().serialize(), **announcement_fields(self.announcement)}
+
+    def register_birth(self) -> None:
+        super().register_birth()  # type: ignore[no-untyped-call]
+        if self._on_registered is not None:
+            self._on_registered()
 
     def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
         """rq's heartbeat; an idle worker whose record was lost meanwhile (Redis restarted without it, flushed, or
@@ -206,6 +219,7 @@ def run_worker(
     *,
     burst: bool = False,
     alive_file: Path | None = None,
+    on_registered: Callable[[], None] | None = None,
 ) -> bool:
     """Process jobs until stopped (SIGINT/SIGTERM: finish the current job, then exit).
 
@@ -217,12 +231,18 @@ def run_worker(
     worker leaves the retries not yet due for the next worker. After each sweep that reached Redis it touches
     `alive_file` (when given; removed when the worker stops), which `grounded-sam health --worker` checks.
     The caller has installed the job runtime (models loaded) before this is called, and `announcement` says
-    what it loaded: the API reads it to answer with the model_version this worker computes.
+    what it loaded: the API reads it to answer with the model_version this worker computes; `on_registered` runs
+    once rq has registered the worker (ready).
     Returns rq's `work()` result (True when at least one job was processed).
     """
     queues = [Queue(name, connection=redis, serializer=JSONSerializer) for name in queue_names(queue_prefix)]
     worker = HeartbeatWorker(
-        queues, connection=redis, serializer=JSONSerializer, heartbeat_s=heartbeat_s, announcement=announcement
+        queues,
+        connection=redis,
+        serializer=JSONSerializer,
+        heartbeat_s=heartbeat_s,
+        announcement=announcement,
+        on_registered=on_registered,
     )
     stop = threading.Event()
     sweeper = threading.Thread(

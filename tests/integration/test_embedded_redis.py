@@ -7,6 +7,7 @@ import logging
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from redis import Redis
 
 from backend.errors import QueueUnavailableError
 from backend.queueing import connection
-from backend.queueing.connection import EmbeddedRedis
+from backend.queueing.connection import WAIT_POLL_S, EmbeddedRedis
 
 STUB = Path(__file__).with_name("resp_stub.py")
 DEADLINE_S = 60.0
@@ -33,19 +34,24 @@ def _refused(port: int) -> bool:
 
 
 def _start_in_thread(server: EmbeddedRedis, **kwargs: object) -> BaseException | None:
-    """Run server.start(**kwargs) with a bound on how long it may take; the exception it raised, if any."""
+    """Run server.start(**kwargs) with a bound on how long it may take; the exception it raised, if any.
+
+    The thread lives on while the server it started runs: the server dies with the thread that started it
+    (PR_SET_PDEATHSIG follows the parent thread), so a thread that ended would kill it under the test."""
     raised: list[BaseException] = []
+    returned = threading.Event()
 
     def run() -> None:
         try:
             server.start(**kwargs)  # type: ignore[arg-type]
         except BaseException as exc:
             raised.append(exc)
+        returned.set()
+        while server.process is not None and server.process.poll() is None:
+            time.sleep(WAIT_POLL_S)
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(DEADLINE_S)
-    assert not thread.is_alive(), "start() did not return"
+    threading.Thread(target=run, daemon=True).start()
+    assert returned.wait(DEADLINE_S), "start() did not return"
     return raised[0] if raised else None
 
 
