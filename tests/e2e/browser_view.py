@@ -54,12 +54,14 @@ def log_in(page: Page, url: str, email: str, password: str) -> None:
 
 
 def wait_for_image(page: Page) -> dict[str, int]:
-    """Until the task image is decoded: its natural size."""
-    page.wait_for_function(
-        "() => { const i = document.querySelector('img[alt=image]'); return i && i.complete && i.naturalWidth > 0; }",
+    """Until the task image is decoded: its natural size, read in the same evaluation that found it decoded (the
+    editor may re-render the element between two separate calls)."""
+    found = page.wait_for_function(
+        "() => { const i = document.querySelector('img[alt=image]');"
+        " return i && i.complete && i.naturalWidth > 0 ? [i.naturalWidth, i.naturalHeight] : null; }",
         timeout=TIMEOUT_MS,
     )
-    size = page.eval_on_selector("img[alt=image]", "i => [i.naturalWidth, i.naturalHeight]")
+    size = found.json_value()
     return {"natural_width": int(size[0]), "natural_height": int(size[1])}
 
 
