@@ -24,7 +24,7 @@ RUN apt-get update \
     && python3 -m venv $VIRTUAL_ENV
 
 # torch and torchvision first, as one pair from the same index: the project's requirements are only lower bounds,
-# so `pip install .` keeps them. torchvision: segment-anything needs it for SAM_CHECKPOINT (.pth).
+# so `pip install .` keeps them. torchvision: SAM 2 / 3, EdgeTAM and segment-anything (SAM_CHECKPOINT) need it.
 RUN pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" --index-url "${TORCH_INDEX}"
 
 WORKDIR /app

@@ -134,3 +134,9 @@ class NoWorkerError(ModelVersionUnknownError):
 
 class WorkersDisagreeError(ModelVersionUnknownError):
     """Live workers on the backend's queues announced different model settings: no one model_version fits all."""
+
+
+class ReviewFormatError(BackendError, ValueError):
+    """A Label Studio annotation or prediction result item cannot be compared: a region on a served control is
+    malformed (missing or ill-typed fields, a brush RLE that does not decode) or exceeds a bound (an RLE's declared
+    size, the number of regions)."""

@@ -30,6 +30,7 @@ from backend.labelstudio.interactive import SamPrompt, TextPrompt, parse_context
 from backend.labelstudio.results import OutputOptions, PredictedObject, build_prediction
 from backend.labelstudio.tasks import image_ref
 from backend.labelstudio.version import model_version
+from backend.lru import SizedLru
 from backend.lsclient import LabelStudioApi
 from backend.pipeline.build import build_pipeline
 from backend.pipeline.grounded_sam import GroundedSam
@@ -40,6 +41,9 @@ from backend.queueing.messages import QueuedTask
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Label sets whose prompt plans a flow keeps (the most recently used).
+PLANS_KEPT = 64
 
 
 class PredictionStore(Protocol):
@@ -79,7 +83,9 @@ class PredictionFlow:
         self.studio = studio
         self.timer = timer
         self.device = device
-        self._plans: dict[tuple[TextClass, ...], ClassPlan] = {}
+        # Typed prompts make new label sets; SAM 3's plans hold text features on the device, so only the most
+        # recently used are kept (counted by entries: each is small next to the models).
+        self._plans: SizedLru[tuple[TextClass, ...], ClassPlan] = SizedLru(max_bytes=PLANS_KEPT, max_items=PLANS_KEPT)
         self._plans_lock = threading.Lock()
 
     @classmethod
@@ -88,14 +94,19 @@ class PredictionFlow:
         LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are set, the Label Studio client. `timer` times the flow's
         stages and the pipeline's finer ones (backend.pipeline.timing)."""
         device = resolve_device(settings.device)
-        sam = settings.sam_checkpoint or settings.sam_model
-        log.info("loading models on %s: detector %s, SAM %s", device, settings.detector_model, sam)
+        log.info("loading models on %s: detector %s", device, settings.detector_model)
         spec, thresholds = settings.model_spec(device), settings.thresholds()
         pipeline = build_pipeline(spec, thresholds, settings.postprocess_options(), timer=timer)
+        fingerprint = settings.model_fingerprint()
+        models = pipeline.describe()
+        detector, segmenter = models["detector"], models["segmenter"]
+        if isinstance(detector, dict) and isinstance(segmenter, dict) and segmenter["source"] == detector["source"]:
+            fingerprint["sam"] = settings.detector_model  # SAM 3's own tracker: SAM_MODEL is not used
+        log.info("loaded %s and %s", _named(detector), _named(segmenter))
         return cls(
             pipeline,
             fetcher=ImageFetcher(settings.fetch_options()),
-            fingerprint=settings.model_fingerprint(),
+            fingerprint=fingerprint,
             output=settings.output_options(),
             studio=_label_studio(settings),
             timer=timer,
@@ -170,9 +181,11 @@ class PredictionFlow:
         """Tokenised prompt chunks for `config`'s label set, computed once per set."""
         classes = text_classes(config)
         with self._plans_lock:  # the tokenizer is not to be entered from several threads at once
-            if classes not in self._plans:
-                self._plans[classes] = self.pipeline.prepare(classes)
-            return self._plans[classes]
+            plan = self._plans.get(classes)
+            if plan is None:
+                plan = self.pipeline.prepare(classes)
+                self._plans.put(classes, plan, size=1)
+            return plan
 
     def _segmented(self, image: Image.Image, plan: ClassPlan) -> Segmented:
         with self.timer.stage("model"):
@@ -245,4 +258,12 @@ def _to_object(instance: Instance, classes: tuple[TextClass, ...]) -> PredictedO
         score=instance.score,
         box_xyxy=detection.box_xyxy,
         mask=instance.mask,
+        threshold_score=detection.threshold_score,
     )
+
+
+def _named(described: object) -> str:
+    """A model's describe() as "Architecture from source (dtype)" for the log."""
+    if not isinstance(described, dict):
+        return str(described)
+    return f"{described.get('architecture')} from {described.get('source')} ({described.get('dtype')})"

@@ -16,6 +16,7 @@ from backend.images.fetch import FetchOptions
 from backend.images.outbound import OutboundPolicy, parse_hosts, parse_networks
 from backend.labelstudio.results import OutputOptions
 from backend.pipeline.types import DetectionThresholds, ModelSpec, PostprocessOptions
+from backend.queueing.messages import ReviewOptions
 
 # The defaults of the model settings are the pipeline's own (one place for each number).
 _THRESHOLDS = DetectionThresholds()
@@ -47,7 +48,8 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="Interface the HTTP server binds to.")
     port: int = Field(9090, ge=1, le=65535, description="Port of the HTTP server.")
     basic_auth_user: str | None = Field(
-        None, description="With BASIC_AUTH_PASS: require HTTP basic auth on every route."
+        None,
+        description="With BASIC_AUTH_PASS: require HTTP basic auth on every route but /webhook (Label Studio creates its webhook without credentials; it only queues ids the worker re-reads from Label Studio).",
     )
     basic_auth_pass: str | None = Field(None, description="Password for BASIC_AUTH_USER.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level of all processes.")
@@ -58,7 +60,7 @@ class Settings(BaseSettings):
     )
     queue_name: str = Field(
         "grounded-sam",
-        description="Prefix of the two rq queues, <name>-interactive and <name>-bulk (workers take interactive first).",
+        description="Prefix of the rq queues <name>-interactive, <name>-bulk and <name>-reviews (workers take them in that order) and of the review records in Redis.",
     )
     predict_timeout: float = Field(
         90.0,
@@ -128,9 +130,38 @@ class Settings(BaseSettings):
     )
     supervise_window: float = Field(300.0, gt=0, description="Seconds over which SUPERVISE_MAX_RESTARTS is counted.")
 
+    # Reviews (the active-learning loop: Label Studio's annotation events compared with the predictions)
+    review_keep_iou: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="A predicted object counts as kept (or relabelled) when a reviewer's region overlaps its mask by at least this IoU.",
+    )
+    review_min_reviews: int = Field(
+        20, ge=1, description="Fewest reviewed predictions of a label before a threshold is suggested for it."
+    )
+    review_max_annotations: int = Field(
+        10000,
+        ge=1,
+        description="Most reviewed annotations kept per project and model version (the oldest go first); also the most a START_TRAINING event rescans.",
+    )
+    review_max_total: int = Field(
+        50000,
+        ge=1,
+        description="Most reviewed annotations kept in Redis over all projects and model versions (the oldest go first; about 1 kB each at 20 objects).",
+    )
+
     # Models
-    detector_model: str = Field(DEFAULT_DETECTOR, description="Grounding DINO: Hugging Face id or local folder.")
-    sam_model: str = Field(DEFAULT_SAM, description="SAM through transformers: Hugging Face id or local folder.")
+    detector_model: str = Field(
+        DEFAULT_DETECTOR,
+        description="Hugging Face id or local folder: Grounding DINO, MM-Grounding-DINO or LLMDet (boxes, then "
+        "SAM_MODEL), or SAM 3 (masks from text alone; its tracker answers clicks).",
+    )
+    sam_model: str = Field(
+        DEFAULT_SAM,
+        description="Hugging Face id or local folder: SAM, SAM-HQ, SAM 2 / 2.1, SAM 3 (its tracker) or EdgeTAM. "
+        "Unused when DETECTOR_MODEL is a full SAM 3.",
+    )
     sam_checkpoint: str | None = Field(
         None, description="Path to an official segment-anything .pth; when set it replaces SAM_MODEL."
     )
@@ -139,7 +170,7 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N.")
     sam_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="SAM precision. Grounding DINO always runs in float32."
+        "float32", description="SAM precision (and SAM 3 alone's). The Grounding DINO family always runs in float32."
     )
     sam_image_batch: int = Field(
         1,
@@ -290,6 +321,10 @@ class Settings(BaseSettings):
             sam_dtype=self.sam_dtype,
             sam_image_batch=self.sam_image_batch,
         )
+
+    def review_options(self) -> ReviewOptions:
+        """How review jobs compare and record (they carry it from the API to the workers)."""
+        return ReviewOptions(self.queue_name, self.review_keep_iou, self.review_max_annotations, self.review_max_total)
 
     def model_fingerprint(self) -> dict[str, object]:
         """Everything about the models that changes predictions; enters model_version.

@@ -1,31 +1,40 @@
 #!/usr/bin/env bash
-# The GPU benchmark: full-size Grounding DINO tiny + SAM ViT-H (random weights) on CUDA, 1920x1080, both paths,
-# SAM in float32 and then in bfloat16 (the detector is float32 in both, as production runs it).
+# The GPU benchmark: full-size architectures with random weights on CUDA, 1920x1080, both paths, one JSON per
+# model combination, each written as soon as it is done:
+#   gdino-sam   Grounding DINO-T + SAM ViT-H
+#   gdino-sam2  Grounding DINO-T + SAM 2.1 Hiera-L
+#   sam3        SAM 3 alone (text -> masks; its tracker loaded for clicks)
+# SAM (and SAM 3) in SAM_DTYPE, the Grounding DINO detector in float32, as production runs them.
 #
-# Prepared for the device tool (no network there; its image has torch 2.11 + transformers 5.17 but not
-# label-studio-sdk, rq, pydantic, segment-anything ...: see bench/wheels.txt). From the repo root, here:
-#     bash bench/fetch_wheels.sh            # once, where PyPI is reachable: ~29 cp312 wheels, ~9 MB, into .whl/
+# Prepared for the device tool (no network there; its image has torch 2.11 + transformers 5.17, torchvision and
+# timm, but not label-studio-sdk, rq, pydantic, segment-anything ...: see bench/wheels.txt, which also carries
+# transformers 5.24, the version the CPU tests ran). From the repo root, here:
+#     bash bench/fetch_wheels.sh            # once, where PyPI is reachable: ~31 cp312 wheels, ~23 MB, into .whl/
 # then one device call:
 #     run(command="bash bench/gpu_run.sh", carry=[".whl"], timeout_s=600)
 # and copy the JSON files it leaves in $OUT (files_at) into bench/results/.
 #
-# Expected time on an H100 (an estimate from forward times measured on one before and the CPU-side stage costs
-# measured here, not a measurement): ~1 min to build and save the random models (3.2 GB), then ~2.5-4 min per
-# SAM dtype (64 images x 2 paths x 2 passes: one without stage timers for images/s, one with them). Both runs
-# share DEADLINE, so the float32 JSON comes back even if the bfloat16 run is cut short. N=32 halves the image work.
+# Expected time on an H100/H200 (an estimate, not a measurement): ~1-2 min for the equivalence tests, then per
+# combination ~0.5 min to build, save and load the random models (SAM 3: 3.4 GB) and ~1-1.5 min for 32 images x
+# 2 paths x 2 passes (one without stage timers for images/s, one with them). Each combination gets an equal
+# share of the time left before DEADLINE, so one that is slow cannot starve the next.
+# Smoke test without a GPU: DEVICE=cpu MODELS=tiny N=2 SIZE=320x240 bash bench/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
-N=${N:-64}
+N=${N:-32}
 SIZE=${SIZE:-1920x1080}
 OBJECTS=${OBJECTS:-5}
 BATCH=${BATCH:-8}
 SAM_IMAGE_BATCH=${SAM_IMAGE_BATCH:-1}   # images per SAM encoder forward on the batched path (SAM_IMAGE_BATCH)
 SAM_SIZE=${SAM_SIZE:-vit_h}
-DEADLINE=${DEADLINE:-570}    # seconds from the start: the runs stop in time for the device call's 600 s limit
+SAM_DTYPE=${SAM_DTYPE:-float32}
+FAMILIES=${FAMILIES:-gdino-sam gdino-sam2 sam3}   # bench/pipeline.py --family presets, measured in this order
+DEADLINE=${DEADLINE:-540}    # seconds from the start: the runs stop in time for the device call's 600 s limit
 MASKS=${MASKS:-ellipse}       # object-like masks for cleanup/RLE/JSON after SAM ran (see README); "model" keeps SAM's
-DEVICE=${DEVICE:-cuda}    # DEVICE=cpu MODELS=tiny N=2 SIZE=320x240: a smoke test of this script without a GPU
+DEVICE=${DEVICE:-cuda}
 MODELS=${MODELS:-full}
+EQUIVALENCE_S=${EQUIVALENCE_S:-120}   # the equivalence tests' time limit (about a minute on a GPU machine)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
@@ -40,29 +49,50 @@ fi
 
 {
   nvidia-smi || true
-  python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+  python3 -c "import torch, transformers, torchvision; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'torchvision', torchvision.__version__)"
   lscpu | grep -E 'Model name|^CPU\(s\)'
 } 2>&1 | tee "$OUT/env.txt"
-python3 -c "import backend.jobs, backend.images.fetch, backend.pipeline.build, segment_anything, label_studio_sdk" \
+python3 -c "import backend.jobs, backend.images.fetch, backend.pipeline.build, segment_anything, label_studio_sdk, torchvision" \
   || { echo "imports failed: add the missing package to bench/wheels.txt and fetch again"; exit 1; }
 
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -oiE 'h100|h200|a100|l40s|l4' | head -1 | tr 'A-Z' 'a-z')
-gpu=${gpu:-gpu}
-# Low precision against float32 on CUDA (tests/unit/test_low_precision.py) and the batching/OOM-split tests, first:
-# a minute at most, and the dtype the second benchmark run uses is only worth timing if it passes.
-timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/unit/test_low_precision.py tests/unit/test_batching_memory.py \
-  2>&1 | tail -25 | tee "$OUT/equivalence.txt"
+gpu=${gpu:-$DEVICE}
+# Low precision against float32 on CUDA (SAM, SAM 2, SAM 3 alone), then the batching/OOM-split tests (the
+# detector's and halving's in test_batching_memory.py, every SAM family's in test_segmenter_families.py), first
+# and together within EQUIVALENCE_S (short: a wrong low-precision result makes its timing worthless).
+families_tests=tests/unit/pipeline/test_segmenter_families.py
+batching=(tests/unit/pipeline/test_batching_memory.py "$families_tests::test_box_slices_give_what_one_call_gives"
+          "$families_tests::test_images_batched_through_the_encoder_give_their_one_at_a_time_masks"
+          "$families_tests::test_out_of_memory_splits_images_then_boxes_and_gives_the_same_masks")
+started=$SECONDS
+{
+  timeout "$EQUIVALENCE_S" python3 -m pytest -q -p no:cacheprovider -rs tests/unit/pipeline/test_low_precision.py \
+    2>&1 | tail -15
+  left=$((EQUIVALENCE_S - (SECONDS - started)))
+  if [ "$left" -gt 15 ]; then
+    timeout "$left" python3 -m pytest -q -p no:cacheprovider "${batching[@]}" 2>&1 | tail -10
+  else
+    echo "batching/OOM tests: skipped, ${left}s of EQUIVALENCE_S left"
+  fi
+} | tee "$OUT/equivalence.txt"
+echo
 
-common=(--images "$N" --size "$SIZE" --objects "$OBJECTS" --models "$MODELS" --sam hf --sam-size "$SAM_SIZE" --device "$DEVICE"
-        --batch "$BATCH" --sam-image-batch "$SAM_IMAGE_BATCH" --masks "$MASKS" --model-dir /tmp/bench-models --image-cache /tmp/bench-images)
+common=(--images "$N" --size "$SIZE" --objects "$OBJECTS" --models "$MODELS" --sam hf --sam-size "$SAM_SIZE"
+        --device "$DEVICE" --sam-dtype "$SAM_DTYPE" --batch "$BATCH" --sam-image-batch "$SAM_IMAGE_BATCH"
+        --masks "$MASKS" --model-dir /tmp/bench-models --image-cache /tmp/bench-images)
+read -r -a families <<<"$FAMILIES"
 status=0
-for dtype in float32 bfloat16; do
-  name="${gpu}_${MODELS}_${SAM_SIZE//_/}_sam-${dtype}"
+for index in "${!families[@]}"; do
+  family=${families[$index]}
+  name="${gpu}_${MODELS}_${family}_${SAM_DTYPE}"
   left=$((DEADLINE - SECONDS))
-  [ "$left" -gt 60 ] || { echo "$dtype: skipped, ${left}s left"; status=124; continue; }
-  timeout "$left" python3 bench/pipeline.py "${common[@]}" --sam-dtype "$dtype" --out "$OUT/$name.json" \
-    2>&1 | grep -v -e 'Loading weights' -e 'Writing model shards' | tee "$OUT/$name.log"
+  share=$((left / (${#families[@]} - index)))
+  [ "$share" -gt 45 ] || { echo "$family: skipped, ${left}s left"; status=124; continue; }
+  echo "== $family: up to ${share}s"
+  timeout "$share" python3 bench/pipeline.py "${common[@]}" --family "$family" --out "$OUT/$name.json" \
+    2>&1 | grep --line-buffered -v -e 'Loading weights' -e 'Writing model shards' | tee "$OUT/$name.log"
   code=${PIPESTATUS[0]}
   [ "$code" -eq 0 ] || { echo "$name: exit $code"; status=$code; }
+  rm -rf /tmp/bench-models   # each combination's models once: the disk holds one set at a time
 done
 exit $status

@@ -1,12 +1,15 @@
-"""Benchmark of the worker's model pipeline: generated images through decode → Grounding DINO → SAM → cleanup →
+"""Benchmark of the worker's model pipeline: generated images through decode → text detector → SAM → cleanup →
 Label Studio prediction (RLE) → JSON, the batched path and the one-image-at-a-time path side by side in one run.
 
     python bench/pipeline.py --images 16 --size 1920x1080 --objects 5 --models tiny --sam hf --device cpu \
         --batch 8 --out bench/results/cpu_tiny.json
 
-Models are built from configs with random weights (tiny: the tests' builders; full: grounding-dino-tiny's and
-SAM ViT-H/L/B's architectures), saved to a folder and loaded back through `build_pipeline`, the code production
-runs. Random weights cost what trained weights cost, except where the cost depends on what the model outputs:
+Every model family the backend runs: `--detector grounding-dino|mm-grounding-dino|sam3` and `--segmenter
+sam|sam_hq|sam2|sam3_tracker|edgetam` (or a `--family` preset); `--detector sam3` is SAM 3 alone from text.
+Models are built from configs with random weights (tiny: the tests' builders; full: the released checkpoints'
+architectures, see `_build_full`), saved to a folder and loaded back through `build_pipeline`, the code production
+runs; the JSON names the families and counts their parameters. Random weights cost what trained weights cost,
+except where the cost depends on what the model outputs:
 the detector's box count (capped here, see `thresholds`) and the masks' shapes (cleanup, RLE, JSON).
 
 Both paths are the production PredictionFlow (backend/flow.py): `predict` per image, and the bulk path's
@@ -56,11 +59,20 @@ from backend.flow import PredictionFlow  # noqa: E402
 from backend.images.fetch import decode_image  # noqa: E402
 from backend.labelstudio.config import parse_label_config  # noqa: E402
 from backend.packed_mask import PackedMask  # noqa: E402
-from backend.pipeline.build import build_detector, build_pipeline, build_segmenter  # noqa: E402
+from backend.pipeline.architectures import detector_architecture  # noqa: E402
+from backend.pipeline.build import build_detector, build_pipeline, build_sam3, build_segmenter  # noqa: E402
+from backend.pipeline.detector import GroundingDinoDetector  # noqa: E402
 from backend.pipeline.grounded_sam import GroundedSam  # noqa: E402
+from backend.pipeline.sam3_text import Sam3Prompts, Sam3TextDetector  # noqa: E402
 from backend.pipeline.segmenter import Flags, Floats, Masks, Pixels, Scores, Segmenter  # noqa: E402
 from backend.pipeline.timing import StageTimer  # noqa: E402
-from backend.pipeline.types import DetectionThresholds, ModelSpec, PostprocessOptions, Segmented  # noqa: E402
+from backend.pipeline.types import (  # noqa: E402
+    DetectionThresholds,
+    ModelSpec,
+    PostprocessOptions,
+    Segmented,
+    TextClass,
+)
 
 # SAM image encoders by name: transformers SamVisionConfig sizes and segment-anything registry names.
 SAM_SIZES = {
@@ -75,14 +87,14 @@ MAX_PIXELS = 100_000_000  # decode_image's cap; generous, the bench's images are
 # the bench's own "decode" and "json"; "unattributed" is the wall time of a pass outside every stage.
 STAGES = [
     ("decode", "decode PNG bytes (backend.images.decode_image; the bench's stand-in for fetch)"),
-    ("detector_preprocess", "DINO image processor (resize+normalise, CPU)"),
-    ("detector_forward", "DINO model forward (Swin+BERT+fusion+decoder), host->device copies"),
-    ("detector", "detector rest: scoring, NMS, boxes to pixels"),
+    ("detector_preprocess", "detector's image processor (resize+normalise, CPU)"),
+    ("detector_forward", "detector forward (DINO: all of it; SAM 3: vision encoder, each phrase slice), host->device"),
+    ("detector", "detector rest: scoring, NMS, boxes to pixels (SAM 3: the text features' repeat too)"),
     ("negatives", "negative-phrase suppression (box IoU)"),
     ("sam_preprocess", "SAM processor / ResizeLongestSide (resize to 1024, CPU)"),
     ("sam_encoder", "SAM image encoder (get_image_embeddings / Sam.preprocess+image_encoder)"),
     ("sam_decoder", "SAM prompt encoder + mask decoder"),
-    ("sam_upsample", "SAM masks to original size + packed (post_process_masks, crops to host)"),
+    ("sam_upsample", "masks to original size + packed (SAM post_process_masks; SAM 3 its own masks), crops to host"),
     ("sam", "SAM rest: pixels handed to SAM, scores to host"),
     ("model", "flow's model stage rest (stream bookkeeping)"),
     ("cleanup", "cleanup: fill holes, islands, dedup, caps (GroundedSam.postprocess)"),
@@ -95,23 +107,102 @@ STAGES = [
 # ---------------------------------------------------------------------------------------------- models
 
 
-def build_models(directory: Path, models: str, sam: str, sam_size: str, device: str) -> dict[str, str]:
-    """Save the detector and SAM with random weights under `directory`; return ModelSpec paths and a description."""
-    directory.mkdir(parents=True, exist_ok=True)
-    if models == "tiny":
-        from tests.tiny_models import build_tiny_grounding_dino, build_tiny_hf_sam, build_tiny_sam_checkpoint
+# Model families, by the names of --detector and --segmenter: the config's model_type (with '-' for the detectors,
+# as transformers spells them). --detector sam3: SAM 3 alone from text, its own tracker for clicks (no --segmenter).
+DETECTORS = ("grounding-dino", "mm-grounding-dino", "sam3")
+SEGMENTERS = ("sam", "sam_hq", "sam2", "sam3_tracker", "edgetam")
+# --family: the combinations the GPU script measures, by one name each.
+FAMILIES = {
+    "gdino-sam": ("grounding-dino", "sam"),
+    "gdino-sam2": ("grounding-dino", "sam2"),
+    "sam3": ("sam3", "sam3_tracker"),
+}
+# The tests' builders of tiny models, by family, and the modules they are in: the one place this bench names them.
+TINY_MODULES = ("tests.tiny_models",)
+TINY_BUILDERS = {
+    "grounding-dino": "build_tiny_grounding_dino",
+    "mm-grounding-dino": "build_tiny_mm_grounding_dino",
+    "sam3": "build_tiny_sam3",
+    "sam": "build_tiny_hf_sam",
+    "sam_hq": "build_tiny_sam_hq",
+    "sam2": "build_tiny_sam2",
+    "sam3_tracker": "build_tiny_sam3_tracker",
+    "edgetam": "build_tiny_edgetam",
+}
+# SAM 2.1 Hiera-L (facebook/sam2.1-hiera-large; the original sam2.1_hiera_l.yaml): Hiera widths and depths.
+SAM2_HIERA_LARGE = dict(
+    hidden_size=144,
+    num_attention_heads=2,
+    embed_dim_per_stage=[144, 288, 576, 1152],
+    num_attention_heads_per_stage=[2, 4, 8, 16],
+    blocks_per_stage=[2, 6, 36, 4],
+    global_attention_blocks=[23, 33, 43],
+    window_size_per_stage=[8, 4, 16, 8],
+    window_positional_embedding_background_size=[7, 7],
+)
+_ROLES = {"detector": "detector", "sam": "segmenter"}  # ModelSpec's field → the role the JSON names
+CLIP_VOCAB = 49408  # SAM 3's text encoder (CLIP): <|startoftext|> 49406, <|endoftext|> 49407
 
-        detector = build_tiny_grounding_dino(directory / "dino")
-        if sam == "hf":
-            return {"detector": str(detector), "sam": str(build_tiny_hf_sam(directory / "sam")), "sam_type": "vit_h"}
-        checkpoint = build_tiny_sam_checkpoint(directory / "sam.pth")
-        return {
-            "detector": str(detector),
-            "sam": str(checkpoint),
-            "sam_checkpoint": str(checkpoint),
-            "sam_type": "vit_b",
-        }
-    return _build_full(directory, sam, sam_size, device)
+
+def tiny(name: str) -> Any:
+    """A helper of the tests' tiny models (builder or vocabulary), from the first of TINY_MODULES that has it."""
+    import importlib
+
+    for module in TINY_MODULES:
+        found = getattr(importlib.import_module(module), name, None)
+        if found is not None:
+            return found
+    raise LookupError(f"no {name} in {', '.join(TINY_MODULES)}")
+
+
+def build_models(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Save the detector and the segmenter of `args` with random weights under `directory`; return the ModelSpec
+    paths, the families and their parameter counts (`parameters`: element counts, see `_counted`)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    detector, segmenter = args.detector, args.segmenter
+    if args.models == "tiny":
+        made = {"detector": tiny(TINY_BUILDERS[detector])(directory / "detector")}
+        if detector != "sam3":
+            if segmenter == "sam" and args.sam == "pth":
+                made["sam"] = tiny("build_tiny_sam_checkpoint")(directory / "sam.pth")
+            else:
+                made["sam"] = tiny(TINY_BUILDERS[segmenter])(directory / "sam")
+        counts = {_ROLES[role]: _saved_elements(Path(path)) for role, path in made.items()}
+        paths = _paths(made, "vit_b" if args.sam == "pth" else "vit_h")
+    else:
+        paths, counts = _build_full(directory, args)
+    families = {"detector": detector, "segmenter": "sam3 (its own tracker)" if detector == "sam3" else segmenter}
+    return paths | {"families": families, "parameters": counts}
+
+
+def _paths(made: dict[str, Path], sam_type: str) -> dict[str, Any]:
+    """ModelSpec's paths: SAM 3 alone names its own checkpoint as SAM too (its tracker answers the prompts)."""
+    sam = made.get("sam", made["detector"])
+    paths = {"detector": str(made["detector"]), "sam": str(sam), "sam_type": sam_type}
+    if sam.suffix == ".pth":
+        paths["sam_checkpoint"] = str(sam)
+    return paths
+
+
+def _saved_elements(path: Path) -> dict[str, int]:
+    """Elements of the tensors saved at `path` (safetensors files of a folder, or a .pth state dict): parameters
+    and persistent buffers, each stored tensor once."""
+    if path.suffix == ".pth":
+        return {"total": sum(t.numel() for t in torch.load(path, map_location="cpu", weights_only=True).values())}
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as weights:
+            total += sum(int(np.prod(weights.get_slice(key).get_shape())) for key in weights.keys())  # noqa: SIM118
+    return {"total": total}
+
+
+def _counted(model: torch.nn.Module) -> dict[str, int]:
+    """Parameter elements of `model` (each shared tensor once): total, and per top-level sub-module."""
+    counts = {"total": sum(p.numel() for p in model.parameters())}
+    counts |= {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
+    return counts
 
 
 # Words that tokenize whole in the full-size vocabulary (others split into characters): the bench's labels.
@@ -153,73 +244,131 @@ BENCH_WORDS = [
 def _bert_vocab() -> dict[str, int]:
     """A bert-base-uncased-sized vocabulary (30522 ids) with its special ids where Grounding DINO hard-codes them
     ([CLS] 101, [SEP] 102, '.' 1012, '?' 1029); lower-case ASCII text tokenizes into words or single characters."""
-    from tests.tiny_models import bert_vocab
-
-    return bert_vocab(BENCH_WORDS, size=30522)
+    return tiny("bert_vocab")(BENCH_WORDS, size=30522)
 
 
-def _build_full(directory: Path, sam: str, sam_size: str, device: str) -> dict[str, str]:
-    """grounding-dino-tiny's architecture (GroundingDinoConfig() defaults) and SAM `sam_size`, random weights.
+def _create(factory: Callable[[], torch.nn.Module], device: str) -> torch.nn.Module:
+    """Random init (seeded) on the GPU when there is one (much faster for ~1 G parameters), else on the CPU."""
+    torch.manual_seed(0)
+    if device.startswith("cuda") and torch.cuda.is_available():
+        try:
+            with torch.device(device):
+                return factory().eval()
+        except Exception as error:
+            print(f"building on {device} failed ({error}); building on the CPU", flush=True)
+    return factory().eval()
 
-    The image processors are the classes a hub checkpoint's `*ImageProcessor` config names (AutoProcessor
-    resolves them on loading, as it would for the hub's files). The tokenizer's vocabulary is made up (no
-    download) but bert-base-sized; the prompt tokenizes into about as many tokens as with the real one.
+
+def _build_full(directory: Path, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
+    """The full-size architectures of `args`, random weights; returns ModelSpec paths and parameter counts.
+
+    Detectors: grounding-dino-tiny (GroundingDinoConfig() defaults), mm_grounding_dino_tiny
+    (MMGroundingDinoConfig() defaults: Swin-T), facebook/sam3 (Sam3VideoConfig() defaults: ViT-L/14 at 1008 px,
+    CLIP text encoder, DETR encoder/decoder, tracker). Segmenters: SAM and SAM-HQ with the --sam-size ViT, SAM 2.1
+    Hiera-L, SAM 3's tracker (Sam3TrackerConfig() defaults), EdgeTAM (RepViT-M1, needs timm).
+    The image processors are the classes a hub checkpoint's config names (AutoProcessor resolves them on loading,
+    as it would for the hub's files). Tokenizers are made up (no download) but of the real vocabulary sizes.
     """
-    from transformers import (
-        BertTokenizer,
-        GroundingDinoConfig,
-        GroundingDinoForObjectDetection,
-        GroundingDinoImageProcessor,
-        GroundingDinoProcessor,
-        SamConfig,
-        SamImageProcessor,
-        SamModel,
-        SamProcessor,
-        SamVisionConfig,
-    )
+    import transformers as hf
 
-    def create(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-        """Random init on the GPU when there is one (much faster for ~800 M parameters), else on the CPU."""
-        torch.manual_seed(0)
-        if device.startswith("cuda") and torch.cuda.is_available():
-            try:
-                with torch.device(device):
-                    return factory()
-            except Exception as error:
-                print(f"building on {device} failed ({error}); building on the CPU", flush=True)
-        return factory()
+    made: dict[str, Path] = {}
+    counts: dict[str, dict[str, int]] = {}
+    if args.detector == "sam3":
+        from safetensors.torch import save_model
 
-    detector = create(lambda: GroundingDinoForObjectDetection(GroundingDinoConfig()).eval())
-    processor = GroundingDinoProcessor(
-        image_processor=GroundingDinoImageProcessor(), tokenizer=BertTokenizer(vocab=_bert_vocab())
+        model = _create(lambda: hf.Sam3VideoModel(hf.Sam3VideoConfig()), args.device)
+        made["detector"] = directory / "detector"
+        made["detector"].mkdir(parents=True, exist_ok=True)
+        model.config.save_pretrained(made["detector"])
+        # As tests/tiny_models.py build_tiny_sam3: Sam3VideoModel.save_pretrained prefixes the tracker's keys twice
+        # (transformers 5.24).
+        save_model(model, str(made["detector"] / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer = tiny("clip_tokenizer")(CLIP_VOCAB)
+        hf.Sam3Processor(image_processor=hf.Sam3ImageProcessor(), tokenizer=tokenizer).save_pretrained(made["detector"])
+        counts["detector"] = _counted(model)
+        return _paths(made, args.sam_size), counts
+    detector_class, config_class = {
+        "grounding-dino": (hf.GroundingDinoForObjectDetection, hf.GroundingDinoConfig),
+        "mm-grounding-dino": (hf.MMGroundingDinoForObjectDetection, hf.MMGroundingDinoConfig),
+    }[args.detector]
+    model = _create(lambda: detector_class(config_class()), args.device)
+    made["detector"] = directory / "detector"
+    model.save_pretrained(made["detector"])
+    processor = hf.GroundingDinoProcessor(
+        image_processor=hf.GroundingDinoImageProcessor(), tokenizer=hf.BertTokenizer(vocab=_bert_vocab())
     )
-    detector.save_pretrained(directory / "dino")
-    processor.save_pretrained(directory / "dino")
-    del detector
-    paths = {"detector": str(directory / "dino"), "sam_type": sam_size}
-    if sam == "hf":
-        model = create(lambda: SamModel(SamConfig(vision_config=SamVisionConfig(**SAM_SIZES[sam_size]))).eval())
-        model.save_pretrained(directory / "sam")
-        SamProcessor(image_processor=SamImageProcessor()).save_pretrained(directory / "sam")
-        paths["sam"] = str(directory / "sam")
-    else:
+    processor.save_pretrained(made["detector"])
+    counts["detector"] = _counted(model)
+    del model
+    if args.segmenter == "sam" and args.sam == "pth":
         from segment_anything import sam_model_registry
 
-        model = create(lambda: sam_model_registry[sam_size]())
-        torch.save({key: value.cpu() for key, value in model.state_dict().items()}, directory / "sam.pth")
-        paths["sam"] = paths["sam_checkpoint"] = str(directory / "sam.pth")
-    return paths
+        model = _create(lambda: sam_model_registry[args.sam_size](), args.device)
+        made["sam"] = directory / "sam.pth"
+        torch.save({key: value.cpu() for key, value in model.state_dict().items()}, made["sam"])
+    else:
+        model, sam_processor = _full_segmenter(args.segmenter, args.sam_size, args.device)
+        made["sam"] = directory / "sam"
+        model.save_pretrained(made["sam"])
+        sam_processor.save_pretrained(made["sam"])
+    counts["segmenter"] = _counted(model)
+    return _paths(made, args.sam_size), counts
 
 
-def ensure_models(args: argparse.Namespace) -> tuple[dict[str, str], float, tempfile.TemporaryDirectory | None]:
+def _full_segmenter(segmenter: str, sam_size: str, device: str) -> tuple[Any, Any]:
+    """A full-size segmenter of `segmenter`'s family with random weights, and its processor."""
+    import transformers as hf
+
+    if segmenter in ("sam", "sam_hq"):
+        vit = SAM_SIZES[sam_size]
+        if segmenter == "sam":
+            config = hf.SamConfig(vision_config=hf.SamVisionConfig(**vit))
+            return _create(lambda: hf.SamModel(config), device), hf.SamProcessor(image_processor=hf.SamImageProcessor())
+        config = hf.SamHQConfig(
+            vision_config=hf.SamHQVisionConfig(**vit),
+            mask_decoder_config=hf.SamHQMaskDecoderConfig(vit_dim=vit["hidden_size"]),
+        )
+        processor = hf.SamHQProcessor(image_processor=hf.SamImageProcessor())
+        return _create(lambda: hf.SamHQModel(config), device), processor
+    if segmenter == "sam2":
+        vision = hf.Sam2VisionConfig(
+            backbone_config=hf.Sam2HieraDetConfig(**SAM2_HIERA_LARGE),
+            backbone_channel_list=SAM2_HIERA_LARGE["embed_dim_per_stage"][::-1],
+        )
+        processor = hf.Sam2Processor(image_processor=hf.Sam2ImageProcessor())
+        return _create(lambda: hf.Sam2Model(hf.Sam2Config(vision_config=vision)), device), processor
+    if segmenter == "sam3_tracker":
+        processor = hf.Sam3TrackerProcessor(image_processor=hf.Sam3ImageProcessor())
+        return _create(lambda: hf.Sam3TrackerModel(hf.Sam3TrackerConfig()), device), processor
+    backbone = hf.TimmWrapperConfig(
+        architecture="repvit_m1", model_args={"in_chans": 3, "features_only": True, "out_indices": [0, 1, 2, 3]}
+    )
+    config = hf.EdgeTamConfig(vision_config=hf.EdgeTamVisionConfig(backbone_config=backbone))
+    processor = hf.Sam2Processor(image_processor=hf.Sam2ImageProcessor())
+    return _create(lambda: hf.EdgeTamModel(config), device), processor
+
+
+def model_key(args: argparse.Namespace) -> dict[str, str]:
+    """What decides the models built: a --model-dir folder built for the same key is reused."""
+    segmenter = "-" if args.detector == "sam3" else args.segmenter
+    return {
+        "models": args.models,
+        "detector": args.detector,
+        "segmenter": segmenter,
+        "sam": args.sam,
+        "sam_size": args.sam_size,
+    }
+
+
+def ensure_models(args: argparse.Namespace) -> tuple[dict[str, Any], float, tempfile.TemporaryDirectory | None]:
     """Model folder for `args` (built in a child process, so this process's peak RSS is loading and running only).
 
     With --model-dir an earlier build of the same kind is reused. Returns paths, build seconds, temp dir holder.
     """
-    key = {"models": args.models, "sam": args.sam, "sam_size": args.sam_size}
+    key = model_key(args)
     holder = None
     if args.model_dir:
-        directory = Path(args.model_dir) / f"{args.models}-{args.sam}-{args.sam_size}"
+        directory = Path(args.model_dir) / "-".join(key.values())
     else:
         holder = tempfile.TemporaryDirectory(prefix="bench-models-")
         directory = Path(holder.name)
@@ -227,23 +376,9 @@ def ensure_models(args: argparse.Namespace) -> tuple[dict[str, str], float, temp
     if marker.is_file() and json.loads(marker.read_text())["key"] == key:
         return json.loads(marker.read_text())["paths"], 0.0, holder
     started = time.perf_counter()
-    subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "--build-into",
-            str(directory),
-            "--models",
-            args.models,
-            "--sam",
-            args.sam,
-            "--sam-size",
-            args.sam_size,
-            "--device",
-            args.device,
-        ],
-        check=True,
-    )
+    options = ["--models", args.models, "--detector", args.detector, "--segmenter", args.segmenter]
+    options += ["--sam", args.sam, "--sam-size", args.sam_size, "--device", args.device]
+    subprocess.run([sys.executable, __file__, "--build-into", str(directory), *options], check=True)
     return json.loads(marker.read_text())["paths"], time.perf_counter() - started, holder
 
 
@@ -386,18 +521,19 @@ class EllipseMasks:
         return self._inner.describe()
 
     def segment(self, image: Pixels, boxes_xyxy: Floats) -> tuple[Masks, Scores]:
-        return self._swapped(self._inner.segment(image, boxes_xyxy), boxes_xyxy)
+        return self.swapped(self._inner.segment(image, boxes_xyxy), boxes_xyxy)
 
     def segment_stream(self, images: Sequence[Pixels], boxes_xyxy: Sequence[Floats]) -> Iterator[tuple[Masks, Scores]]:
         for found, boxes in zip(self._inner.segment_stream(images, boxes_xyxy), boxes_xyxy, strict=True):
-            yield self._swapped(found, boxes)
+            yield self.swapped(found, boxes)
 
     def segment_points(
         self, image: Pixels, points_xy: Floats, positive: Flags, box_xyxy: Floats | None
     ) -> tuple[PackedMask, float]:
         return self._inner.segment_points(image, points_xy, positive, box_xyxy)
 
-    def _swapped(self, found: tuple[Masks, Scores], boxes: Floats) -> tuple[Masks, Scores]:
+    def swapped(self, found: tuple[Masks, Scores], boxes: Floats) -> tuple[Masks, Scores]:
+        """`found` (masks, scores) with the masks replaced by the ellipses in `boxes` ((N, 4) xyxy pixels)."""
         started = time.perf_counter()
         with self._timer.stage("ellipse"):  # numpy on the host: nothing on the device to wait for
             masks = ellipse_masks(found[0], boxes)
@@ -426,15 +562,53 @@ def ellipse_masks(masks: Masks, boxes: Floats) -> Masks:
     return tuple(out)
 
 
+class EllipseDetector:
+    """SAM 3 alone for --masks ellipse: the real detector's instances, their masks swapped by `swapper`."""
+
+    def __init__(self, inner: Sam3TextDetector, swapper: EllipseMasks) -> None:
+        self._inner = inner
+        self._swapper = swapper
+
+    def describe(self) -> dict[str, str]:
+        return self._inner.describe()
+
+    def prepare(self, classes: Sequence[TextClass]) -> Sam3Prompts:
+        return self._inner.prepare(classes)
+
+    def segment_batch(
+        self,
+        images: Sequence[Image.Image],
+        plan: Sam3Prompts,
+        thresholds: DetectionThresholds,
+        class_box_thresholds: Sequence[float] | None = None,
+    ) -> list[Segmented]:
+        found = self._inner.segment_batch(images, plan, thresholds, class_box_thresholds)
+        return [self._swapped(segmented) for segmented in found]
+
+    def _swapped(self, segmented: Segmented) -> Segmented:
+        if segmented.masks is None or segmented.scores is None:
+            return segmented
+        boxes = np.array([d.box_xyxy for d in segmented.detections], dtype=np.float32)
+        masks, scores = self._swapper.swapped((segmented.masks, segmented.scores), boxes)
+        return Segmented(segmented.detections, masks, scores)
+
+
 def load_pipeline(
     spec: ModelSpec, thresholds: DetectionThresholds, masks: str, timer: StageTimer
 ) -> tuple[GroundedSam, EllipseMasks | None]:
-    """The production pipeline as build_pipeline loads it; for --masks ellipse the same parts, with SAM
-    composed in an EllipseMasks (returned too)."""
+    """The production pipeline as build_pipeline loads it; for --masks ellipse the same parts, with SAM (SAM 3
+    alone: its detector) composed in an EllipseMasks (returned too) that swaps the masks."""
     if masks == "model":
         return build_pipeline(spec, thresholds, PostprocessOptions(), timer=timer), None
-    segmenter = EllipseMasks(build_segmenter(spec, timer), timer)
-    pipeline = GroundedSam(build_detector(spec, timer), segmenter, thresholds, PostprocessOptions(), timer=timer)
+    architecture = detector_architecture(spec.detector)
+    if architecture.segments_text:
+        sam3, tracker = build_sam3(spec, architecture, timer)
+        segmenter = EllipseMasks(tracker, timer)
+        detector: GroundingDinoDetector | EllipseDetector = EllipseDetector(sam3, segmenter)
+    else:
+        segmenter = EllipseMasks(build_segmenter(spec, timer), timer)
+        detector = build_detector(spec, timer)
+    pipeline = GroundedSam(detector, segmenter, thresholds, PostprocessOptions(), timer=timer)
     return pipeline, segmenter
 
 
@@ -585,7 +759,7 @@ def image_processors(paths: dict[str, str]) -> dict[str, str]:
     from transformers import AutoProcessor
 
     names = {"detector": type(AutoProcessor.from_pretrained(paths["detector"]).image_processor).__name__}
-    if "sam_checkpoint" not in paths:
+    if "sam_checkpoint" not in paths and paths["sam"] != paths["detector"]:
         names["sam"] = type(AutoProcessor.from_pretrained(paths["sam"]).image_processor).__name__
     return names
 
@@ -685,11 +859,15 @@ def print_report(report: dict[str, Any]) -> None:
     m = report["machine"]
     hardware = m.get("gpu") or m["cpu"]
     print()
+    families = report["models"]["families"]
+    parameters = report["models"]["parameters"]
     print(
         f"pipeline bench: {p['images']} images {p['size']}, {p['objects']} objects, models {p['models']} "
-        f"(SAM {p['sam']} {report['models']['sam_type']} {p['sam_dtype']}), {p['device']}, batch {p['batch']}, "
-        f"masks {p['masks']}"
+        f"(detector {families['detector']}, segmenter {families['segmenter']}"
+        f"{' ' + p['sam'] + ' ' + report['models']['sam_type'] if families['segmenter'] == 'sam' else ''}, "
+        f"{p['sam_dtype']}), {p['device']}, batch {p['batch']}, masks {p['masks']}"
     )
+    print("parameters: " + ", ".join(f"{role} {count['total'] / 1e6:.1f} M" for role, count in parameters.items()))
     print(f"hardware: {hardware}; {m['cpus_usable']} CPUs usable, torch threads {m['torch_threads']}")
     print(
         f"thresholds: {report['thresholds']} -- random weights pass almost every query, so box/text thresholds "
@@ -742,10 +920,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--objects", type=int, default=5, help="shapes drawn per image = max detections (SAM boxes)")
     parser.add_argument("--models", choices=("tiny", "full"), default="tiny")
     parser.add_argument(
-        "--sam", choices=("hf", "pth"), default="hf", help="transformers SamModel or segment-anything .pth"
+        "--detector",
+        choices=DETECTORS,
+        default="grounding-dino",
+        help="text detector family; sam3: SAM 3 alone (its masks, its tracker for clicks; --segmenter unused)",
     )
-    parser.add_argument("--sam-size", choices=tuple(SAM_SIZES), default="vit_h", help="SAM encoder of --models full")
-    parser.add_argument("--sam-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument(
+        "--segmenter", choices=SEGMENTERS, default="sam", help="SAM family segmenting the detector's boxes"
+    )
+    parser.add_argument(
+        "--family",
+        choices=tuple(FAMILIES),
+        help="a preset --detector/--segmenter pair: " + ", ".join(f"{k} = {d} + {s}" for k, (d, s) in FAMILIES.items()),
+    )
+    parser.add_argument(
+        "--sam",
+        choices=("hf", "pth"),
+        default="hf",
+        help="--segmenter sam: transformers SamModel or segment-anything .pth",
+    )
+    parser.add_argument(
+        "--sam-size", choices=tuple(SAM_SIZES), default="vit_h", help="SAM / SAM-HQ encoder of --models full"
+    )
+    parser.add_argument(
+        "--sam-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="SAM_DTYPE: the segmenter's, and SAM 3's (Grounding DINO always runs in float32)",
+    )
     parser.add_argument(
         "--sam-image-batch",
         type=int,
@@ -784,16 +986,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-dir", help="keep built models here and reuse them (default: a temporary folder)")
     parser.add_argument("--out", help="write the JSON report here")
     parser.add_argument("--build-into", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.family:
+        args.detector, args.segmenter = FAMILIES[args.family]
+    if args.sam == "pth" and (args.segmenter != "sam" or args.detector == "sam3"):
+        parser.error("--sam pth is segment-anything's SAM: only with --segmenter sam and a box detector")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.build_into:
         directory = Path(args.build_into)
-        paths = build_models(directory, args.models, args.sam, args.sam_size, args.device)
-        key = {"models": args.models, "sam": args.sam, "sam_size": args.sam_size}
-        (directory / "bench_models.json").write_text(json.dumps({"key": key, "paths": paths}))
+        paths = build_models(directory, args)
+        (directory / "bench_models.json").write_text(json.dumps({"key": model_key(args), "paths": paths}))
         return {}
     device = torch.device(args.device)
     if args.threads:
@@ -856,6 +1062,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "parameters": {k: v for k, v in vars(args).items() if k not in ("build_into",)},
         "machine": machine(device) | {"load_average_at_start": load_at_start},
         "versions": versions(),
+        "families": paths["families"],
+        "parameters_millions": {role: count["total"] / 1e6 for role, count in paths["parameters"].items()},
         "models": {
             **paths,
             "build_s": build_s,

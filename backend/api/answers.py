@@ -109,10 +109,14 @@ class RetryAnswer(BaseModel):
 
 
 class WebhookAnswer(BaseModel):
-    """POST /webhook: the event's action, ignored (this backend does not train)."""
+    """POST /webhook, always 200: "queued" with the review job's id for an event to learn from (an annotation
+    created, updated or deleted; START_TRAINING), else "ignored" with the reason in one line. action: the event's
+    action as sent (shortened; empty when it named none)."""
 
-    status: Literal["ignored"]
+    status: Literal["queued", "ignored"]
     action: str
+    reason: str | None = None
+    job_id: str | None = None
 
 
 class VersionsAnswer(BaseModel):

@@ -30,6 +30,9 @@ from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Paths BASIC_AUTH leaves open: Label Studio creates its webhook without credentials, and /webhook only queues
+# ids whose content the worker reads from Label Studio itself (a forged event costs one bounded review job).
+OPEN_PATHS = frozenset({"/webhook"})
 # Each probe call of /health and /setup to Redis is bounded (routes.HEALTH_TIMEOUT_S bounds /health's answer).
 PROBE_CONNECT_TIMEOUT_S = 0.3
 PROBE_SOCKET_TIMEOUT_S = 0.5
@@ -48,7 +51,7 @@ def create_app(settings: Settings, redis: Redis | None = None) -> FastAPI:
         redis = api_connection(settings.redis_url)
     probe = probe_connection(settings.redis_url) if settings.redis_url else redis
     service = PredictionService(settings, redis, probe)
-    metrics = Metrics(service.redis, service.queue)
+    metrics = Metrics(service.redis, service.queue, min_reviews=settings.review_min_reviews)
     app = FastAPI(title="Grounded SAM ML backend for Label Studio", version="0.1.0")
     install_state(app, service, metrics)
     for router in ROUTERS:
@@ -62,7 +65,7 @@ def _install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> N
     """Outermost first: count every answer, stamp the arrival, check auth, then the body's size."""
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     if settings.basic_auth:
-        app.add_middleware(BasicAuth, credentials=settings.basic_auth)
+        app.add_middleware(BasicAuth, credentials=settings.basic_auth, open_paths=OPEN_PATHS)
     app.add_middleware(StampArrival)
     app.add_middleware(CountRequests, counter=metrics.requests, routes=_labelled_routes(app))
 

@@ -62,12 +62,14 @@ def basic_credentials(header: str) -> tuple[bytes, bytes] | None:
 
 
 class BasicAuth:
-    """Refuses every request without the configured basic-auth pair with 401 (before its body is read)."""
+    """Refuses every request without the configured basic-auth pair with 401 (before its body is read), except
+    those to `open_paths` (exact paths)."""
 
-    def __init__(self, app: ASGIApp, credentials: tuple[str, str]) -> None:
+    def __init__(self, app: ASGIApp, credentials: tuple[str, str], open_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
         self._user = credentials[0].encode()
         self._password = credentials[1].encode()
+        self._open = open_paths
 
     def allows(self, header: str) -> bool:
         given = basic_credentials(header)
@@ -79,7 +81,7 @@ class BasicAuth:
         return user_ok and password_ok
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.allows(_header(scope, b"authorization")):
+        if scope["type"] != "http" or scope["path"] in self._open or self.allows(_header(scope, b"authorization")):
             await self.app(scope, receive, send)
             return
         await send_json(

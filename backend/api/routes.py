@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any, TypeVar
 
@@ -29,9 +29,13 @@ from backend.api.answers import (
 )
 from backend.api.deps import LimitersDep, MetricsDep, ServiceDep
 from backend.api.edge import arrived_at
+from backend.api.metrics import Metrics
 from backend.api.schemas import PredictRequest, PrelabelRequest, SetupRequest, http_origin, project_key
+from backend.api.webhook import Ignored, read_event
 from backend.errors import PredictTimeoutError, QueueUnavailableError
 from backend.queueing.bulk import Progress
+from backend.queueing.client import PredictionQueue
+from backend.queueing.messages import ReviewJob
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +118,40 @@ async def predict(
     return PredictAnswer(results=report.results)
 
 
-@protocol.post("/webhook")
-def webhook(event: dict[str, Any]) -> WebhookAnswer:
-    """Label Studio posts every project event here; this backend does not train, so it only logs them."""
-    action = str(event.get("action", "unknown"))
-    log.info("webhook event %s ignored (no training)", action)
-    return WebhookAnswer(status="ignored", action=action)
+@protocol.post("/webhook", openapi_extra={"requestBody": {"content": {"application/json": {"schema": {}}}}})
+async def webhook(request: Request, service: ServiceDep, metrics: MetricsDep) -> WebhookAnswer:
+    """Label Studio posts every project event here. Annotation events (and START_TRAINING) are queued as review
+    jobs, which workers compare with the predictions; anything else, or malformed, is ignored with one log line
+    and counted. Always 200 and fast: nothing here calls Label Studio, and a failing webhook teaches nothing.
+    Exempt from BASIC_AUTH (Label Studio creates its webhook without credentials): it only queues ids, and the
+    worker reads what they name from Label Studio itself. The body is parsed on a thread (it may be megabytes)."""
+    found = await anyio.to_thread.run_sync(read_event, await request.body(), service.settings.review_options())
+    if isinstance(found, Ignored):
+        return _ignored(found, metrics)
+    action = found[0].action
+    try:
+        job_ids = await anyio.to_thread.run_sync(_submit_reviews, service.queue, found)
+    except QueueUnavailableError as exc:
+        return _ignored(Ignored(action, "queue_unavailable", str(exc)), metrics)
+    if not job_ids:
+        return _ignored(Ignored(action, "already_queued", "a review of this task is queued already"), metrics)
+    metrics.webhook_events.labels("queued").inc()
+    waiting = len(found) - len(job_ids)
+    reason = f"{len(job_ids)} review jobs queued, {waiting} tasks queued already" if len(found) > 1 else None
+    return WebhookAnswer(status="queued", action=action, job_id=job_ids[0] if len(found) == 1 else None, reason=reason)
+
+
+def _submit_reviews(queue: PredictionQueue, jobs: Sequence[ReviewJob]) -> list[str]:
+    """Queue each job; the ids of those queued (a task's review waiting already is not queued again)."""
+    return [job_id for job in jobs if (job_id := queue.submit_review(job)) is not None]
+
+
+def _ignored(ignored: Ignored, metrics: Metrics) -> WebhookAnswer:
+    levels = {"other_action": logging.INFO, "already_queued": logging.DEBUG, "queue_unavailable": logging.ERROR}
+    level = levels.get(ignored.kind, logging.WARNING)
+    log.log(level, "webhook event %s ignored: %s", ignored.action or "(no action)", ignored.reason)
+    metrics.webhook_events.labels(ignored.kind).inc()
+    return WebhookAnswer(status="ignored", action=ignored.action, reason=ignored.reason)
 
 
 @protocol.get("/versions", responses={503: _ANSWERS[503]})

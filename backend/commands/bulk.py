@@ -1,9 +1,9 @@
 """The `prelabel`, `status` and `retry` commands: whole-project pre-labelling through a running backend.
 
-`prelabel` reads the project's tasks from Label Studio, keeps those without a prediction of the
-backend's current model_version (all with --force), queues them through the backend's /prelabel and
-follows the run with a progress bar. Ctrl-C cancels the queued chunks (running ones finish); running
-the command again resumes with what is left, without redoing or duplicating anything.
+`prelabel` reads the project's tasks from Label Studio, keeps those nobody has annotated yet and, of them, those
+without a prediction of the backend's current model_version (all of them with --force), queues them through the
+backend's /prelabel and follows the run with a progress bar. Ctrl-C cancels the queued chunks (running ones
+finish); running the command again resumes with what is left, without redoing or duplicating anything.
 """
 
 from __future__ import annotations
@@ -52,10 +52,12 @@ def prelabel(
     label_config = studio.label_config(project)
     version = backend.call("POST", "/setup", json={"project": str(project), "schema": label_config})["model_version"]
     tasks = list(studio.tasks(project, query))
-    todo = [t for t in tasks if force or version not in t.prediction_versions]
+    untouched = [t for t in tasks if not t.annotations]  # what a reviewer annotated is theirs, --force or not
+    todo = [t for t in untouched if force or version not in t.prediction_versions]
+    annotated = len(tasks) - len(untouched)
     print(
-        f"project {project}: {len(tasks)} tasks, {len(tasks) - len(todo)} already have {version}, "
-        f"{len(todo)} to pre-label",
+        f"project {project}: {len(tasks)} tasks, {len(untouched) - len(todo)} already have {version}, "
+        f"{len(todo)} to pre-label, annotated: skipped {annotated}",
         file=sys.stderr,
     )
     if not todo:
@@ -77,7 +79,7 @@ def prelabel(
             f"\nstopped: {canceled} queued chunks canceled, running ones finish; run again to resume", file=sys.stderr
         )
         return 130
-    return _summary(progress, project)
+    return _summary(progress, project, annotated)
 
 
 def status(backend: BackendClient, project: int) -> int:
@@ -119,8 +121,11 @@ def _sum_progress(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return total
 
 
-def _summary(progress: Mapping[str, Any], project: int) -> int:
-    print(f"done: {progress['done']} tasks, failed: {progress['failed']}", file=sys.stderr)
+def _summary(progress: Mapping[str, Any], project: int, annotated: int) -> int:
+    print(
+        f"done: {progress['done']} tasks, failed: {progress['failed']}, annotated: skipped {annotated}",
+        file=sys.stderr,
+    )
     for line in progress["failures"]:
         print(f"  {line}", file=sys.stderr)
     if progress["failed"]:

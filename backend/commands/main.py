@@ -1,5 +1,5 @@
 """Command line: `serve` (API, plus a supervised embedded Redis and worker when REDIS_URL is unset), `worker`,
-`health`, `predict`.
+`health`, `predict`, the bulk commands (`prelabel`, `status`, `retry`) and `report`.
 
 Every command builds one Settings from the environment and passes it down.
 """
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from backend.commands.usage import add_command, top_parser, usage_error
+from backend.commands.usage import OneLineParser, add_command, top_parser, usage_error
 from backend.errors import BackendError
 from backend.settings import Settings, describe_settings_error
 
@@ -103,9 +103,61 @@ def _parser() -> argparse.ArgumentParser:
         bulk.add_argument("--backend", help="backend URL (default: http://127.0.0.1:$PORT)")
         if name == "prelabel":
             bulk.add_argument("--filter", type=_json_query, help='Data Manager query JSON, e.g. {"filters": ...}')
-            bulk.add_argument("--force", action="store_true", help="recompute tasks that already have a prediction")
+            bulk.add_argument(
+                "--force",
+                action="store_true",
+                help="recompute tasks that already have a prediction (never annotated ones)",
+            )
         bulk.set_defaults(run=_bulk)
+    _add_report(commands)
     return parser
+
+
+def _add_report(commands: argparse._SubParsersAction[OneLineParser]) -> None:
+    report = add_command(
+        commands, "report", "per-label precision, recall and a suggested threshold, learned from the reviews"
+    )
+    report.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    report.add_argument("--model-version", help="the model version whose reviews to read (default: the newest)")
+    report.add_argument(
+        "--target-precision",
+        type=_fraction,
+        metavar="P",
+        help="suggest the lowest threshold reaching this precision (default: the one maximising F1)",
+    )
+    report.add_argument(
+        "--min-reviews",
+        type=_positive_int,
+        metavar="N",
+        help="reviewed predictions a label needs for a suggestion (default: REVIEW_MIN_REVIEWS)",
+    )
+    report.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG of precision and recall per threshold")
+    report.add_argument(
+        "--apply", action="store_true", help="write the suggested thresholds into the project's labeling config"
+    )
+    report.set_defaults(run=_report)
+
+
+def _fraction(text: str) -> float:
+    """--target-precision: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """--min-reviews: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
 
 
 def _json_query(text: str) -> object:
@@ -371,6 +423,15 @@ def _predict(settings: Settings, args: argparse.Namespace) -> int:
     written = predict_files(settings, args.images, label_config, args.out)
     print(json.dumps({"written": [str(path) for path in written]}, indent=2))
     return 0
+
+
+def _report(settings: Settings, args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from backend.commands.report import ReportOptions, report
+
+    # The options' dests are ReportOptions' field names.
+    return report(settings, ReportOptions(**{field.name: getattr(args, field.name) for field in fields(ReportOptions)}))
 
 
 def _bulk(settings: Settings, args: argparse.Namespace) -> int:

@@ -47,6 +47,15 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
     "prelabel": (*_HTTP_CLIENT, "label_studio_url", "label_studio_api_key", "label_studio_timeout"),
     "status": _HTTP_CLIENT,
     "retry": _HTTP_CLIENT,
+    "report": (
+        "log_level",
+        "redis_url",
+        "queue_name",
+        "review_min_reviews",
+        "label_studio_url",
+        "label_studio_api_key",
+        "label_studio_timeout",
+    ),
 }
 
 

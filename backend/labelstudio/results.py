@@ -6,7 +6,9 @@ Frames: inputs are in pixels of the image as displayed (EXIF orientation applied
 Scores, for review and active learning: every region carries its object's score; the prediction's
 (task's) score is the LOWEST region score (0.0 with no regions). A task is as doubtful as its most
 doubtful region, so Label Studio's "sort by prediction score" ascending brings first the tasks with at
-least one uncertain region; a mean would hide one doubtful region among many confident ones.
+least one uncertain region; a mean would hide one doubtful region among many confident ones. An object's
+regions also carry THRESHOLD_KEY when the object has a threshold score: the score a per-label `threshold`
+cuts (Grounding DINO's box score; SAM 3's score), which active learning learns thresholds on.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from backend.labelstudio.rle import mask_to_rle
 from backend.packed_mask import Mask, packed
 
 Box = tuple[float, float, float, float]
+# The extra key of an object's regions holding its threshold score (Label Studio keeps it, see the e2e test).
+THRESHOLD_KEY = "threshold_score"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,13 +35,15 @@ class PredictedObject:
 
     label: exact Label value from the config. score: confidence in [0, 1] (the pipeline's review score).
     box_xyxy: (x1, y1, x2, y2) in pixels of the displayed image. mask: bool HxW of that image (or its
-    PackedMask, which is what the pipeline gives), or None.
+    PackedMask, which is what the pipeline gives), or None. threshold_score: the score in [0, 1] the label's
+    `threshold` was applied to (kept when strictly above it); None where no threshold applies (interactive).
     """
 
     label: str
     score: float
     box_xyxy: Box
     mask: Mask | None = field(default=None, repr=False, compare=False)
+    threshold_score: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +74,7 @@ def build_prediction(
     of its mask "<i>-poly-<part>" (largest part first; see polygons.py). Then, when the config has an
     image tag, one region "image-tag" naming the present labels (see `_image_tag_region`).
 
-    Raises ValueError for a label not in `config`, a score outside [0, 1], a brush or polygon label
+    Raises ValueError for a label not in `config`, a score or threshold_score outside [0, 1], a brush or polygon label
     without a mask, or a mask not of shape (height, width): Label Studio would store such regions
     without complaint.
     """
@@ -80,7 +86,7 @@ def build_prediction(
     for index, obj in enumerate(objects):
         spec = _spec_for(obj, specs)
         for region_id, control, kind, value in _object_values(index, obj, spec, config, (width, height), options):
-            regions.append(_region(region_id, control, kind, value, obj.score) | size)
+            regions.append(_region(region_id, control, kind, value, obj.score) | size | _threshold(obj))
     tag_region = None if config.image_tag is None else _image_tag_region(config.image_tag, objects)
     if tag_region is not None:
         regions.append(tag_region)
@@ -131,7 +137,13 @@ def _spec_for(obj: PredictedObject, specs: dict[str, LabelSpec]) -> LabelSpec:
         raise ValueError(f"label {obj.label!r} is not in the labeling config ({', '.join(map(repr, specs))})")
     if not 0.0 <= obj.score <= 1.0:  # also rejects NaN
         raise ValueError(f"score must be in [0, 1], got {obj.score!r} for {obj.label!r}")
+    if obj.threshold_score is not None and not 0.0 <= obj.threshold_score <= 1.0:
+        raise ValueError(f"threshold_score must be in [0, 1], got {obj.threshold_score!r} for {obj.label!r}")
     return specs[obj.label]
+
+
+def _threshold(obj: PredictedObject) -> dict[str, float]:
+    return {} if obj.threshold_score is None else {THRESHOLD_KEY: float(obj.threshold_score)}
 
 
 def _checked_mask(obj: PredictedObject, control: ControlRef, width: int, height: int) -> Mask:

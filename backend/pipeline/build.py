@@ -14,7 +14,7 @@ import pickle
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 import torch
@@ -29,12 +29,22 @@ from transformers import (
     AutoProcessor,
     PreTrainedModel,
     ProcessorMixin,
+    Sam3Model,
+    Sam3Processor,
+    Sam3TrackerModel,
+    Sam3TrackerProcessor,
 )
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from backend.errors import ModelLoadError
+from backend.pipeline.architectures import (
+    Architecture,
+    detector_architecture,
+    segmenter_architecture,
+)
 from backend.pipeline.detector import GroundingDinoDetector
 from backend.pipeline.grounded_sam import GroundedSam
+from backend.pipeline.sam3_text import Sam3TextDetector
 from backend.pipeline.segmenter import (
     HfSamSegmenter,
     SegmentAnythingSegmenter,
@@ -69,19 +79,66 @@ def build_pipeline(
 ) -> GroundedSam:
     """Load both models on `spec.device` in eval mode; raises ModelLoadError saying what was tried.
 
-    `timer` times the pipeline's stages (backend.pipeline.timing); the default measures nothing.
+    DETECTOR_MODEL decides the pipeline: a Grounding DINO family detector is followed by SAM_MODEL on its boxes;
+    SAM 3 finds and segments the objects itself, and its own tracker (when the checkpoint holds one) answers
+    interactive prompts instead of SAM_MODEL. `timer` times the pipeline's stages (backend.pipeline.timing).
     """
     log_through_the_application()
     spec = locate_models(spec)  # every model found (or one error naming all that are not) before any loads
+    architecture = detector_architecture(spec.detector)  # a wrong kind of checkpoint is named before loading
+    if not architecture.has_tracker and spec.sam_checkpoint is None:
+        segmenter_architecture(spec.sam)
+    if architecture.segments_text:
+        text_detector, segmenter = build_sam3(spec, architecture, timer)
+        return GroundedSam(text_detector, segmenter, thresholds, postprocess, timer=timer)
     detector = build_detector(spec, timer)  # first: a missing detector is reported before SAM is loaded
     return GroundedSam(detector, build_segmenter(spec, timer), thresholds, postprocess, timer=timer)
 
 
 def build_detector(spec: ModelSpec, timer: StageTimer = NO_TIMER) -> GroundingDinoDetector:
-    """The Grounding DINO of `spec`, float32 on `spec.device` (ModelLoadError when it cannot be loaded)."""
+    """The Grounding DINO family detector of `spec`, float32 on `spec.device` (ModelLoadError when it cannot be
+    loaded)."""
     model, processor = _load_hf(spec.detector, AutoModelForZeroShotObjectDetection, torch.float32, "detector")
     # PreTrainedModel.to is wrapped with functools.wraps(nn.Module.to), which mypy takes for an unbound function.
     return GroundingDinoDetector(model.to(spec.device), processor, timer)  # type: ignore[arg-type]
+
+
+def build_sam3(
+    spec: ModelSpec, architecture: Architecture, timer: StageTimer = NO_TIMER
+) -> tuple[Sam3TextDetector, Segmenter]:
+    """SAM 3 from text in `spec.sam_dtype` on `spec.device`, and what answers interactive prompts: its tracker when
+    the checkpoint holds one (sharing the detector's vision backbone: its weights are held once), else SAM_MODEL."""
+    dtype = getattr(torch, spec.sam_dtype)
+    model, processor = _load_hf(spec.detector, Sam3Model, dtype, "SAM 3 model", Sam3Processor)
+    if architecture.has_tracker:
+        tracker, tracker_processor = _load_hf(
+            spec.detector, Sam3TrackerModel, dtype, "SAM 3 tracker", Sam3TrackerProcessor
+        )
+        share_backbone(tracker, model)
+        segmenter: Segmenter = HfSamSegmenter(
+            tracker.to(spec.device),  # type: ignore[arg-type]
+            tracker_processor,
+            image_batch=spec.sam_image_batch,
+            timer=timer,
+        )
+    else:
+        segmenter = build_segmenter(spec, timer)
+    return Sam3TextDetector(model.to(spec.device), processor, timer), segmenter  # type: ignore[arg-type]
+
+
+def share_backbone(tracker: PreTrainedModel, detector: PreTrainedModel) -> None:
+    """Point SAM 3's tracker at the detector's vision backbone (both on the CPU, just loaded), so the worker holds
+    those weights once: a full SAM 3 checkpoint stores them once and transformers loads them into each model.
+    ModelLoadError when the two differ (then the checkpoint is not one SAM 3)."""
+    # nn.Module.__getattr__ is typed Tensor | Module; both SAM 3 classes hold a vision_encoder module.
+    ours: torch.nn.Module = tracker.vision_encoder.backbone  # type: ignore[union-attr,assignment]
+    theirs: torch.nn.Module = detector.vision_encoder.backbone  # type: ignore[union-attr,assignment]
+    mine, shared = ours.state_dict(), theirs.state_dict()
+    if mine.keys() != shared.keys() or not all(torch.equal(mine[key], shared[key]) for key in mine):
+        raise ModelLoadError(
+            "SAM 3's tracker and detector hold different vision backbones; the checkpoint is not one SAM 3"
+        )
+    tracker.vision_encoder.backbone = theirs  # type: ignore[union-attr]
 
 
 def build_segmenter(spec: ModelSpec, timer: StageTimer = NO_TIMER) -> Segmenter:
@@ -90,7 +147,10 @@ def build_segmenter(spec: ModelSpec, timer: StageTimer = NO_TIMER) -> Segmenter:
     if spec.sam_checkpoint is not None:
         sam = _load_sam_checkpoint(Path(spec.sam_checkpoint), spec.sam_model_type)
         return SegmentAnythingSegmenter(sam.to(spec.device), spec.sam_checkpoint, dtype, timer=timer)
-    model, processor = _load_hf(spec.sam, AutoModelForMaskGeneration, dtype, "SAM model")
+    if segmenter_architecture(spec.sam).is_sam3_tracker:
+        model, processor = _load_hf(spec.sam, Sam3TrackerModel, dtype, "SAM 3 tracker", Sam3TrackerProcessor)
+    else:
+        model, processor = _load_hf(spec.sam, AutoModelForMaskGeneration, dtype, "SAM model")
     return HfSamSegmenter(
         model.to(spec.device),  # type: ignore[arg-type]
         processor,
@@ -118,10 +178,12 @@ def locate_models(spec: ModelSpec, *, endpoint: str | None = None, offline: bool
     each hub id in the cache is replaced by its cached folder, loaded without asking the hub again.
 
     ModelLoadError naming every model that cannot be found (and one fix per kind of problem): a path that is no
-    folder and no hub id, a hub id neither cached nor downloadable, a SAM_CHECKPOINT that is no file.
+    folder and no hub id, a hub id neither cached nor downloadable, a SAM_CHECKPOINT that is no file. A full SAM 3
+    detector at hand brings its own tracker, so SAM_MODEL and SAM_CHECKPOINT are then neither looked for nor used.
     """
     wanted = [(f"the detector (DETECTOR_MODEL={spec.detector!r})", spec.detector)]
-    if spec.sam_checkpoint is None:
+    sam_wanted = not _brings_tracker(spec.detector)
+    if sam_wanted and spec.sam_checkpoint is None:
         wanted.append((f"the SAM model (SAM_MODEL={spec.sam!r})", spec.sam))
     remote = [(named, source) for named, source in wanted if not Path(source).expanduser().exists()]
     no_folder = [f"{named} is no local folder (and no hub id)" for named, source in remote if not _is_hub_id(source)]
@@ -130,7 +192,9 @@ def locate_models(spec: ModelSpec, *, endpoint: str | None = None, offline: bool
     cached = {source: folder for _, source in hub_ids if why and (folder := _cached(source)) is not None}
     uncached = [(named, source) for named, source in hub_ids if why and source not in cached]
     missing = no_folder + ([_not_found([named for named, _ in uncached], why)] if why and uncached else [])
-    checkpoint_missing = spec.sam_checkpoint is not None and not Path(spec.sam_checkpoint).expanduser().is_file()
+    checkpoint_missing = (
+        sam_wanted and spec.sam_checkpoint is not None and not Path(spec.sam_checkpoint).expanduser().is_file()
+    )
     if checkpoint_missing:
         missing.append(f"SAM_CHECKPOINT={spec.sam_checkpoint!r} is not a file")
     if missing:
@@ -143,6 +207,19 @@ def locate_models(spec: ModelSpec, *, endpoint: str | None = None, offline: bool
         sam=cached.get(spec.sam, _expanded(spec.sam)),
         sam_checkpoint=checkpoint,
     )
+
+
+def _brings_tracker(detector: str) -> bool:
+    """Whether `detector`, as a local folder or in the Hugging Face cache, is a full SAM 3 (it has its tracker).
+    Nothing is downloaded to tell; an unreadable or absent config answers False (locating it reports why)."""
+    local = Path(detector).expanduser()
+    folder = str(local) if local.exists() else (_cached(detector) if _is_hub_id(detector) else None)
+    if folder is None:
+        return False
+    try:
+        return detector_architecture(folder).has_tracker
+    except ModelLoadError:
+        return False
 
 
 def _expanded(source: str) -> str:
@@ -204,12 +281,23 @@ def _fixes(hub_ids: list[str], no_folder: bool, checkpoint_missing: bool) -> lis
 
 
 def _load_hf(
-    source: str, auto_model: type[_BaseAutoModelClass], dtype: torch.dtype, what: str
+    source: str,
+    model_class: type[_BaseAutoModelClass] | type[PreTrainedModel],
+    dtype: torch.dtype,
+    what: str,
+    processor_class: type[AutoProcessor] | type[ProcessorMixin] = AutoProcessor,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """Model (eval, on CPU) and processor from a hub id or a folder written by save_pretrained."""
+    """Model (eval, on CPU) and processor from a hub id or a folder written by save_pretrained.
+
+    ModelLoadError when the weights miss any of the model's tensors or hold them in other shapes: transformers
+    would leave those randomly initialised with a warning, and every prediction would be noise."""
     try:
-        processor = AutoProcessor.from_pretrained(source)
-        model = auto_model.from_pretrained(source, dtype=dtype)
+        processor = processor_class.from_pretrained(source)
+        # With output_loading_info the return is (model, what loaded), which the stubs do not say.
+        model, loaded = cast(
+            tuple[PreTrainedModel, dict[str, list[Any]]],
+            model_class.from_pretrained(source, dtype=dtype, output_loading_info=True),
+        )
     except _HF_LOAD_ERRORS as error:
         tried = "local folder" if Path(source).is_dir() else "Hugging Face hub id (no local folder has that path)"
         raise ModelLoadError(
@@ -217,6 +305,15 @@ def _load_hf(
             "Fix: give a folder written by save_pretrained (config.json, weights and processor files) or a hub "
             "id; with HF_HUB_OFFLINE=1 a hub id loads only if it is already in the Hugging Face cache."
         ) from error
+    absent = [*loaded["missing_keys"], *(str(key) for key in loaded["mismatched_keys"])]
+    if absent:
+        raise ModelLoadError(
+            f"the {what} from {source!r} ({type(model).__name__}) lacks {len(absent)} of its weights or holds them "
+            f"in other shapes (first: {', '.join(sorted(absent)[:3])}), so they would be random. Fix: give a "
+            "checkpoint of this architecture saved whole by save_pretrained, or the hub id it was published under"
+        )
+    # A model built from a part of its checkpoint's config (SAM 3's detector and tracker) is not told its source.
+    model.name_or_path = model.name_or_path or source
     return model.eval(), processor
 
 
@@ -324,7 +421,7 @@ class SamArchitecture:
         except ImportError as error:  # the package's __init__ imports torchvision
             raise ModelLoadError(
                 f"the segment-anything package cannot be imported ({error}); it needs torchvision: "
-                "pip install 'label-studio-grounded-sam[checkpoints]' or a torchvision matching your torch"
+                "install the torchvision that matches your torch (README: Set up)"
             ) from error
         grid = self.image_size // self.patch_size
         encoder = ImageEncoderViT(

@@ -1,4 +1,4 @@
-"""Grounding DINO boxes for text classes; each box's class comes from the token spans of the prompt plan."""
+"""Grounding DINO family boxes for text classes; each box's class comes from the token spans of the prompt plan."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
+from backend.pipeline.architectures import model_identity
 from backend.pipeline.halving import run_halving
 from backend.pipeline.prompts import PromptPlan, build_prompt_plan
 from backend.pipeline.shapes import detector_input
@@ -17,7 +18,13 @@ from backend.pipeline.types import Detection, DetectionThresholds, TextClass
 
 
 class GroundingDinoDetector:
-    """A transformers Grounding DINO (or MM-Grounding-DINO / LLMDet) model and its processor.
+    """A transformers Grounding DINO family model and its processor: GroundingDinoForObjectDetection
+    (model_type "grounding-dino", tiny and base) or MMGroundingDinoForObjectDetection ("mm-grounding-dino":
+    MM-Grounding-DINO and LLMDet checkpoints, tiny to large).
+
+    The family reads prompts alike: a bert-base-uncased tokenizer, phrases delimited by its fixed [CLS]/[SEP]/'.'/'?'
+    ids, logits (B, Q, max_text_len) that are -inf past the prompt and on its padding (MM-Grounding-DINO adds a
+    learned bias to the finite ones). So one token-span mapping (backend.pipeline.prompts) serves every member.
 
     The model runs in float32 always: in bfloat16/float16 it gave NaNs on CPU, and on a GPU autocast changed its
     outputs substantially (on the same weights most of its top queries differed from float32's).
@@ -31,11 +38,7 @@ class GroundingDinoDetector:
 
     def describe(self) -> dict[str, str]:
         """Plain values that identify the detector (for the model version)."""
-        return {
-            "source": self._model.name_or_path or "",
-            "architecture": type(self._model).__name__,
-            "dtype": str(self._model.dtype),
-        }
+        return model_identity(self._model)
 
     def prepare(self, classes: Sequence[TextClass]) -> PromptPlan:
         """Tokenize the classes into prompt chunks that fit the model's text length."""
@@ -135,12 +138,17 @@ class GroundingDinoDetector:
             box_cut = box_scores.new_tensor(class_box_thresholds)[classes]
         keep = (box_scores > box_cut) & (class_scores > thresholds.text)
         pixel_boxes = _to_pixels(boxes[keep].cpu(), *size, frame)
-        scores, classes = class_scores[keep].cpu(), classes[keep].cpu()
+        scores, classes, cut_scores = class_scores[keep].cpu(), classes[keep].cpu(), box_scores[keep].cpu()
         sized = (pixel_boxes[:, 2] > pixel_boxes[:, 0]) & (pixel_boxes[:, 3] > pixel_boxes[:, 1])
-        pixel_boxes, scores, classes = pixel_boxes[sized], scores[sized], classes[sized]
+        pixel_boxes, scores, classes, cut_scores = pixel_boxes[sized], scores[sized], classes[sized], cut_scores[sized]
         kept = _class_nms(pixel_boxes, scores, classes, thresholds.nms_iou, thresholds.max_detections)
         return [
-            Detection(box_xyxy=tuple(pixel_boxes[i].tolist()), score=float(scores[i]), class_index=int(classes[i]))
+            Detection(
+                box_xyxy=tuple(pixel_boxes[i].tolist()),
+                score=float(scores[i]),
+                class_index=int(classes[i]),
+                box_score=float(cut_scores[i]),
+            )
             for i in kept.tolist()
         ]
 

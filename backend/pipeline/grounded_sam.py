@@ -1,10 +1,15 @@
-"""Grounding DINO boxes, then a SAM mask on every box, then cleanup; and SAM alone for interactive prompts."""
+"""Detection from text, a mask per object, then cleanup; and SAM alone for interactive prompts.
+
+Two kinds of detector: a box detector (Grounding DINO: boxes, then SAM decodes a mask on every box) or a mask
+detector (SAM 3 from text: its instances come with their masks, no second SAM pass; the segmenter then only
+answers interactive prompts). Everything after the models (negatives, cleanup, per-class filters) is the same.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -12,14 +17,14 @@ import torch
 from PIL import Image
 
 from backend.packed_mask import PackedMask
-from backend.pipeline.detector import GroundingDinoDetector
 from backend.pipeline.masks import clean_mask
-from backend.pipeline.negatives import ClassPlan, build_class_plan, suppress_negatives
+from backend.pipeline.negatives import ClassPlan, build_class_plan, suppress_negatives, unsuppressed
 from backend.pipeline.postprocess import apply_filters
 from backend.pipeline.segmenter import Masks, Segmenter
 from backend.pipeline.shapes import sam_input
 from backend.pipeline.timing import NO_TIMER, StageTimer
 from backend.pipeline.types import (
+    Detection,
     DetectionThresholds,
     Instance,
     PostprocessOptions,
@@ -28,17 +33,66 @@ from backend.pipeline.types import (
     TextClass,
 )
 
+Plan = TypeVar("Plan")
+
+
+class BoxDetector(Protocol[Plan]):
+    """Boxes from text (GroundingDinoDetector): `prepare` once per class set, then `detect_batch`."""
+
+    def prepare(self, classes: Sequence[TextClass]) -> Plan:
+        """The prompt plan of `classes` (reused for every image)."""
+        ...
+
+    def detect_batch(
+        self,
+        images: Sequence[Image.Image],
+        plan: Plan,
+        thresholds: DetectionThresholds,
+        class_box_thresholds: Sequence[float] | None = None,
+    ) -> list[list[Detection]]:
+        """Per image: boxes in xyxy pixels of it, best score first, class indexes into the plan's classes."""
+        ...
+
+    def describe(self) -> dict[str, str]:
+        """Plain values that identify the detector (for the model version)."""
+        ...
+
+
+@runtime_checkable
+class MaskDetector(Protocol[Plan]):
+    """Instances with their masks from text (sam3_text.Sam3TextDetector): `prepare`, then `segment_batch`."""
+
+    def prepare(self, classes: Sequence[TextClass]) -> Plan:
+        """The encoded prompts of `classes` (reused for every image)."""
+        ...
+
+    def segment_batch(
+        self,
+        images: Sequence[Image.Image],
+        plan: Plan,
+        thresholds: DetectionThresholds,
+        class_box_thresholds: Sequence[float] | None = None,
+    ) -> list[Segmented]:
+        """Per image: detections as `BoxDetector.detect_batch`'s with a mask (H, W) and a score for each."""
+        ...
+
+    def describe(self) -> dict[str, str]:
+        """Plain values that identify the detector (for the model version)."""
+        ...
+
 
 class GroundedSam:
     """The model pipeline: `prepare` once per class set, then `run` per image; `segment_*` for SAM alone.
 
+    detector: a BoxDetector (its boxes go to `segmenter`) or a MaskDetector (its masks are the objects' masks;
+    `segmenter` only answers `segment_boxes` / `segment_points`).
     `timer` times the stages "negatives", "sam" and "cleanup" (backend.pipeline.timing); give the detector and
     segmenter the same timer for their inner stages (build_pipeline does).
     """
 
     def __init__(
         self,
-        detector: GroundingDinoDetector,
+        detector: BoxDetector[Any] | MaskDetector[Any],
         segmenter: Segmenter,
         thresholds: DetectionThresholds,
         postprocess: PostprocessOptions = PostprocessOptions(),
@@ -58,9 +112,10 @@ class GroundedSam:
         """Instances on `image` (RGB, EXIF already applied), best detection score first.
 
         Order of work: detection with per-class box thresholds → negative suppression (box IoU) → SAM on
-        the remaining boxes → mask cleanup → per-class min_area → one label per object → per-class
-        max_instances. Boxes are xyxy pixels of `image`; masks are PackedMasks of (H, W); class indexes point
-        into `plan.classes`. SAM does not run when nothing is left to segment. Any size and aspect ratio.
+        the remaining boxes (a mask detector's own masks instead) → mask cleanup → per-class min_area → one
+        label per object → per-class max_instances. Boxes are xyxy pixels of `image`; masks are PackedMasks of
+        (H, W); class indexes point into `plan.classes`. SAM does not run when nothing is left to segment. Any
+        size and aspect ratio.
         """
         return self.run_batch([image], plan)[0]
 
@@ -71,13 +126,35 @@ class GroundedSam:
     def stream(self, images: Sequence[Image.Image], plan: ClassPlan) -> Iterator[Segmented]:
         """The model work for `images` (RGB), one Segmented per image in order, each as soon as SAM has it.
 
-        One detector forward per group of same-size images first; then the images that have boxes go
-        through SAM as the segmenter streams them (HF SAM: SAM_IMAGE_BATCH images per encoder forward, each
-        image's boxes decoded together).
-        `postprocess` (CPU only) may run on another thread while this goes on with the next images.
+        Box detector: one detector forward per group of same-size images first; then the images that have
+        boxes go through SAM as the segmenter streams them (HF SAM: SAM_IMAGE_BATCH images per encoder
+        forward, each image's boxes decoded together). Mask detector: image by image, each yielded when its
+        masks are ready. `postprocess` (CPU only) may run on another thread while this goes on with the next.
         """
+        if isinstance(self._detector, MaskDetector):
+            return self._stream_masks(self._detector, images, plan)
+        return self._stream_boxes(self._detector, images, plan)
+
+    def _stream_masks(
+        self, detector: MaskDetector[Any], images: Sequence[Image.Image], plan: ClassPlan
+    ) -> Iterator[Segmented]:
+        """`stream` with a mask detector: its instances, less the negatives' and those they suppress."""
+        for image in images:
+            (segmented,) = detector.segment_batch([image], plan.prompt, self._thresholds, plan.box_thresholds)
+            with self._timer.stage("negatives"):
+                kept = unsuppressed(segmented.detections, plan, self._postprocess.negative_iou)
+            if not kept or segmented.masks is None or segmented.scores is None:
+                yield Segmented((), None, None)
+                continue
+            masks = tuple(segmented.masks[i] for i in kept)
+            yield Segmented(tuple(segmented.detections[i] for i in kept), masks, segmented.scores[kept])
+
+    def _stream_boxes(
+        self, detector: BoxDetector[Any], images: Sequence[Image.Image], plan: ClassPlan
+    ) -> Iterator[Segmented]:
+        """`stream` with a box detector: its boxes (less the suppressed ones) through SAM."""
         with torch.inference_mode():
-            batch = self._detector.detect_batch(images, plan.prompt, self._thresholds, plan.box_thresholds)
+            batch = detector.detect_batch(images, plan.prompt, self._thresholds, plan.box_thresholds)
         with self._timer.stage("negatives"):
             kept = [suppress_negatives(detections, plan, self._postprocess.negative_iou) for detections in batch]
         todo = [i for i, detections in enumerate(kept) if detections]

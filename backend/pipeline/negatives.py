@@ -3,41 +3,47 @@
 Each class's negative phrases join the detector prompt as extra classes after the caller's classes (one
 per distinct phrase; a phrase that is already some class's prompt is that class instead). A detection of
 class C is dropped when its box IoU with a detection of one of C's suppressors exceeds `negative_iou`;
-detections of the extra classes are never returned.
+detections of the extra classes are never returned. The same for any detector: Grounding DINO's prompt plan
+(PromptPlan) or SAM 3's text prompts (sam3_text.Sam3Prompts), whose instances' boxes are compared the same way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Generic
 
 import torch
+from typing_extensions import TypeVar
 
 from backend.pipeline.detector import box_iou
-from backend.pipeline.prompts import PromptPlan, normalize_phrase
+from backend.pipeline.prompts import normalize_phrase
 from backend.pipeline.types import Detection, TextClass
+
+# The detector's prompt plan: backend.pipeline.prompts.PromptPlan (Grounding DINO) or sam3_text.Sam3Prompts.
+Prompt = TypeVar("Prompt", default=Any)
 
 
 @dataclass(frozen=True, slots=True)
-class ClassPlan:
+class ClassPlan(Generic[Prompt]):
     """A class set ready for the detector.
 
     classes: the caller's classes; detector class indexes below len(classes) are theirs, the rest negatives.
-    prompt: the prompt plan over the caller's classes followed by one class per extra negative phrase.
+    prompt: the detector's prompt plan over the caller's classes followed by one class per extra negative phrase.
     suppressors: per caller class, the detector class indexes whose boxes suppress its boxes.
     box_thresholds: per detector class, its box threshold (a class's own, else the default).
     """
 
     classes: tuple[TextClass, ...]
-    prompt: PromptPlan
+    prompt: Prompt
     suppressors: tuple[frozenset[int], ...]
     box_thresholds: tuple[float, ...]
 
 
 def build_class_plan(
-    classes: Sequence[TextClass], prepare: Callable[[Sequence[TextClass]], PromptPlan], default_box: float
-) -> ClassPlan:
-    """Expand negatives into detector classes and tokenize them all with `prepare` (the detector's)."""
+    classes: Sequence[TextClass], prepare: Callable[[Sequence[TextClass]], Prompt], default_box: float
+) -> ClassPlan[Prompt]:
+    """Expand negatives into detector classes and prepare them all with `prepare` (the detector's)."""
     classes = tuple(classes)
     owner: dict[str, int] = {}  # normalised phrase → detector class index
     for index, text_class in enumerate(classes):
@@ -66,6 +72,11 @@ def build_class_plan(
 
 def suppress_negatives(detections: Sequence[Detection], plan: ClassPlan, iou: float) -> list[Detection]:
     """Detections of the caller's classes that no suppressor box overlaps by more than `iou`, order kept."""
+    return [detections[index] for index in unsuppressed(detections, plan, iou)]
+
+
+def unsuppressed(detections: Sequence[Detection], plan: ClassPlan, iou: float) -> list[int]:
+    """Indexes into `detections` of those `suppress_negatives` keeps, ascending (to keep masks aligned)."""
     if not detections:
         return []
     boxes = torch.tensor([detection.box_xyxy for detection in detections], dtype=torch.float32)
@@ -76,5 +87,5 @@ def suppress_negatives(detections: Sequence[Detection], plan: ClassPlan, iou: fl
         suppressors = plan.suppressors[detection.class_index]
         rivals = torch.tensor([other.class_index in suppressors for other in detections], dtype=torch.bool)
         if not (box_iou(boxes[index], boxes[rivals]) > iou).any():
-            kept.append(detection)
+            kept.append(index)
     return kept

@@ -4,10 +4,10 @@ Interactive prompts (`segment_points`): points labelled positive/negative, optio
 one mask. A single point with no box is ambiguous, so SAM proposes three masks and the one with the
 highest predicted IoU is returned (as segment-anything recommends); other prompts ask for one mask.
 
-Memory: SAM's masks come out of the decoder at 256x256; upsampling them to the image makes float32 masks of
-the full resolution (192 MB each at 48 MP). They are upsampled `masks_per_call` at a time (at most
-UPSAMPLE_BUDGET bytes of floats, at least one mask), with the models' own post-processing (so the masks are
-the same as in one call), and each is packed (`PackedMask`) before the next slice is upsampled.
+Memory: SAM's masks come out of the decoder at 256x256 (SAM 3's tracker: 288x288); upsampling them to the
+image makes float32 masks of the full resolution (192 MB each at 48 MP). They are upsampled `masks_per_call`
+at a time (at most UPSAMPLE_BUDGET bytes of floats, at least one mask), with the models' own post-processing (so
+the masks are the same as in one call), and each is packed (`PackedMask`) before the next slice is upsampled.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
 from backend.packed_mask import PackedMask
+from backend.pipeline.architectures import model_identity
 from backend.pipeline.halving import run_halving
 from backend.pipeline.threads import prefetched
 from backend.pipeline.timing import NO_TIMER, StageTimer
@@ -46,6 +47,8 @@ Decode = Callable[[slice], tuple[torch.Tensor, torch.Tensor]]
 # upsample(logits (k, 1, h, w)) -> masks (k, H, W) bool at the image's size, on the model's device.
 Upsample = Callable[[torch.Tensor], torch.Tensor]
 Masks = tuple[PackedMask, ...]
+# An image encoder's output as forward kwargs: one tensor (B, ...) or a list of them (multi-scale features).
+Embeddings = dict[str, torch.Tensor | list[torch.Tensor]]
 Pixels = npt.NDArray[np.uint8]  # an RGB image (H, W, 3)
 Floats = npt.NDArray[np.floating[Any]]  # boxes (N, 4) or points (N, 2), in pixels
 Flags = npt.NDArray[np.bool_]  # per point: positive
@@ -87,7 +90,14 @@ class Segmenter(Protocol):
 
 
 class HfSamSegmenter:
-    """transformers SamModel (also SamHQModel, Sam2Model) with its processor; any dtype the model was loaded in.
+    """Any transformers SAM family model with its processor, in any dtype it was loaded in: SamModel (with
+    SamProcessor), SamHQModel (SamHQProcessor), Sam2Model (SAM 2 / 2.1, any Hiera size) and EdgeTamModel
+    (Sam2Processor), Sam3TrackerModel (Sam3TrackerProcessor; also loaded from a full SAM 3 checkpoint).
+
+    All of them share the SAM interface used here: `get_image_embeddings(pixel_values)`, a forward taking those
+    embeddings with input_boxes / input_points / input_labels and giving pred_masks (B, N, C, h, w) and
+    iou_scores (B, N, C), and the processor's `post_process_masks`. They differ in what the encoder gives
+    (see `_embed`) and in the processor's sizes (SAM 2's stretches to a square: no reshaped_input_sizes).
 
     `timer` times "sam_preprocess", "sam_encoder", "sam_decoder" and "sam_upsample" (backend.pipeline.timing).
     """
@@ -109,11 +119,7 @@ class HfSamSegmenter:
         self._timer = timer
 
     def describe(self) -> dict[str, str]:
-        return {
-            "source": self._model.name_or_path or "",
-            "architecture": type(self._model).__name__,
-            "dtype": str(self._model.dtype),
-        }
+        return model_identity(self._model)
 
     def segment(self, image: Pixels, boxes_xyxy: Floats) -> tuple[Masks, Scores]:
         """See `Segmenter.segment`."""
@@ -207,7 +213,7 @@ class HfSamSegmenter:
         all_boxes = inputs["input_boxes"].to(self._model.device, torch.float32)
         results = []
         for row, index in enumerate(indices):
-            own = {key: value[row : row + 1] for key, value in embeddings.items()}
+            own = {key: _rows(value, row) for key, value in embeddings.items()}
             sizes = {key: inputs[key][row : row + 1] for key in _SIZE_KEYS if key in inputs}
             image_boxes = all_boxes[row : row + 1, : len(boxes_xyxy[index])]
             height, width = images[index].shape[:2]
@@ -216,7 +222,7 @@ class HfSamSegmenter:
 
     def _decode_boxes(
         self,
-        embeddings: Mapping[str, torch.Tensor],
+        embeddings: Embeddings,
         boxes: torch.Tensor,
         sizes: Mapping[str, torch.Tensor],
         shape: tuple[int, int],
@@ -232,14 +238,17 @@ class HfSamSegmenter:
         upsample = partial(self._upsample, sizes=sizes)
         return _decode_all(decode, upsample, boxes.shape[1], self._box_batch, per_call, self._timer)
 
-    def _embed(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The image encoder's output for the processed images (B, ...), as forward kwargs."""
+    def _embed(self, inputs: Mapping[str, torch.Tensor]) -> Embeddings:
+        """The image encoder's output for the processed images (B, ...), as forward kwargs: SAM's
+        image_embeddings (B, C, 64, 64); SAM-HQ's also with its ViT's intermediate_embeddings (a list of
+        (B, 64, 64, D)); SAM 2, SAM 3's tracker and EdgeTAM give a list of feature maps (B, C_l, h_l, w_l),
+        high resolution first, whose last one the decoder attends to."""
         with self._timer.stage("sam_encoder"):
             pixels = inputs["pixel_values"].to(self._model.device, self._model.dtype)
             # nn.Module.__getattr__ is typed Tensor | Module; every SAM model class defines get_image_embeddings.
             embeddings = self._model.get_image_embeddings(pixels)  # type: ignore[operator]
         if isinstance(embeddings, tuple):  # SamHQ also returns the ViT's intermediate features
-            return {"image_embeddings": embeddings[0], "intermediate_embeddings": embeddings[1]}
+            return {"image_embeddings": embeddings[0], "intermediate_embeddings": list(embeddings[1])}
         return {"image_embeddings": embeddings}
 
     def _upsample(self, logits: torch.Tensor, sizes: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -446,6 +455,13 @@ def _best(scores: torch.Tensor) -> tuple[int, float]:
     """Of k proposals' predicted IoU (k,): the best one's index and its score, clamped to [0, 1]."""
     best = int(scores.argmax())
     return best, float(scores[best].float().clamp(0, 1))
+
+
+def _rows(value: torch.Tensor | list[torch.Tensor], row: int) -> torch.Tensor | list[torch.Tensor]:
+    """Image `row` of a batched encoder output, keeping its batch axis: (1, ...), or each level's."""
+    if isinstance(value, list):
+        return [level[row : row + 1] for level in value]
+    return value[row : row + 1]
 
 
 def _no_masks() -> tuple[Masks, Scores]:

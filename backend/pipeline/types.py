@@ -43,19 +43,28 @@ class Detection:
     box_xyxy: (x1, y1, x2, y2) in pixels of the image as given (EXIF already applied), clipped to it.
     score: the chosen class's score in [0, 1].
     class_index: index into the `TextClass` sequence the detector was prompted with.
+    box_score: the score in [0, 1] the box threshold (global or the class's) was applied to, strictly above it:
+        Grounding DINO's box score (its best token's, any class); None where that is `score` (SAM 3 alone).
     """
 
     box_xyxy: tuple[float, float, float, float]
     score: float
     class_index: int
+    box_score: float | None = None
+
+    @property
+    def threshold_score(self) -> float:
+        """The score a per-label `threshold` cuts (kept when strictly above it): box_score, else score."""
+        return self.score if self.box_score is None else self.box_score
 
 
 @dataclass(frozen=True, slots=True)
 class Segmented:
     """One image after the models, before cleanup: its detections and SAM's mask for each.
 
-    masks: N PackedMasks of the image as given (H, W); scores: (N,) float32 SAM predicted IoU in [0, 1];
-    both None when there are no detections (SAM did not run).
+    masks: N PackedMasks of the image as given (H, W); scores: (N,) float32 SAM predicted IoU in [0, 1]
+    (SAM 3 alone from text: its instance scores, the detections' own); both None when there are no
+    detections (SAM did not run).
     """
 
     detections: tuple[Detection, ...]
@@ -68,7 +77,8 @@ class Instance:
     """A detection with its SAM mask.
 
     mask: PackedMask of the image as given (shape (H, W); `to_array()` for the bool array).
-    mask_score: SAM's predicted IoU in [0, 1].
+    mask_score: SAM's predicted IoU in [0, 1]. SAM 3 alone from text: its instance score, the same as
+    detection.score (so `score` is that score too).
     """
 
     detection: Detection
@@ -79,7 +89,8 @@ class Instance:
     def score(self) -> float:
         """Review score in [0, 1]: geometric mean of the detection score and SAM's predicted IoU.
 
-        Low when either model doubts; monotone in their product, on the scale of the detector's thresholds.
+        Low when either model doubts; monotone in their product. Not the score thresholds cut: that is
+        `detection.threshold_score`.
         """
         return math.sqrt(self.detection.score * self.mask_score)
 
@@ -122,11 +133,13 @@ class PostprocessOptions:
 class ModelSpec:
     """Which models to load and how.
 
-    detector: Hugging Face id or local folder of a Grounding DINO checkpoint (transformers Auto classes).
-    sam: Hugging Face id or local folder of a transformers SAM checkpoint; ignored when `sam_checkpoint` is set.
+    detector: Hugging Face id or local folder of a Grounding DINO family or SAM 3 checkpoint (architectures.py).
+    sam: Hugging Face id or local folder of a transformers SAM family checkpoint; ignored when `sam_checkpoint` is
+        set, and both when the detector is a full SAM 3 (its own tracker segments prompts).
     sam_checkpoint: path to an official segment-anything `.pth` state dict; `sam_model_type` names its architecture.
     device: "cpu", "cuda", "cuda:N" (resolved by the caller, never "auto").
-    sam_dtype: dtype for SAM ("float32", "bfloat16", "float16"); the detector always runs in float32.
+    sam_dtype: dtype for SAM and for SAM 3 alone ("float32", "bfloat16", "float16"); a Grounding DINO family
+        detector always runs in float32.
     sam_image_batch: images per SAM image-encoder forward when several come at once (transformers SAM only);
         how fast, not what is computed.
     """

@@ -7,6 +7,7 @@ import logging
 import socket
 import time
 import traceback
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -22,7 +23,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import current_timestamp, now
 
 from backend.errors import QueueUnavailableError, RedisFullError
-from backend.queueing.messages import ChunkJob, PredictJob
+from backend.queueing.messages import ChunkJob, PredictJob, ReviewJob
 from backend.queueing.transient import TransientRetry, restore_retries
 from backend.redis_replies import text
 
@@ -31,6 +32,13 @@ log = logging.getLogger(__name__)
 # Enqueued by dotted name so the API process never imports the model code.
 PREDICT_JOB = "backend.jobs.predict_task"
 PRELABEL_JOB = "backend.prelabel.prelabel_chunk"
+REVIEW_JOB = "backend.review_job.review_event"
+# A review job of one task compares that task's annotations: its own timeout (at most JOB_TIMEOUT), so one
+# pathological annotation cannot hold a worker that interactive requests wait on for long. START_TRAINING, which
+# rescans the project, and ANNOTATIONS_DELETED run under JOB_TIMEOUT.
+REVIEW_JOB_TIMEOUT_S = 120
+# A task's "review pending" marker lives at most this long (a job lost before it started frees it then).
+REVIEW_PENDING_TTL_S = 3600
 # How often a waiting request sweeps the started-job registry for jobs whose worker died.
 ABANDONED_SWEEP_S = 1.0
 # A job whose worker died is queued again this many times (rq's Retry, which every registry cleanup honours,
@@ -83,6 +91,21 @@ def queue_names(prefix: str) -> tuple[str, str]:
     return f"{prefix}-interactive", f"{prefix}-bulk"
 
 
+def review_pending_key(prefix: str, project: int, task: int) -> str:
+    """The marker of a review job of `task` waiting in the queue (PredictionQueue.submit_review)."""
+    return f"{prefix}:reviews:pending:{project}:{task}"
+
+
+def review_queue_name(prefix: str) -> str:
+    """The queue of review jobs (Label Studio's annotation events), which workers take after the other two."""
+    return f"{prefix}-reviews"
+
+
+def worker_queue_names(prefix: str) -> tuple[str, str, str]:
+    """Every queue a worker listens on, in the order it takes work: interactive, bulk, reviews."""
+    return (*queue_names(prefix), review_queue_name(prefix))
+
+
 def chunk_job_id(chunk: ChunkJob) -> str:
     """Deterministic id of a bulk chunk, bulk-<project>-<digest>: the same tasks of a project for the same model
     version (and force) map to one job, so two prelabel runs over the same tasks (or a double click) re-attach
@@ -113,18 +136,20 @@ def prediction_job_id(project: str, task: Mapping[str, Any], image_ref: str, mod
 
 
 class PredictionQueue:
-    """Enqueue job messages on the interactive or bulk queue and collect results, over one Redis."""
+    """Enqueue job messages on the interactive, bulk or reviews queue and collect results, over one Redis."""
 
     def __init__(self, redis: Redis, prefix: str, limits: JobLimits) -> None:
         self._redis = redis
         self._limits = limits
+        self.prefix = prefix
         interactive, bulk = queue_names(prefix)
         self.interactive = Queue(interactive, connection=redis, serializer=JSONSerializer)
         self.bulk = Queue(bulk, connection=redis, serializer=JSONSerializer)
+        self.reviews = Queue(review_queue_name(prefix), connection=redis, serializer=JSONSerializer)
 
     @property
-    def queues(self) -> tuple[Queue, Queue]:
-        return self.interactive, self.bulk
+    def queues(self) -> tuple[Queue, Queue, Queue]:
+        return self.interactive, self.bulk, self.reviews
 
     def submit(self, job_id: str, message: PredictJob | ChunkJob) -> None:
         """Queue one job, or re-attach to the job of that id; a failed or canceled one is queued again.
@@ -141,6 +166,27 @@ class PredictionQueue:
                 self._requeue_if_failed(queue, func, job_id, payload)
         except RedisError as exc:
             raise queue_error(exc, "queueing the job") from exc
+
+    def submit_review(self, message: ReviewJob) -> str | None:
+        """Queue one review job (reviews queue, `review_event`) under a fresh id and return it; None, queueing
+        nothing, when a review of the message's task is waiting already: the job reads the task's latest state
+        from Label Studio, so one waiting job per task serves every event (the queue is bounded by the tasks).
+        The task's marker (`review_pending_key`) is set here and deleted by the job as it starts."""
+        job_id = f"review-{message.project}-{uuid.uuid4().hex[:16]}"
+        marker = None if message.task is None else review_pending_key(self.prefix, message.project, message.task)
+        try:
+            if marker is not None and not self._redis.set(marker, job_id, nx=True, ex=REVIEW_PENDING_TTL_S):
+                return None
+            try:
+                timeout = None if marker is None else min(REVIEW_JOB_TIMEOUT_S, self._limits.job_timeout)
+                self._enqueue(self.reviews, REVIEW_JOB, job_id, message.to_json(), timeout=timeout)
+            except RedisError:
+                if marker is not None:
+                    self._redis.delete(marker)  # allowed even when Redis is full: the next event tries again
+                raise
+        except RedisError as exc:
+            raise queue_error(exc, "queueing the review job") from exc
+        return job_id
 
     def wait(self, job_ids: Sequence[str], timeout: float) -> list[JobOutcome]:
         """Poll until every job finished or failed, or `timeout` seconds passed; outcomes in input order.
@@ -181,21 +227,24 @@ class PredictionQueue:
         return {queue.name: queue.count for queue in self.queues}
 
     def worker_count(self) -> int:
-        """Workers registered on the interactive queue (every worker listens on both)."""
+        """Workers registered on the interactive queue (every worker listens on all three)."""
         return Worker.count(connection=self._redis, queue=self.interactive)
 
     def fetch_jobs(self, job_ids: Sequence[str]) -> list[Job | None]:
         """The jobs of these ids (None where expired or deleted)."""
         return Job.fetch_many(job_ids, connection=self._redis, serializer=JSONSerializer)
 
-    def _enqueue(self, queue: Queue, func: str, job_id: str, payload: dict[str, Any]) -> None:
-        """Queue `func(payload)`: `payload` is the message's JSON, the one argument the job function gets."""
+    def _enqueue(
+        self, queue: Queue, func: str, job_id: str, payload: dict[str, Any], timeout: int | None = None
+    ) -> None:
+        """Queue `func(payload)`: `payload` is the message's JSON, the one argument the job function gets;
+        `timeout` (seconds) defaults to JOB_TIMEOUT."""
         queue.enqueue_call(
             func,
             args=(payload,),
             job_id=job_id,
             unique=True,
-            timeout=self._limits.job_timeout,
+            timeout=self._limits.job_timeout if timeout is None else timeout,
             result_ttl=self._limits.result_ttl,
             failure_ttl=self._limits.failure_ttl,
             retry=Retry(max=CRASH_RETRIES, enqueue_at_front=True),

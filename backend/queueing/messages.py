@@ -1,9 +1,10 @@
 """The messages that cross from the API to the workers: one per job kind, typed, versioned, JSON on the wire.
 
-The API builds a `PredictJob` (interactive queue, one task) or a `ChunkJob` (bulk queue, BULK_CHUNK_SIZE tasks)
-and queues `to_json()`; the worker's job function reads it back with `from_json`, which refuses a message of
-another schema (a worker older or newer than the API that queued it) or a malformed one with
-JobMessageError, a reason rq records on the failed job.
+The API builds a `PredictJob` (interactive queue, one task), a `ChunkJob` (bulk queue, BULK_CHUNK_SIZE tasks)
+or a `ReviewJob` (reviews queue: one Label Studio annotation event to learn from) and queues `to_json()`; the
+worker's job function reads it back with `from_json`, which refuses a message of another schema (a worker older
+or newer than the API that queued it) or a malformed one with JobMessageError, a reason rq records on the failed
+job.
 
 The labeling config travels by reference (its sha256; the text is stored once in Redis, see
 backend.queueing.configs). Messages queued before the schema field existed have schema 1's shape and are
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend.errors import JobMessageError
+from backend.json_values import json_int
 
 SCHEMA = 1
 SCHEMA_KEY = "schema"
@@ -34,9 +36,10 @@ class QueuedTask:
 
     @classmethod
     def from_json(cls, raw: object) -> QueuedTask:
-        if not isinstance(raw, Mapping) or isinstance(raw.get("id"), bool) or not isinstance(raw.get("id"), int):
+        task = json_int(raw.get("id")) if isinstance(raw, Mapping) else None
+        if task is None or not isinstance(raw, Mapping):
             raise JobMessageError(f"a queued task needs an integer id, got {_short(raw)}")
-        return cls(id=raw["id"], data=raw.get("data"))
+        return cls(id=task, data=raw.get("data"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +128,106 @@ class ChunkJob:
             label_studio_host=_optional_text(message, "label_studio_host", "bulk chunk"),
             label_config=_optional_text(message, "label_config", "bulk chunk"),
         )
+
+
+# The Label Studio events a ReviewJob comes from (backend.api.webhook reads them off the webhook). Label Studio
+# sends ANNOTATIONS_CREATED for a bulk creation (an import): the webhook queues one ANNOTATION_CREATED per task.
+ANNOTATION_CREATED = "ANNOTATION_CREATED"
+ANNOTATION_UPDATED = "ANNOTATION_UPDATED"
+ANNOTATIONS_CREATED = "ANNOTATIONS_CREATED"
+ANNOTATIONS_DELETED = "ANNOTATIONS_DELETED"
+START_TRAINING = "START_TRAINING"
+REVIEW_ACTIONS = (ANNOTATION_CREATED, ANNOTATION_UPDATED, ANNOTATIONS_DELETED, START_TRAINING)
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewOptions:
+    """How a review job compares and records (the API's settings, so every worker records alike): the Redis key
+    prefix of the review records (QUEUE_NAME), REVIEW_KEEP_IOU, REVIEW_MAX_ANNOTATIONS and REVIEW_MAX_TOTAL."""
+
+    prefix: str
+    keep_iou: float
+    max_annotations: int
+    max_total: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prefix": self.prefix,
+            "keep_iou": self.keep_iou,
+            "max_annotations": self.max_annotations,
+            "max_total": self.max_total,
+        }
+
+    @classmethod
+    def from_json(cls, raw: object) -> ReviewOptions:
+        if not isinstance(raw, Mapping):
+            raise JobMessageError(f"a review job's options are a JSON object, got {_short(raw)}")
+        keep_iou = raw.get("keep_iou")
+        if not isinstance(keep_iou, (int, float)) or isinstance(keep_iou, bool) or not 0 < keep_iou <= 1:
+            raise JobMessageError(f"a review job needs keep_iou in (0, 1], got {_short(keep_iou)}")
+        limits = [_int(raw, key) for key in ("max_annotations", "max_total")]
+        if min(limits) < 1:
+            raise JobMessageError(f"a review job needs max_annotations and max_total >= 1, got {limits}")
+        return cls(_required_text(raw, "prefix", "review job"), float(keep_iou), limits[0], limits[1])
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewJob:
+    """One Label Studio event to learn from (reviews queue): the worker re-reads what Label Studio holds now.
+
+    action: one of REVIEW_ACTIONS. ANNOTATION_CREATED / _UPDATED name the `task` and its `annotation`;
+    ANNOTATIONS_DELETED lists the `deleted` annotation ids (no task); START_TRAINING names only the project (every
+    annotated task of it is rescanned).
+    """
+
+    project: int
+    task: int | None
+    annotation: int | None
+    action: str
+    options: ReviewOptions
+    deleted: tuple[int, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            SCHEMA_KEY: SCHEMA,
+            "project": self.project,
+            "task": self.task,
+            "annotation": self.annotation,
+            "action": self.action,
+            "options": self.options.to_json(),
+            "deleted": list(self.deleted),
+        }
+
+    @classmethod
+    def from_json(cls, raw: object) -> ReviewJob:
+        """Raises JobMessageError for another schema or a malformed message."""
+        if not isinstance(raw, Mapping):
+            raise JobMessageError(f"a review job message is a JSON object, got {_short(raw)}")
+        if raw.get(SCHEMA_KEY) != SCHEMA:
+            raise JobMessageError(
+                f"this review job was queued with message schema {raw.get(SCHEMA_KEY)!r}, this worker reads schema "
+                f"{SCHEMA}: run the API and the workers from the same release"
+            )
+        action, deleted = raw.get("action"), raw.get("deleted", [])
+        if not isinstance(action, str) or action not in REVIEW_ACTIONS:
+            raise JobMessageError(f"a review job needs one of {', '.join(REVIEW_ACTIONS)}, got {_short(action)}")
+        if not isinstance(deleted, list) or not all(json_int(value) is not None for value in deleted):
+            raise JobMessageError(f"a review job's deleted annotations are a list of ids, got {_short(deleted)}")
+        return cls(
+            project=_int(raw, "project"),
+            task=None if raw.get("task") is None else _int(raw, "task"),
+            annotation=None if raw.get("annotation") is None else _int(raw, "annotation"),
+            action=action,
+            options=ReviewOptions.from_json(raw.get("options")),
+            deleted=tuple(deleted),
+        )
+
+
+def _int(message: Mapping[str, Any], key: str) -> int:
+    value = json_int(message.get(key))
+    if value is None:
+        raise JobMessageError(f"a review job needs {key} as an integer, got {_short(message.get(key))}")
+    return value
 
 
 def _checked(raw: object, kind: str) -> Mapping[str, Any]:

@@ -37,7 +37,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import current_timestamp
 
 from backend.errors import BackendError
-from backend.queueing.client import queue_names, sweep_abandoned
+from backend.queueing.client import sweep_abandoned, worker_queue_names
 from backend.queueing.fleet import Announcement, announcement_fields
 from backend.queueing.transient import enqueue_due, next_interval, schedule_retry
 
@@ -223,8 +223,9 @@ def run_worker(
 ) -> bool:
     """Process jobs until stopped (SIGINT/SIGTERM: finish the current job, then exit).
 
-    Listens on the interactive queue first, then the bulk one: rq takes from the first non-empty queue,
-    so someone waiting in the editor goes ahead of bulk pre-labelling on the same workers.
+    Listens on the interactive queue first, then the bulk one, then the reviews one (Label Studio's annotation
+    events): rq takes from the first non-empty queue, so someone waiting in the editor goes ahead of bulk
+    pre-labelling on the same workers, and learning from reviews waits for both.
     A side thread sweeps for jobs abandoned by dead workers every `heartbeat_s`, so they are queued again
     within seconds even when no request is waiting on them (bulk chunks), and queues the transient retries that
     are due (rq's scheduler stays off, with_scheduler=False: it would fork a process from this one). A burst
@@ -235,7 +236,7 @@ def run_worker(
     once rq has registered the worker (ready).
     Returns rq's `work()` result (True when at least one job was processed).
     """
-    queues = [Queue(name, connection=redis, serializer=JSONSerializer) for name in queue_names(queue_prefix)]
+    queues = [Queue(name, connection=redis, serializer=JSONSerializer) for name in worker_queue_names(queue_prefix)]
     worker = HeartbeatWorker(
         queues,
         connection=redis,

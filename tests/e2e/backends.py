@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 
 from tests.support.processes import Proc, Processes, tiny_backend_env
+
+# The model families users pick (issue 12) that the e2e runs, as tiny random models (tests/e2e/conftest.py
+# family_models): Grounding DINO → SAM v1, Grounding DINO → SAM 2 (2.1), SAM 3 alone from text.
+MODEL_FAMILIES = ("grounding-dino+sam", "grounding-dino+sam2", "sam3")
+
+
+def models_of_family(family: str, fixture: Callable[[str], Any]) -> tuple[Path, Path]:
+    """(DETECTOR_MODEL, SAM_MODEL) of `family` (one of MODEL_FAMILIES), from the tiny model folder fixtures
+    (tests/conftest.py, tests/e2e/conftest.py) that `fixture` (pytest's request.getfixturevalue) builds on first use.
+
+    SAM 3 alone answers smart clicks with its own tracker, so its SAM_MODEL names a folder that does not exist:
+    a backend that loaded or used SAM_MODEL would fail.
+    """
+    if family == "sam3":
+        sam3 = Path(fixture("tiny_family_dirs")["sam3"])
+        return sam3, sam3.with_name("no-sam-model-sam3-brings-its-tracker")
+    sam = fixture("tiny_family_dirs")["sam2"] if family == "grounding-dino+sam2" else fixture("tiny_hf_sam_dir")
+    return Path(fixture("tiny_detector_dir")), Path(sam)
 
 
 def backend_environment(label_studio_url: str, api_key: str, detector: Path, sam: Path) -> dict[str, str]:
@@ -24,7 +44,7 @@ def backend_environment(label_studio_url: str, api_key: str, detector: Path, sam
 
 
 class BackendPool:
-    """`serve` processes keyed by API key kind ("legacy", "pat"): started on first use, stopped at the end."""
+    """`serve` processes by API key kind ("legacy", "pat") and models: started on first use, stopped at the end."""
 
     def __init__(
         self, workdir: Path, label_studio_url: str, api_keys: dict[str, str], detector: Path, sam: Path
@@ -33,18 +53,23 @@ class BackendPool:
         self._label_studio_url = label_studio_url
         self._api_keys = api_keys
         self._models = (detector, sam)
-        self._running: dict[str, Proc] = {}
+        self._running: dict[tuple[str, tuple[Path, Path]], Proc] = {}
         self._children: list[psutil.Process] = []
 
-    def get(self, key_kind: str) -> Proc:
-        """The shared backend using the `key_kind` API key."""
-        if key_kind not in self._running:
-            self._running[key_kind] = self.start(key_kind)
-        return self._running[key_kind]
+    def get(self, key_kind: str, models: tuple[Path, Path] | None = None) -> Proc:
+        """The shared backend using the `key_kind` API key and `models` (DETECTOR_MODEL, SAM_MODEL; default the
+        pool's tiny Grounding DINO and SAM)."""
+        key = (key_kind, models or self._models)
+        if key not in self._running:
+            self._running[key] = self.start(key_kind, models=models)
+        return self._running[key]
 
-    def start(self, key_kind: str, label_studio_url: str | None = None) -> Proc:
+    def start(
+        self, key_kind: str, label_studio_url: str | None = None, models: tuple[Path, Path] | None = None
+    ) -> Proc:
         """A new backend of its own (for a test that keeps its worker busy), healthy with one worker."""
-        env = backend_environment(label_studio_url or self._label_studio_url, self._api_keys[key_kind], *self._models)
+        url, key = label_studio_url or self._label_studio_url, self._api_keys[key_kind]
+        env = backend_environment(url, key, *(models or self._models))
         proc = self._processes.serve(env)
         self._children += psutil.Process(proc.popen.pid).children(recursive=True)
         return proc

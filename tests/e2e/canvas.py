@@ -13,7 +13,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from PIL import Image
 
 BLOCK_PX = 8
 MIN_CONTRAST = 60.0  # the label colour must differ this much (RGB distance) from the image pixel to judge it
@@ -22,6 +21,7 @@ OUTSIDE_NOISE = 6.0  # largest mean per-channel change of an "outside" block
 MIN_BLOCKS = 10  # fewer judged blocks than this say nothing either way
 # Share of judged blocks that must agree: the image area also holds the zoom toolbar, drawn over the canvas.
 AGREEMENT = 0.9
+ZOOMS = np.round(np.arange(0.95, 1.15, 0.0025), 4)  # the zooms display_zoom tells apart
 
 
 def image_area(stage: np.ndarray, image_width: int, image_height: int) -> np.ndarray:
@@ -35,10 +35,25 @@ def image_area(stage: np.ndarray, image_width: int, image_height: int) -> np.nda
     return stage[: round(image_height * scale), : round(image_width * scale)]
 
 
-def on_screen(mask: np.ndarray, width: int, height: int) -> np.ndarray:
-    """An image-sized bool mask scaled to the screen area that shows the image."""
-    scaled = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)
-    return np.asarray(scaled) > 0
+def on_screen(picture: np.ndarray, width: int, height: int, zoom: float = 1.0) -> np.ndarray:
+    """`picture` (image-sized: a bool mask, or HxWx3 pixels) as the width x height screen area of the image shows
+    it: scaled to the area, then by `zoom` about the area's centre (nearest pixel; outside the picture: 0)."""
+    picture_h, picture_w = picture.shape[:2]
+    columns = np.floor(((np.arange(width) + 0.5 - width / 2) / zoom + width / 2) * picture_w / width).astype(int)
+    rows = np.floor(((np.arange(height) + 0.5 - height / 2) / zoom + height / 2) * picture_h / height).astype(int)
+    inside = (rows[:, None] >= 0) & (rows[:, None] < picture_h) & (columns >= 0) & (columns < picture_w)
+    shown = picture[np.clip(rows, 0, picture_h - 1)][:, np.clip(columns, 0, picture_w - 1)]
+    return np.where(inside if picture.ndim == 2 else inside[..., None], shown, 0)
+
+
+def display_zoom(hidden: np.ndarray, picture: np.ndarray) -> float:
+    """The zoom about its centre at which the image area `hidden` (RGB, no region shown) shows `picture` (the image
+    file's RGB pixels, EXIF orientation applied). Label Studio shows some images slightly zoomed in (a 480x320 one
+    by about 5 %, its edges cut off), and paints the masks with the same zoom."""
+    height, width = hidden.shape[:2]
+    picture, hidden = picture.astype(np.float64), hidden.astype(np.float64)
+    errors = {zoom: np.abs(on_screen(picture, width, height, zoom) - hidden).mean() for zoom in ZOOMS}
+    return float(min(errors, key=errors.__getitem__))
 
 
 def blocks(values: np.ndarray) -> np.ndarray:
@@ -50,17 +65,20 @@ def blocks(values: np.ndarray) -> np.ndarray:
         return np.nanmean(tiles, axis=(1, 3))
 
 
-def assert_region_painted(shown: np.ndarray, hidden: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> int:
+def assert_region_painted(
+    shown: np.ndarray, hidden: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], zoom: float = 1.0
+) -> int:
     """Assert `mask` (bool, image-sized) is painted in `colour` where it is, and nothing is painted elsewhere.
 
-    shown/hidden: RGB screenshots (HxWx3) of the image area (see image_area) with only this region shown / with none.
+    shown/hidden: RGB screenshots (HxWx3) of the image area (see image_area) with only this region shown / with none;
+    zoom: the image's zoom in that area (display_zoom).
     Returns the number of mask blocks judged (0 when the mask is too small on screen to judge its colour).
     """
     height, width = shown.shape[:2]
     mask_h, mask_w = mask.shape
     assert abs(width / height - mask_w / mask_h) < 0.02, f"a {width}x{height} area shows no {mask_w}x{mask_h} image"
     delta = shown.astype(np.float64) - hidden.astype(np.float64)
-    coverage = blocks(on_screen(mask, width, height).astype(np.float64))
+    coverage = blocks(on_screen(mask, width, height, zoom).astype(np.float64))
 
     outside = coverage == 0
     if outside.sum() >= MIN_BLOCKS:

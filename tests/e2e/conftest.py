@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.backends import BackendPool
+from tests.e2e.backends import MODEL_FAMILIES, BackendPool, models_of_family
 from tests.e2e.labelstudio import LabelStudio
 from tests.e2e.tooling import CHROMIUM, ToolingError, chromium_problem, ensure_environment
 from tests.support.images import ImageServer, serve_images
+from tests.tiny_models import build_tiny_sam2, build_tiny_sam3
 
 # LABEL_STUDIO_ML_TIMEOUT_PREDICT of the second, impatient Label Studio: the slow-backend test then waits
 # seconds, not the default 100 s. The session's main instance keeps the default, as users have it.
@@ -101,3 +102,22 @@ def image_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ImageServer
     """Absolute http:// image URLs on loopback; /slow/<name> answers after Label Studio has given up."""
     with serve_images(tmp_path_factory.mktemp("image-host"), slow_s=2 * IMPATIENT_TIMEOUT_S) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dirs(tiny_models_dir: Path) -> dict[str, Path]:
+    """Folders of the tiny random models of the newer families: "sam2" (a Sam2Model, the SAM 2 / 2.1
+    architecture, and its processor) and "sam3" (a full SAM 3: a "sam3_video" checkpoint, text detector and tracker)."""
+    return {"sam2": build_tiny_sam2(tiny_models_dir / "sam2"), "sam3": build_tiny_sam3(tiny_models_dir / "sam3")}
+
+
+@pytest.fixture()
+def family() -> str:
+    """The model family a test runs: Grounding DINO → SAM unless the test parametrizes `family` over MODEL_FAMILIES."""
+    return MODEL_FAMILIES[0]
+
+
+@pytest.fixture()
+def family_models(family: str, request: pytest.FixtureRequest) -> tuple[Path, Path]:
+    """(DETECTOR_MODEL, SAM_MODEL) of `family`: tiny random models, built on first use."""
+    return models_of_family(family, request.getfixturevalue)

@@ -263,11 +263,19 @@ class LabelStudio:
         body = self.call("GET", "/api/tasks", params={"project": project, "page_size": 1000})
         return list(body["tasks"])
 
-    def connect_ml(self, project: int, url: str, title: str = "grounded-sam") -> dict[str, Any]:
-        """Settings → Model → Connect model. Label Studio calls /health and /setup before answering."""
-        return dict(
-            self.call("POST", "/api/ml", json={"url": url, "project": project, "title": title, "is_interactive": False})
-        )
+    def connect_ml(
+        self, project: int, url: str, title: str = "grounded-sam", *, interactive: bool = False
+    ) -> dict[str, Any]:
+        """Settings → Model → Connect model ("Interactive preannotations" on when `interactive`). Label Studio calls
+        /health and /setup before answering."""
+        body = {"url": url, "project": project, "title": title, "is_interactive": interactive}
+        return dict(self.call("POST", "/api/ml", json=body))
+
+    def interactive_annotating(self, ml_id: int, task: int, context: dict[str, Any]) -> dict[str, Any]:
+        """What the labeling UI asks when an annotator uses a smart tool or types a prompt: Label Studio sends
+        `context` to the backend's /predict and answers {"data": <the first prediction>} or {"errors": [...]}."""
+        body = {"task": task, "context": context}
+        return dict(self.call("POST", f"/api/ml/{ml_id}/interactive-annotating", json=body))
 
     def ml_backend(self, ml_id: int) -> dict[str, Any]:
         """The connection's state (Label Studio re-runs /health and /setup for this)."""

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
-from PIL import Image
+from PIL import Image, ImageOps
 
-from tests.e2e.backends import BackendPool, setup_model_version
-from tests.e2e.canvas import assert_region_painted, image_area
+from tests.e2e.backends import MODEL_FAMILIES, BackendPool, setup_model_version
+from tests.e2e.canvas import assert_region_painted, display_zoom, image_area
 from tests.e2e.flows import (
     EXAMPLE_CONFIGS,
     REPO,
@@ -81,24 +81,32 @@ def test_every_example_config_gets_one_valid_prediction_per_task(
         assert 'POST /api/token/refresh/ HTTP/1.1" 200' in label_studio.log_text()
 
 
+@pytest.mark.parametrize("family", MODEL_FAMILIES)
 def test_labeling_view_paints_predicted_masks(
-    label_studio: LabelStudio, backends: BackendPool, tool_env: Path, chromium: str, tmp_path: Path
+    label_studio: LabelStudio,
+    backends: BackendPool,
+    family: str,
+    family_models: tuple[Path, Path],
+    tool_env: Path,
+    chromium: str,
+    tmp_path: Path,
 ) -> None:
     """An annotator opens each task: the predicted regions are listed and each mask is painted where it is.
 
-    Two tasks: a landscape PNG, and a JPEG whose EXIF tag rotates it to portrait (Label Studio shows it
-    rotated, so the masks must be sized and laid out for the rotated image). Screenshots and the browser's
-    report stay in this test's tmp_path; with E2E_UPDATE_PREVIEW=1 the first page becomes label_config/preview.png.
+    For each model family (Grounding DINO → SAM, Grounding DINO → SAM 2, SAM 3 alone from text), two tasks:
+    a landscape PNG, and a JPEG whose EXIF tag rotates it to portrait (Label Studio shows it rotated, so the
+    masks must be sized and laid out for the rotated image). Screenshots and the browser's report stay in this
+    test's tmp_path; with E2E_UPDATE_PREVIEW=1 the first family's first page becomes label_config/preview.png.
     """
     config = BRUSH.read_text()
     images = [
         write_image(tmp_path, "street.png", 480, 320, background=(128, 128, 128)),
         write_image(tmp_path, "phone.jpg", 300, 200, background=(128, 128, 128), exif_rotated=True),
     ]
-    project_id = label_studio.create_project("browser-brush", config)
+    project_id = label_studio.create_project(f"browser-brush-{family}", config)
     label_studio.import_uploads(project_id, [image.path for image in images])
     project = Project(project_id, config, match_tasks(label_studio.tasks(project_id), images))
-    version = connect(label_studio, project, backends.get("legacy").url)
+    version = connect(label_studio, project, backends.get("legacy", family_models).url)
     retrieve_all(label_studio, project, len(images))
     masks = assert_predictions_valid(label_studio, project, version)
     predictions = predictions_by_task(label_studio, project_id)
@@ -116,12 +124,16 @@ def test_labeling_view_paints_predicted_masks(
         listed = [(region["type"], region["label"]) for region in report["regions"]]
         assert listed == [("brushregion", label) for label in labels], f"task {task}: regions panel differs"
         hidden = _image_shot(out / "stage-hidden.png", image)
+        zoom = display_zoom(hidden, np.asarray(ImageOps.exif_transpose(Image.open(image.path)).convert("RGB")))
         judged = [
-            assert_region_painted(_image_shot(out / f"stage-region-{index}.png", image), hidden, mask, colours[label])
+            assert_region_painted(
+                _image_shot(out / f"stage-region-{index}.png", image), hidden, mask, colours[label], zoom
+            )
             for index, (mask, label) in enumerate(zip(masks[task], labels, strict=True))
         ]
         assert any(judged), f"task {task}: no predicted mask was large enough on screen to check its colour"
-    if os.environ.get("E2E_UPDATE_PREVIEW") == "1":  # on request only: a test run must not dirty the work tree
+    # On request only (a test run must not dirty the work tree), from the family the preview shows.
+    if family == MODEL_FAMILIES[0] and os.environ.get("E2E_UPDATE_PREVIEW") == "1":
         shutil.copyfile(tmp_path / f"task-{tasks[0]}" / "labeling-view.png", PREVIEW)
 
 

@@ -2,7 +2,8 @@
 
 FixedPipeline stands in for backend.pipeline.grounded_sam.GroundedSam under a real PredictionFlow: every image
 gets the same objects (boxes given as fractions of the image, so they fit any size), without a model.
-MemoryStudio stands in for Label Studio's prediction API (backend.flow.PredictionStore) in a worker.
+MemoryStudio stands in for Label Studio's prediction API (backend.flow.PredictionStore) in a worker, and for what
+review jobs read (backend.review_job.ReviewSource: labeling configs, annotations).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
+from backend.errors import LabelStudioApiError
+from backend.lsclient import StudioAnnotation, StudioPrediction, TaskReview
 from backend.packed_mask import PackedMask
 from backend.pipeline.negatives import ClassPlan
 from backend.pipeline.types import Detection, Instance, PromptedMask, Segmented, TextClass
@@ -110,10 +113,14 @@ class MemoryStudio:
     """Label Studio's predictions as a worker sees them (backend.flow.PredictionStore), in memory.
 
     `predictions` maps each prediction id to (task, prediction); `created` lists the tasks pushed, in order.
+    `label_configs` maps a project to its labeling config; `annotations` an annotation id to (project, task,
+    annotation: {"id", "result", "was_cancelled"}), as `annotate` writes them.
     """
 
     predictions: dict[int, tuple[int, dict[str, Any]]] = field(default_factory=dict)
     created: list[int] = field(default_factory=list)
+    label_configs: dict[int, str] = field(default_factory=dict)
+    annotations: dict[int, tuple[int, int, dict[str, Any]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def prediction_ids(self, task: int, model_version: str) -> list[int]:
@@ -139,3 +146,62 @@ class MemoryStudio:
         """The predictions task `task` holds now."""
         with self._lock:
             return [prediction for tid, prediction in self.predictions.values() if tid == task]
+
+    def annotate(
+        self,
+        project: int,
+        task: int,
+        annotation: int,
+        result: list[dict[str, Any]],
+        cancelled: bool = False,
+        updated_at: float | None = None,
+    ) -> None:
+        """Create or replace annotation `annotation` of `task` (in `project`, updated at `updated_at`)."""
+        with self._lock:
+            self.annotations[annotation] = (
+                project,
+                task,
+                {
+                    "id": annotation,
+                    "result": result,
+                    "was_cancelled": cancelled,
+                    "project": project,
+                    "updated_at": updated_at,
+                },
+            )
+
+    def delete_annotation(self, annotation: int) -> None:
+        with self._lock:
+            del self.annotations[annotation]
+
+    def annotation_exists(self, annotation: int) -> bool:
+        with self._lock:
+            return annotation in self.annotations
+
+    def label_config(self, project: int) -> str:
+        if project not in self.label_configs:
+            raise LabelStudioApiError(f"Label Studio answered 404: no project {project}")
+        return self.label_configs[project]
+
+    def task_review(self, task: int) -> TaskReview:
+        with self._lock:
+            annotations = [a for _, tid, a in self.annotations.values() if tid == task]
+            predictions = [(pid, p) for pid, (tid, p) in self.predictions.items() if tid == task]
+        return _review(task, annotations, predictions)
+
+    def annotated_tasks(self, project: int) -> Iterator[TaskReview]:
+        with self._lock:
+            tasks = sorted({tid for pid, tid, _ in self.annotations.values() if pid == project})
+        for task in tasks:
+            yield self.task_review(task)
+
+
+def _review(task: int, annotations: list[dict[str, Any]], predictions: list[tuple[int, dict[str, Any]]]) -> TaskReview:
+    return TaskReview(
+        task=task,
+        annotations=tuple(
+            StudioAnnotation(a["id"], tuple(a["result"]), a["was_cancelled"], a.get("project"), a.get("updated_at"))
+            for a in sorted(annotations, key=lambda a: a["id"])
+        ),
+        predictions=tuple(StudioPrediction(pid, p.get("model_version"), tuple(p["result"])) for pid, p in predictions),
+    )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForMaskGeneration, AutoModelForZeroShotObjectDetection, AutoProcessor
@@ -28,3 +30,20 @@ def hf_segmenter(directory: Path, dtype: torch.dtype = torch.float32, **options:
 def checkpoint_spec(detector: Path, checkpoint: Path, model_type: str = "vit_b") -> ModelSpec:
     """A ModelSpec for the official segment-anything checkpoint path (SAM_CHECKPOINT), `sam` unused."""
     return ModelSpec(detector=str(detector), sam="unused", sam_checkpoint=str(checkpoint), sam_model_type=model_type)
+
+
+def oom_above(limit: int, size_of: Callable[..., int], sizes: list[int]) -> Callable[[Callable[..., Any]], Any]:
+    """Wrap a model call so that it raises CUDA's out-of-memory error when its batch exceeds `limit`;
+    `sizes` records every attempted batch size. Stands in for a GPU running out of memory."""
+
+    def wrap(call: Callable[..., Any]) -> Callable[..., Any]:
+        def limited(*args: Any, **kwargs: Any) -> Any:
+            size = size_of(*args, **kwargs)
+            sizes.append(size)
+            if size > limit:
+                raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate for {size}")
+            return call(*args, **kwargs)
+
+        return limited
+
+    return wrap

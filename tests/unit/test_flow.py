@@ -39,6 +39,7 @@ from backend.queueing.messages import SCHEMA_KEY, ChunkJob, PredictJob, QueuedTa
 from backend.queueing.stats import PREFIX, WorkerStats
 from backend.settings import Settings
 from tests.support.paths import REPO
+from tests.tiny_models import build_tiny_sam3
 
 EVERYTHING = DetectionThresholds(box=0.0, text=0.0, max_detections=3, nms_iou=1.0)
 SIZES = ((48, 64), (40, 72), (56, 56))  # (height, width): each image's masks tell which image they are
@@ -257,3 +258,17 @@ def test_a_cuda_device_torch_cannot_see_is_a_load_error_before_any_model_loads(d
     with pytest.raises(ModelLoadError, match=f"DEVICE={device} but torch .* sees 0 CUDA devices"):
         resolve_device(device)
     assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+
+
+def test_sam3_alone_names_its_own_tracker_in_the_fingerprint_not_the_unused_sam_model(
+    tiny_detector_dir: Path, tiny_hf_sam_dir: Path, tmp_path: Path
+) -> None:
+    sam3 = build_tiny_sam3(tmp_path / "sam3")
+    alone = PredictionFlow.load(Settings(detector_model=str(sam3), sam_model="nobody-here/unused", device="cpu"))
+    assert alone.fingerprint["sam"] == str(sam3)
+    other_sam = PredictionFlow.load(Settings(detector_model=str(sam3), sam_model=str(tiny_hf_sam_dir), device="cpu"))
+    assert other_sam.fingerprint == alone.fingerprint  # changing the unused SAM_MODEL changes no model_version
+    grounded = PredictionFlow.load(
+        Settings(detector_model=str(tiny_detector_dir), sam_model=str(tiny_hf_sam_dir), device="cpu")
+    )
+    assert grounded.fingerprint["sam"] == str(tiny_hf_sam_dir)

@@ -1,4 +1,5 @@
-"""`prelabel` sends a project of any size in requests that stay under the backend's body cap."""
+"""`prelabel` sends a project of any size in requests that stay under the backend's body cap, and never the
+tasks a reviewer has annotated."""
 
 from __future__ import annotations
 
@@ -14,15 +15,22 @@ from backend.settings import Settings
 class _Studio:
     """Label Studio as `prelabel` reads it: a config and `count` tasks without predictions."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, annotated: frozenset[int] = frozenset(), predicted: frozenset[int] = frozenset()):
         self.count = count
+        self.annotated = annotated  # tasks with a submitted annotation
+        self.predicted = predicted  # tasks holding a prediction of v1
 
     def label_config(self, project: int) -> str:
         return "<View/>"
 
     def tasks(self, project: int, query: object = None) -> list[ProjectTask]:
         return [
-            ProjectTask(id=i, data={"image": f"/data/upload/{i}.png"}, prediction_versions=frozenset())
+            ProjectTask(
+                id=i,
+                data={"image": f"/data/upload/{i}.png"},
+                prediction_versions=frozenset({"v1"} if i in self.predicted else ()),
+                annotations=int(i in self.annotated),
+            )
             for i in range(1, self.count + 1)
         ]
 
@@ -52,6 +60,26 @@ def test_a_large_project_goes_in_several_requests_and_is_followed_as_one(monkeyp
     assert code == 0
     assert [len(body["tasks"]) for body in backend.bodies] == [3, 3, 2]
     assert [t["id"] for body in backend.bodies for t in body["tasks"]] == list(range(1, 9))
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_annotated_tasks_are_skipped_and_said_so(
+    force: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Tasks 2 and 5 are annotated (5 also holds a prediction of v1), task 3 holds one: --force recomputes 3,
+    never 2 or 5."""
+    studio = _Studio(6, annotated=frozenset({2, 5}), predicted=frozenset({3, 5}))
+    monkeypatch.setattr(bulk_cli, "_studio", lambda settings: studio)
+    backend = _Backend()
+
+    assert bulk_cli.prelabel(Settings(), backend, 5, None, force=force) == 0  # type: ignore[arg-type]
+
+    sent = [t["id"] for body in backend.bodies for t in body["tasks"]]
+    assert sent == ([1, 3, 4, 6] if force else [1, 4, 6])
+    err = capsys.readouterr().err
+    have = 0 if force else 1
+    assert f"project 5: 6 tasks, {have} already have v1, {len(sent)} to pre-label, annotated: skipped 2" in err
+    assert f"done: {len(sent)} tasks, failed: 0, annotated: skipped 2" in err
 
 
 def test_progress_of_several_runs_adds_up_and_is_finished_only_when_all_are() -> None:

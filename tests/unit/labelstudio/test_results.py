@@ -9,7 +9,14 @@ import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
 from backend.labelstudio.config import parse_label_config
-from backend.labelstudio.results import OutputOptions, PredictedObject, build_prediction, empty_prediction, mask_box
+from backend.labelstudio.results import (
+    THRESHOLD_KEY,
+    OutputOptions,
+    PredictedObject,
+    build_prediction,
+    empty_prediction,
+    mask_box,
+)
 from backend.labelstudio.rle import rle_to_mask
 from tests.validation import assert_valid_prediction
 
@@ -233,3 +240,15 @@ def test_task_score_is_the_lowest_region_score_so_doubtful_tasks_sort_first() ->
     confident = build_prediction([OBJECTS[0]] * 5, config, W, H, "v")
     one_doubt = build_prediction([OBJECTS[0]] * 4 + [PredictedObject("Sign", 0.1, (0, 0, 5, 5))], config, W, H, "v")
     assert one_doubt["score"] == 0.1 < confident["score"] == 0.9
+
+
+def test_an_objects_regions_carry_its_threshold_score_as_an_extra_key() -> None:
+    config = parse_label_config(BOTH)
+    objects = [PredictedObject("Traffic Light", 0.9, (8.0, 4.0, 24.0, 20.0), _mask(8, 4, 24, 20), np.float32(0.75))]
+    prediction = build_prediction([*objects, OBJECTS[1]], config, W, H, "gsam-x")
+    _assert_lossless_and_valid(prediction, BOTH)  # Label Studio's schema takes the extra key
+    scored = {region["id"]: region.get(THRESHOLD_KEY) for region in prediction["result"]}
+    assert scored == {"0-brush": 0.75, "0-rect": 0.75, "1-brush": None, "1-rect": None}  # None: no threshold applies
+    assert type(scored["0-brush"]) is float and prediction["score"] == 0.5  # the task's score stays the review score
+    with pytest.raises(ValueError, match="threshold_score must be in"):
+        build_prediction([PredictedObject("Sign", 0.5, (0, 0, 1, 1), None, 1.5)], config, W, H, "v")

@@ -24,34 +24,11 @@ from backend.pipeline.detector import GroundingDinoDetector
 from backend.pipeline.grounded_sam import GroundedSam
 from backend.pipeline.halving import run_halving
 from backend.pipeline.types import DetectionThresholds, Segmented, TextClass
-from tests.support.models import hf_segmenter
-from tests.support.synthetic import random_rgb
+from tests.support.models import hf_segmenter, oom_above
+from tests.support.synthetic import boxes_for, random_rgb
 
 EVERYTHING = DetectionThresholds(box=0.0, text=0.0, max_detections=5, nms_iou=1.0)
 CLASSES = (TextClass("Cat", ("cat",)), TextClass("Dog", ("dog",)))
-
-
-def boxes_for(height: int, width: int, count: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    corners = rng.uniform(0, 1, (count, 2, 2)) * [width, height]
-    return np.concatenate([corners.min(axis=1), corners.max(axis=1) + 1], axis=1).astype(np.float32)
-
-
-def oom_above(limit: int, size_of: Callable[..., int], sizes: list[int]) -> Callable[[Callable[..., Any]], Any]:
-    """Wrap a model call so that it raises CUDA's out-of-memory error when its batch exceeds `limit`;
-    `sizes` records every attempted batch size. Stands in for a GPU running out of memory."""
-
-    def wrap(call: Callable[..., Any]) -> Callable[..., Any]:
-        def limited(*args: Any, **kwargs: Any) -> Any:
-            size = size_of(*args, **kwargs)
-            sizes.append(size)
-            if size > limit:
-                raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate for {size}")
-            return call(*args, **kwargs)
-
-        return limited
-
-    return wrap
 
 
 # run_halving itself
@@ -90,20 +67,6 @@ def test_other_errors_are_not_taken_for_memory() -> None:
 # SAM: several images through the encoder at once
 
 
-def test_sam_batch_gives_each_image_its_single_image_masks(tiny_hf_sam_dir: Path) -> None:
-    segmenter = hf_segmenter(tiny_hf_sam_dir, image_batch=8)
-    images = [random_rgb(48, 64, 1), random_rgb(90, 40, 2), random_rgb(30, 30, 3), random_rgb(64, 64, 4)]
-    boxes = [boxes_for(48, 64, 3, 1), boxes_for(90, 40, 1, 2), np.zeros((0, 4), np.float32), boxes_for(64, 64, 5, 4)]
-    with torch.inference_mode():
-        together = segmenter.segment_batch(images, boxes)
-        alone = [segmenter.segment(image, image_boxes) for image, image_boxes in zip(images, boxes, strict=True)]
-    for (packed, scores), (packed_1, scores_1), image, image_boxes in zip(together, alone, images, boxes, strict=True):
-        masks, masks_1 = stacked(packed, image.shape[:2]), stacked(packed_1, image.shape[:2])
-        assert masks.shape == (len(image_boxes), *image.shape[:2]) and scores.shape == (len(image_boxes),)
-        np.testing.assert_allclose(scores, scores_1, atol=1e-5)
-        assert np.count_nonzero(masks != masks_1) <= 1e-3 * masks.size  # rounding may flip a pixel at logit ~0
-
-
 @pytest.mark.parametrize(("image_batch", "forwards"), [(1, [1, 1, 1, 1, 1]), (2, [2, 2, 1]), (8, [5])])
 def test_sam_encoder_takes_image_batch_images_at_a_time(
     tiny_hf_sam_dir: Path, image_batch: int, forwards: list[int]
@@ -115,27 +78,6 @@ def test_sam_encoder_takes_image_batch_images_at_a_time(
     with torch.inference_mode():
         segmenter.segment_batch([random_rgb(48, 64, seed) for seed in range(5)], [boxes_for(48, 64, 2, 0)] * 5)
     assert encoded == forwards
-
-
-def test_sam_out_of_memory_splits_images_then_boxes(tiny_hf_sam_dir: Path) -> None:
-    segmenter = hf_segmenter(tiny_hf_sam_dir, box_batch=8, image_batch=8)
-    images = [random_rgb(48, 64, seed) for seed in range(4)]
-    boxes = [boxes_for(48, 64, 6, seed) for seed in range(4)]
-    with torch.inference_mode():
-        expected = segmenter.segment_batch(images, boxes)
-    model = segmenter._model  # the transformers SamModel, limited as a small GPU would be
-    encoded: list[int] = []
-    decoded: list[int] = []
-    model.get_image_embeddings = oom_above(1, lambda pixels: len(pixels), encoded)(model.get_image_embeddings)
-    model.forward = oom_above(2, lambda **kw: kw["input_boxes"].shape[1], decoded)(model.forward)
-    with torch.inference_mode():
-        split = segmenter.segment_batch(images, boxes)
-    assert encoded == [4, 2, 1, 1, 2, 1, 1]
-    assert decoded == [6, 3, 1, 2, 3, 1, 2] * 4  # per image: 6 boxes fail, then halves of halves
-    for (packed, scores), (packed_1, scores_1) in zip(split, expected, strict=True):
-        masks, masks_1 = stacked(packed, (48, 64)), stacked(packed_1, (48, 64))
-        np.testing.assert_allclose(scores, scores_1, atol=1e-5)
-        assert np.count_nonzero(masks != masks_1) <= 1e-3 * masks.size
 
 
 # Grounding DINO: a same-size group that does not fit

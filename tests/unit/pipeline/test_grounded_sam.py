@@ -137,7 +137,7 @@ def test_missing_models_raise_model_load_error(
 def test_a_folder_of_the_wrong_model_raises_model_load_error(tiny_hf_sam_dir: Path) -> None:
     spec = ModelSpec(detector=str(tiny_hf_sam_dir), sam=str(tiny_hf_sam_dir))
 
-    with pytest.raises(ModelLoadError, match="tried as a local folder"):
+    with pytest.raises(ModelLoadError, match=r"is SAM \(model_type 'sam'\), which is no detector"):
         build_pipeline(spec, LOW)
 
 
