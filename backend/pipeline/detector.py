@@ -141,7 +141,7 @@ class GroundingDinoDetector:
         scores, classes, cut_scores = class_scores[keep].cpu(), classes[keep].cpu(), box_scores[keep].cpu()
         sized = (pixel_boxes[:, 2] > pixel_boxes[:, 0]) & (pixel_boxes[:, 3] > pixel_boxes[:, 1])
         pixel_boxes, scores, classes, cut_scores = pixel_boxes[sized], scores[sized], classes[sized], cut_scores[sized]
-        kept = _class_nms(pixel_boxes, scores, classes, thresholds.nms_iou, thresholds.max_detections)
+        kept = class_nms(pixel_boxes, scores, classes, thresholds.nms_iou, thresholds.max_detections)
         return [
             Detection(
                 box_xyxy=tuple(pixel_boxes[i].tolist()),
@@ -200,7 +200,7 @@ def _to_pixels(cxcywh: torch.Tensor, width: int, height: int, frame: tuple[float
     return torch.minimum(xyxy.clamp(min=0), xyxy.new_tensor([width, height] * 2))
 
 
-def _class_nms(
+def class_nms(
     boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou_threshold: float, limit: int
 ) -> torch.Tensor:
     """Greedy NMS within each class; indexes of at most `limit` kept boxes, best score first.

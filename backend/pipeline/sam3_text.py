@@ -29,7 +29,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from backend.packed_mask import PackedMask
 from backend.pipeline.architectures import model_identity
-from backend.pipeline.detector import _class_nms
+from backend.pipeline.detector import class_nms
 from backend.pipeline.halving import run_halving
 from backend.pipeline.prompts import normalize_phrase
 from backend.pipeline.segmenter import UPSAMPLE_BUDGET, masks_per_call, pack_masks
@@ -160,7 +160,7 @@ class Sam3TextDetector:
         phrase_cuts = torch.tensor([cuts[i] for i in prompts.owners])
         candidates = self._candidates(image, prompts, phrase_cuts, thresholds.max_detections)
         boxes, scores, classes = candidates.boxes.cpu(), candidates.scores.cpu(), candidates.classes.cpu()
-        kept = _class_nms(boxes, scores, classes, thresholds.nms_iou, thresholds.max_detections)
+        kept = class_nms(boxes, scores, classes, thresholds.nms_iou, thresholds.max_detections)
         if not len(kept):
             return Segmented((), None, None)
         detections = tuple(

@@ -67,3 +67,9 @@ def test_one_free_port_and_no_tier_marker_set_by_hand() -> None:
                 if marks & set(TIER_MARKERS.values()):
                     found.append(f"{path.relative_to(REPO)}:{node.lineno} sets a tier marker by hand")
     assert found == []
+
+
+def test_test_module_names_are_unique_across_folders() -> None:
+    # Without __init__.py files pytest imports test modules by basename: a repeated name fails collection.
+    names = sorted(path.name for path in TESTS.rglob("test_*.py"))
+    assert sorted({name for name in names if names.count(name) > 1}) == []

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from backend.pipeline.detector import GroundingDinoDetector, _class_nms, _score, _to_pixels
+from backend.pipeline.detector import GroundingDinoDetector, _score, _to_pixels, class_nms
 from backend.pipeline.types import Detection, DetectionThresholds, TextClass
 from tests.support.synthetic import random_image
 
@@ -124,9 +124,9 @@ def test_nms_is_per_class_and_keeps_the_best_first() -> None:
     scores = torch.tensor([0.5, 0.9, 0.8, 0.7])
     classes = torch.tensor([0, 0, 1, 0])
 
-    assert _class_nms(boxes, scores, classes, iou_threshold=0.5, limit=10).tolist() == [1, 2, 3]
-    assert _class_nms(boxes, scores, classes, iou_threshold=0.5, limit=2).tolist() == [1, 2]
-    assert _class_nms(boxes[:0], scores[:0], classes[:0], iou_threshold=0.5, limit=10).tolist() == []
+    assert class_nms(boxes, scores, classes, iou_threshold=0.5, limit=10).tolist() == [1, 2, 3]
+    assert class_nms(boxes, scores, classes, iou_threshold=0.5, limit=2).tolist() == [1, 2]
+    assert class_nms(boxes[:0], scores[:0], classes[:0], iou_threshold=0.5, limit=10).tolist() == []
 
 
 def test_a_batch_of_images_gives_each_image_its_single_image_detections(
