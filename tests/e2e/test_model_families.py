@@ -25,16 +25,19 @@ SMART = REPO / "label_config" / "interactive.xml"
 def test_each_family_names_its_models_in_model_version(
     label_studio: LabelStudio, backends: BackendPool, request: pytest.FixtureRequest
 ) -> None:
-    """One labeling config, every family: each backend's /health names its DETECTOR_MODEL and SAM_MODEL (what
-    model_version is computed from), and no two families share a model_version, so Label Studio re-predicts
-    tasks when a project switches families."""
+    """One labeling config, every family: each backend's /health names its DETECTOR_MODEL and the SAM that segments
+    (what model_version is computed from: SAM_MODEL, or for SAM 3 alone its own tracker, the detector's checkpoint,
+    since SAM_MODEL is unused), and no two families share a model_version, so Label Studio re-predicts tasks when
+    a project switches families."""
     config = BRUSH.read_text()
     versions = {}
     for family in MODEL_FAMILIES:
         models = models_of_family(family, request.getfixturevalue)
         backend = backends.get("legacy", models)
         [group] = httpx.get(f"{backend.url}/health", timeout=10).json()["fingerprints"]
-        assert (group["fingerprint"]["detector"], group["fingerprint"]["sam"]) == tuple(map(str, models)), family
+        detector, sam = map(str, models)
+        segmenting = detector if family == "sam3" else sam
+        assert (group["fingerprint"]["detector"], group["fingerprint"]["sam"]) == (detector, segmenting), family
         versions[family] = setup_model_version(backend, "1.families", config)
     assert len(set(versions.values())) == len(MODEL_FAMILIES), versions
 
