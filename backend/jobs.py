@@ -7,9 +7,14 @@ JSON message, backend.queueing.messages.PredictJob (the labeling config by refer
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.job import Job
 
@@ -18,17 +23,43 @@ from backend.flow import PredictionFlow
 from backend.labelstudio.config import LabelConfig, parse_label_config
 from backend.queueing.configs import config_ttl, payload_config
 from backend.queueing.messages import ChunkJob, PredictJob
+from backend.queueing.routing import remember_route
 from backend.queueing.stats import WorkerStats
+
+log = logging.getLogger(__name__)
 
 _installed: tuple[PredictionFlow, WorkerStats] | None = None
 
 
-def install(flow: PredictionFlow, stats: WorkerStats) -> None:
-    """Register the worker's flow and statistics (in Redis; also the flow's timer) once, before it takes jobs."""
+@dataclass(frozen=True, slots=True)
+class ClickRoutes:
+    """How this worker tells the API which images' embeddings it holds: the queue prefix (QUEUE_NAME) and how
+    long a route lives after its last use (CLICK_ROUTE_TTL, seconds)."""
+
+    prefix: str
+    ttl_s: float
+
+
+def install(flow: PredictionFlow, stats: WorkerStats, routes: ClickRoutes | None = None) -> None:
+    """Register the worker's flow and statistics (in Redis; also the flow's timer) once, before it takes jobs.
+    routes: where the flow's kept embeddings are announced, so clicks on those images come to this worker."""
     global _installed
     if _installed is not None:
         raise RuntimeError("a prediction flow is already installed in this process")
+    if routes is not None:
+        flow.on_kept = partial(_remember, routes)
     _installed = (flow, stats)
+
+
+def _remember(routes: ClickRoutes, image_ref: str) -> None:
+    """Route later clicks on `image_ref` to the worker running the current job (a hint: a failure is logged)."""
+    job = get_current_job()
+    if job is None or not job.worker_name:
+        return
+    try:
+        remember_route(job.connection, routes.prefix, image_ref, job.worker_name, routes.ttl_s)
+    except RedisError as exc:
+        log.debug("could not record the route of an image to worker %s: %s", job.worker_name, exc)
 
 
 def uninstall() -> None:
@@ -72,13 +103,23 @@ def predict_task(payload: dict[str, Any]) -> dict[str, Any]:
     config, version = checked_config(flow, message)
     started = time.perf_counter()
     try:
-        image = flow.fetch(message.task, config, message.label_studio_host)
+        prediction = flow.answer(message.task, config, version, message.context, message.label_studio_host)
     except BackendError as exc:  # the worker logs the job's failure, once (HeartbeatWorker.handle_exception)
         stats.failure(type(exc).__name__)
         raise
-    prediction = flow.answer(image, config, version, message.context)
+    finally:
+        record_cache(flow, stats)
     stats.task_done(time.perf_counter() - started)
     return prediction
+
+
+def record_cache(flow: PredictionFlow, stats: WorkerStats) -> None:
+    """Publish this worker's embedding cache figures (for /metrics) after a job used the cache; a Redis failure
+    here is logged, never the job's outcome."""
+    try:
+        stats.cache_figures(current_job().worker_name or "worker", dataclasses.asdict(flow.cache.figures()))
+    except RedisError as exc:
+        log.warning("could not publish the embedding cache figures: %s", exc)
 
 
 def checked_config(flow: PredictionFlow, message: PredictJob | ChunkJob) -> tuple[LabelConfig, str]:

@@ -23,6 +23,7 @@ class SizedLru(Generic[K, V]):
         self.max_items = max_items
         self._entries: OrderedDict[K, tuple[V, int]] = OrderedDict()
         self._bytes = 0
+        self._evictions = 0
         self._lock = threading.Lock()
 
     def get(self, key: K) -> V | None:
@@ -45,11 +46,30 @@ class SizedLru(Generic[K, V]):
             while self._bytes > self.max_bytes or len(self._entries) > self.max_items:
                 _, (_, dropped) = self._entries.popitem(last=False)
                 self._bytes -= dropped
+                self._evictions += 1
+
+    def peek(self, key: K) -> V | None:
+        """`key`'s value without making it the most recently used."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return None if entry is None else entry[0]
+
+    def discard(self, key: K) -> None:
+        """Drops `key`'s entry if there is one (not counted as an eviction)."""
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
 
     @property
     def size(self) -> int:
         """Summed size of the kept entries."""
         return self._bytes
+
+    @property
+    def evictions(self) -> int:
+        """Entries dropped so far to make room for others (least recently used first)."""
+        return self._evictions
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -8,7 +8,10 @@ module decides which tasks to compute and pushes their predictions.
 Tasks of a chunk share one prompt plan; their images are fetched concurrently. A task already holding a
 prediction of this model version (in Label Studio, or marked done by another worker) is skipped unless
 `force`, which replaces it. A task another worker holds is waited for (it finishes it, or dies and its
-claim lapses within seconds and this chunk takes it), so a finished chunk leaves no task undone. Failed
+claim lapses within seconds and this chunk takes it), so a finished chunk leaves no task undone. The SAM
+embeddings computed stay in the worker's cache (the first click on a pre-labelled task costs only the decoder);
+with `embeddings` (prelabel --embeddings) every task's embedding is also written to the on-disk cache, the
+skipped tasks' too (their image encoded alone), so a whole project's clicks are fast after worker restarts. Failed
 tasks are listed in the job's meta and in the error that fails the job, so rq's failed registry says which
 task failed and why; a retry recomputes only those. A chunk pushes a task only while it still holds its
 claim (checked and renewed atomically right before the push, and after the fetch): a worker cut off past
@@ -24,12 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
 from rq.job import Job
 
 from backend.errors import BackendError, StudioNotConfiguredError, TasksFailedError
-from backend.flow import PredictionFlow, PredictionStore
-from backend.jobs import checked_config, current_flow, current_job, current_stats
+from backend.flow import PredictionFlow, PredictionStore, TaskImage
+from backend.jobs import checked_config, current_flow, current_job, current_stats, record_cache
 from backend.labelstudio.config import LabelConfig
 from backend.pipeline.types import Segmented
 from backend.queueing.bulk import META_FAILED
@@ -88,8 +90,16 @@ def prelabel_chunk(payload: dict[str, Any]) -> dict[str, Any]:
             claimant=claimant,
             stats=current_stats(),
             label_studio_host=message.label_studio_host,
+            to_disk=message.embeddings,
         )
-        chunk.run(_still_to_do(message.tasks, job), force=message.force)
+        todo = _still_to_do(message.tasks, job)
+        try:
+            chunk.run(todo, force=message.force)
+            if message.embeddings:
+                skipped = set(chunk.report.skipped)
+                chunk.embed([task for task in todo if task.id in skipped])
+        finally:
+            record_cache(flow, current_stats())
     job.meta[META_FAILED] = sorted(chunk.report.failed)
     job.save_meta()
     failure = chunk.report.failure()
@@ -109,7 +119,8 @@ def _still_to_do(tasks: Sequence[QueuedTask], job: Job) -> Sequence[QueuedTask]:
 class Chunk:
     """One chunk's work and what it needs: the flow, Label Studio, the config, claims, stats, the report.
 
-    label_studio_host: the origin Label Studio writes into absolute task URLs (from the message)."""
+    label_studio_host: the origin Label Studio writes into absolute task URLs (from the message); to_disk: write
+    every embedding to the on-disk cache too (the message's `embeddings`)."""
 
     flow: PredictionFlow
     studio: PredictionStore
@@ -118,6 +129,7 @@ class Chunk:
     claimant: Claimant
     stats: WorkerStats
     label_studio_host: str | None = None
+    to_disk: bool = False
     report: ChunkReport = field(default_factory=ChunkReport)
 
     def run(self, tasks: Sequence[QueuedTask], force: bool) -> None:
@@ -163,19 +175,24 @@ class Chunk:
         tasks, images = self.still_held(tasks, self.fetch_all(tasks))
         if not tasks:
             return
+        segmented_images = self.flow.stream(images, self.config, to_disk=self.to_disk)
         with ThreadPoolExecutor(DELIVER_THREADS) as deliverers:
             outcomes = [
                 deliverers.submit(self.deliver, task.id, image, segmented)
-                for task, image, segmented in zip(tasks, images, self.flow.stream(images, self.config), strict=True)
+                for task, image, segmented in zip(tasks, images, segmented_images, strict=True)
             ]
             pushed = sum(outcome.result() for outcome in outcomes)
+        if self.to_disk:  # images SAM saw no box on, and embeddings kept before this chunk, go to disk too
+            self.embed_targets(
+                [(t, image) for t, image in zip(tasks, images, strict=True) if isinstance(image, TaskImage)]
+            )
         seconds_each = (time.perf_counter() - started) / len(tasks)
         for _ in range(pushed):
             self.stats.task_done(seconds_each)
 
     def still_held(
-        self, tasks: Sequence[QueuedTask], images: Sequence[Image.Image | BackendError]
-    ) -> tuple[list[QueuedTask], list[Image.Image | BackendError]]:
+        self, tasks: Sequence[QueuedTask], images: Sequence[TaskImage | BackendError]
+    ) -> tuple[list[QueuedTask], list[TaskImage | BackendError]]:
         """The tasks (and their images) whose claims this chunk still holds, renewed; the others are lost.
 
         Checked after the fetch, before the models: a worker that was cut off while fetching comes back to
@@ -196,19 +213,36 @@ class Chunk:
         self.report.lost.extend(tids)
         return False
 
-    def fetch_all(self, tasks: Sequence[QueuedTask]) -> list[Image.Image | BackendError]:
-        """Images of `tasks`, fetched concurrently (network-bound); an error stands in for a failed fetch."""
+    def fetch_all(self, tasks: Sequence[QueuedTask], pixels: bool = True) -> list[TaskImage | BackendError]:
+        """Images of `tasks` through the worker's cache, fetched concurrently (network-bound); an error stands in
+        for a failed fetch. pixels: decoded images are needed (flow.task_image)."""
 
-        def fetch(task: QueuedTask) -> Image.Image | BackendError:
+        def fetch(task: QueuedTask) -> TaskImage | BackendError:
             try:
-                return self.flow.fetch(task, self.config, self.label_studio_host)
+                return self.flow.task_image(task, self.config, self.label_studio_host, pixels=pixels)
             except BackendError as exc:
                 return exc
 
         with ThreadPoolExecutor(FETCH_THREADS) as pool:
             return list(pool.map(fetch, tasks))
 
-    def deliver(self, tid: int, image: Image.Image | BackendError, segmented: Segmented | BackendError) -> bool:
+    def embed(self, tasks: Sequence[QueuedTask]) -> None:
+        """Write the SAM embeddings of `tasks` (skipped ones: their predictions exist) to the on-disk cache: an
+        image whose embedding is kept is only checked for changes, not fetched again."""
+        self.embed_targets(list(zip(tasks, self.fetch_all(tasks, pixels=False), strict=True)))
+
+    def embed_targets(self, targets: Sequence[tuple[QueuedTask, TaskImage | BackendError]]) -> None:
+        """Each target's SAM embedding, kept and written to the on-disk cache; a task whose image or embedding
+        fails is logged: the chunk's outcome is its predictions."""
+        for task, target in targets:
+            try:
+                if isinstance(target, BackendError):
+                    raise target
+                self.flow.embed(target, to_disk=True)
+            except BackendError as exc:
+                log.warning("task %s: its embedding was not cached: %s", task.id, exc)
+
+    def deliver(self, tid: int, image: TaskImage | BackendError, segmented: Segmented | BackendError) -> bool:
         """Turn one task's model output into its prediction and push it, or record its failure; True when
         pushed. Runs on a deliverer thread. A failed fetch's error comes as both `image` and `segmented`."""
         try:
@@ -216,7 +250,7 @@ class Chunk:
                 raise segmented
             if isinstance(image, BackendError):
                 raise image
-            prediction = self.flow.result(image, segmented, self.config, self.version)
+            prediction = self.flow.result(image.image, segmented, self.config, self.version)
             if not self.claimant.holds(tid):  # renewed when held: the push has a full CLAIM_TTL_S
                 return self.lose([tid])
             self.push(tid, prediction)

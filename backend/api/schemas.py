@@ -119,3 +119,4 @@ class PrelabelRequest(_LabelStudioBody):
     label_config: str = Field(min_length=1)
     tasks: list[BulkTask]
     force: bool = False
+    embeddings: bool = False

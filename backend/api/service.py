@@ -81,7 +81,7 @@ class PredictionService:
         transient = TransientRetry(settings.transient_retries, settings.transient_retry_delay)
         limits = JobLimits(settings.job_timeout, settings.result_ttl, settings.failure_ttl, transient)
         self.config_ttl_s = config_ttl(settings.job_timeout, settings.result_ttl, settings.failure_ttl)
-        self.queue = PredictionQueue(redis, settings.queue_name, limits)
+        self.queue = PredictionQueue(redis, settings.queue_name, limits, route_wait=settings.click_route_wait)
         self._probe_queue = PredictionQueue(self.probe, settings.queue_name, limits)
         self.bulk = BulkRuns(redis, self.queue, self.config_ttl_s)
         self._disagreement: str | None = None  # the workers' last logged disagreement (logged once per change)
@@ -232,18 +232,28 @@ class PredictionService:
         *,
         force: bool,
         version: str | None = None,
+        embeddings: bool = False,
     ) -> QueuedRun:
         """Queue `tasks` (integer ids) as bulk chunks whose predictions workers push to Label Studio.
 
         version: the model_version already read from the workers for this request (read once per request, so the
-        answer names the version the chunks carry); None: read it now."""
+        answer names the version the chunks carry); None: read it now. embeddings: the chunks also write every
+        task's SAM embedding to the workers' on-disk cache."""
         version = self.model_version_for(label_config) if version is None else version
         size = self.settings.bulk_chunk_size
         ref = self._store_config(label_config)
         host = self._label_studio_host(project)
         queued = tuple(QueuedTask(task["id"], task.get("data")) for task in tasks)
         chunks = [
-            ChunkJob(project, queued[start : start + size], ref, version, force=force, label_studio_host=host)
+            ChunkJob(
+                project,
+                queued[start : start + size],
+                ref,
+                version,
+                force=force,
+                label_studio_host=host,
+                embeddings=embeddings,
+            )
             for start in range(0, len(queued), size)
         ]
         try:
@@ -312,7 +322,8 @@ class PredictionService:
         context: object,
         host: str | None,
     ) -> str | None:
-        """Queue one task's job on the interactive queue; None (nothing queued) when it has no image."""
+        """Queue one task's job on the interactive queue, or on the own queue of the worker that holds its image's
+        embedding (routing: CLICK_ROUTE_TTL, CLICK_ROUTE_WAIT); None (nothing queued) when it has no image."""
         try:
             ref = image_ref(task, config)
         except TaskDataError as exc:
@@ -322,7 +333,8 @@ class PredictionService:
         identity = ref if context is None else f"{ref}\n{json.dumps(context, sort_keys=True)}"
         job_id = prediction_job_id(project, task, identity, version)
         message = PredictJob(QueuedTask(task["id"], task.get("data")), config_ref, version, context, host)
-        self.queue.submit(job_id, message)
+        route = self.queue.route_for(ref) if self.settings.click_route_ttl > 0 else None
+        self.queue.submit(job_id, message, route=route)
         return job_id
 
     def _result(self, job_id: str | None, outcomes: dict[str, JobOutcome], version: str) -> tuple[dict[str, Any], bool]:
@@ -336,7 +348,8 @@ class PredictionService:
         if outcome.state == "finished" and outcome.prediction is not None:
             return outcome.prediction, True
         log.debug("job %s failed: %s", job_id, outcome.error)
-        return empty_prediction(version), False
+        # Label Studio reads only result, score and model_version; the reason is for whoever reads the answer.
+        return {**empty_prediction(version), "error": outcome.error or "the job failed"}, False
 
 
 def _fingerprint_entry(group: FingerprintGroup) -> dict[str, Any]:

@@ -45,15 +45,22 @@ class BackendClient:
 
 
 def prelabel(
-    settings: Settings, backend: BackendClient, project: int, query: Mapping[str, Any] | None, force: bool
+    settings: Settings,
+    backend: BackendClient,
+    project: int,
+    query: Mapping[str, Any] | None,
+    force: bool,
+    embeddings: bool = False,
 ) -> int:
-    """Queue the project's unlabelled tasks and follow them; exit code 0 when every task got a prediction."""
+    """Queue the project's unlabelled tasks and follow them; exit code 0 when every task got a prediction.
+    embeddings: every unlabelled task goes (those with a prediction too: workers skip its prediction and write only
+    its embedding to their on-disk cache)."""
     studio = _studio(settings)
     label_config = studio.label_config(project)
     version = backend.call("POST", "/setup", json={"project": str(project), "schema": label_config})["model_version"]
     tasks = list(studio.tasks(project, query))
     untouched = [t for t in tasks if not t.annotations]  # what a reviewer annotated is theirs, --force or not
-    todo = [t for t in untouched if force or version not in t.prediction_versions]
+    todo = [t for t in untouched if force or embeddings or version not in t.prediction_versions]
     annotated = len(tasks) - len(untouched)
     print(
         f"project {project}: {len(tasks)} tasks, {len(untouched) - len(todo)} already have {version}, "
@@ -68,6 +75,7 @@ def prelabel(
             "project": project,
             "label_config": label_config,
             "force": force,
+            "embeddings": embeddings,
             "tasks": [{"id": t.id, "data": t.data} for t in todo[start : start + TASKS_PER_REQUEST]],
         }
         run_ids.append(backend.call("POST", "/prelabel", json=body)["run_id"])

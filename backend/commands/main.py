@@ -108,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="recompute tasks that already have a prediction (never annotated ones)",
             )
+            bulk.add_argument(
+                "--embeddings",
+                action="store_true",
+                help="also fill the workers' on-disk embedding cache (EMBEDDING_DISK_DIR) for every task nobody "
+                "annotated, those that already have a prediction too, so clicks are fast after worker restarts",
+            )
         bulk.set_defaults(run=_bulk)
     _add_report(commands)
     return parser
@@ -439,7 +445,7 @@ def _bulk(settings: Settings, args: argparse.Namespace) -> int:
 
     backend = bulk_cli.BackendClient(args.backend or f"http://127.0.0.1:{settings.port}", settings.basic_auth)
     if args.command == "prelabel":
-        return bulk_cli.prelabel(settings, backend, args.project, args.filter, args.force)
+        return bulk_cli.prelabel(settings, backend, args.project, args.filter, args.force, args.embeddings)
     if args.command == "status":
         return bulk_cli.status(backend, args.project)
     return bulk_cli.retry(backend, args.project)

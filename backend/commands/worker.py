@@ -71,7 +71,7 @@ def run(settings: Settings, *, burst: bool = False) -> int:
         log.debug("loading the models failed", exc_info=True)  # the traceback, at LOG_LEVEL=DEBUG only
         print(f"error: the worker cannot start: {line}", file=sys.stderr)
         return 1
-    jobs.install(flow, stats)
+    jobs.install(flow, stats, jobs.ClickRoutes(settings.queue_name, settings.click_route_ttl))
     _forget_forerunners(redis, settings.queue_name, name)
     alive_file = Path(settings.worker_heartbeat_file) if settings.worker_heartbeat_file else None
     try:

@@ -10,6 +10,24 @@ Every hop (redirects are followed here, at most MAX_REDIRECTS) passes the outbou
 (backend/images/network.py). Label Studio's origin is allowed whatever its address for its media paths
 (/data/upload/, /data/local-files/, /tasks/<id>/presign/) only, and only those get the credentials; a Label Studio
 URL with '.' or '..' path segments is refused. One fetch, all hops and bytes included, ends at `deadline`.
+- data: URIs: the image they carry (base64 or percent-encoded), up to max_bytes.
+
+Fetching only what changed (fetch_if_changed, given the Validator an earlier fetch returned):
+- Label Studio uploads (/data/upload/<project>/<uuid8>-<name>, relative or on LABEL_STUDIO_URL or the given
+  label_studio_host) are "immutable": Label Studio names every upload with a fresh uuid prefix and never rewrites
+  one (label_studio/data_import/models.py upload_name_generator), and its file view sends no ETag or
+  Last-Modified. The same upload reference again is unchanged without any request (a deleted upload included).
+- Local files read from disk: a "stat" validator (mtime in ns, size, inode); unchanged without reading the file.
+- data: URIs: the "sha256" of the URI text; unchanged without decoding when it is the same.
+- Everything else over HTTP (other URLs, local-files served by Label Studio, cloud URIs through the presign
+  redirect): a conditional GET, If-None-Match from an "etag" validator, If-Modified-Since from a
+  "last-modified" one, sent on every hop, redirects included, under the same caps, policy, deadline and
+  credential rules. 304: unchanged, no body read (a 304 to a request without a validator is an error). A 200
+  carrying the known ETag / Last-Modified is unchanged too (a server that ignores If-*), without reading the
+  body. Otherwise the body is read and the new validator is the server's ETag (strong or weak, as sent), else its
+  Last-Modified, else the "sha256" of the bytes; bytes whose sha256 equals a known "sha256" validator are
+  unchanged (nothing decoded). A server that changes an image but keeps its ETag is believed: the validator is
+  the server's word.
 """
 
 from __future__ import annotations
@@ -27,17 +45,35 @@ from PIL import Image
 from backend.errors import ImageFetchError, OutboundRefusedError
 from backend.images.auth import LabelStudioAuth, request_failure, retryable_status
 from backend.images.content import ContentDecoder, OverCapError
-from backend.images.decode import decode_image, load_image_file, over_byte_cap
+from backend.images.decode import decode_data_uri, decode_image, load_image_file, over_byte_cap, read_image_file
 from backend.images.network import FetchScope, GuardedBackend, guarded_client
 from backend.images.outbound import OutboundPolicy
+from backend.images.validators import (
+    UPLOAD_PATH,
+    Fetched,
+    Validator,
+    conditional_headers,
+    digest_validator,
+    header_validator,
+    stat_validator,
+    upload_validator,
+)
 
-__all__ = ["FetchOptions", "ImageFetcher", "OutboundPolicy", "decode_image", "load_image_file"]
+__all__ = [
+    "FetchOptions",
+    "Fetched",
+    "ImageFetcher",
+    "OutboundPolicy",
+    "Validator",
+    "decode_image",
+    "load_image_file",
+]
 
 CLOUD_SCHEMES = ("s3", "gs", "gcs", "azure-blob")
 LABEL_STUDIO_PATHS = ("/data/upload/", "/data/local-files/")
 _PRESIGN = re.compile(r"/tasks/\d+/presign/?")
 MAX_REDIRECTS = 5
-MAX_REFERENCE_CHARS = 16_384  # presigned cloud URLs run to a few KB
+MAX_REFERENCE_CHARS = 16_384  # presigned cloud URLs run to a few KB; a data: URI may hold max_bytes (base64)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -74,10 +110,20 @@ class FetchOptions:
 
 @dataclass(frozen=True, slots=True)
 class _Target:
-    """A URL to GET and the name messages use for it (the task's reference, never a credential)."""
+    """A URL to GET, the name messages use for it (the task's reference, never a credential), and its immutable
+    validator when it is a Label Studio upload."""
 
     url: str
     source: str
+    immutable: Validator | None = None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Body:
+    """A GET's body and the validator its headers carry, if any."""
+
+    data: bytes
+    validator: Validator | None
 
 
 class ImageFetcher:
@@ -104,16 +150,65 @@ class ImageFetcher:
         Raises ImageFetchError naming `ref` and the cause (OutboundRefusedError when the outbound policy refuses
         it); retryable for timeouts, the deadline, connection errors, 5xx, 408 and 429.
         """
-        ref = _checked_reference(ref)
+        fetched = self.fetch_if_changed(ref, task_id, label_studio_host)
+        if fetched.image is None:  # cannot happen: without a known validator nothing is "unchanged"
+            raise ImageFetchError(f"{ref}: no image came back")
+        return fetched.image
+
+    def fetch_if_changed(
+        self,
+        ref: str,
+        task_id: int | None = None,
+        label_studio_host: str | None = None,
+        known: Validator | None = None,
+    ) -> Fetched:
+        """Like fetch, but an image unchanged since the `known` validator (from an earlier Fetched for this same
+        `ref`) comes back as image None, undecoded and often unread (module docstring). The Fetched's validator
+        is the one to pass as `known` next time. Raises as fetch does."""
+        limit = self._max_data_uri_chars if _is_data_uri(ref) else MAX_REFERENCE_CHARS
+        ref = _checked_reference(ref, limit)
+        if _is_data_uri(ref):
+            return self._data_uri(ref, known)
         ref = _strip_label_studio_origin(ref, label_studio_host)
         local_path = self._local_file(ref)
         if local_path is not None:
-            return load_image_file(local_path, self._options.max_bytes, self._options.max_pixels)
+            return self._local(local_path, known)
         target = self._resolve(ref, task_id)
-        return decode_image(self._download(target), self._options.max_pixels, source=target.source)
+        if target.immutable is not None and target.immutable == known:
+            return Fetched(None, known)
+        body = self._download(target, known)
+        if isinstance(body, Validator):  # not modified: nothing read
+            return Fetched(None, target.immutable or body)
+        digest = digest_validator(body.data)
+        validator = target.immutable or body.validator or digest
+        if digest == known:
+            return Fetched(None, validator)
+        return Fetched(decode_image(body.data, self._options.max_pixels, source=target.source), validator)
 
     def close(self) -> None:
         self._client.close()
+
+    @property
+    def _max_data_uri_chars(self) -> int:
+        """The longest data: URI that can hold max_bytes (base64), with room for its media type."""
+        return max(MAX_REFERENCE_CHARS, -(-self._options.max_bytes // 3) * 4 + 1024)
+
+    def _data_uri(self, ref: str, known: Validator | None) -> Fetched:
+        validator = digest_validator(ref.encode())
+        if validator == known:
+            return Fetched(None, validator)
+        return Fetched(decode_data_uri(ref, self._options.max_bytes, self._options.max_pixels), validator)
+
+    def _local(self, path: str, known: Validator | None) -> Fetched:
+        """A file under local_files_root; not read when its stat still equals a known "stat" validator."""
+        if known is not None and known.kind == "stat":
+            try:
+                if stat_validator(os.stat(path)) == known:
+                    return Fetched(None, known)
+            except OSError:
+                pass  # read_image_file names the problem
+        data, stat = read_image_file(path, self._options.max_bytes)
+        return Fetched(decode_image(data, self._options.max_pixels, source=path), stat_validator(stat))
 
     def __enter__(self) -> ImageFetcher:
         return self
@@ -124,7 +219,7 @@ class ImageFetcher:
     def _resolve(self, ref: str, task_id: int | None) -> _Target:
         scheme = _scheme(ref)
         if scheme in ("http", "https"):
-            return _Target(ref, ref)
+            return _Target(ref, ref, self._upload_on_label_studio(ref))
         if scheme in CLOUD_SCHEMES:
             if task_id is None:
                 raise ImageFetchError(f"{ref}: Label Studio presigns cloud storage URIs per task; no task id given")
@@ -132,7 +227,7 @@ class ImageFetcher:
             return _Target(self._on_label_studio(ref, f"/tasks/{task_id}/presign/?fileuri={fileuri}"), ref)
         path = "/data/" + ref.lstrip("/") if ref.startswith(("upload/", "/upload/")) else ref
         if path.startswith(LABEL_STUDIO_PATHS):
-            return _Target(self._on_label_studio(ref, path), ref)
+            return _Target(self._on_label_studio(ref, path), ref, _upload(path))
         raise ImageFetchError(
             f"{ref}: not an http(s) URL, a Label Studio path ({', '.join(LABEL_STUDIO_PATHS)}, upload/) "
             f"or a cloud storage URI ({', '.join(s + '://' for s in CLOUD_SCHEMES)})"
@@ -160,16 +255,30 @@ class ImageFetcher:
             raise ImageFetchError(f"{ref}: path leaves the local files root")
         return path if os.path.isfile(path) else None
 
-    def _download(self, target: _Target) -> bytes:
-        """The body at `target`, redirects followed hop by hop, each hop checked (module docstring)."""
+    def _upload_on_label_studio(self, url: str) -> Validator | None:
+        """The immutable validator of an absolute URL naming an upload on LABEL_STUDIO_URL, else None."""
+        if self._base is None or self._base_url is None:
+            return None
+        try:
+            parts, parsed = urlsplit(url), httpx.URL(url)
+        except (ValueError, httpx.InvalidURL):  # UnicodeError is a ValueError
+            return None
+        base_path = urlsplit(self._base).path.rstrip("/")
+        if not _same_origin(parsed, self._base_url) or not parts.path.startswith(base_path + "/"):
+            return None
+        return _upload(parts.path[len(base_path) :] + (f"?{parts.query}" if parts.query else ""))
+
+    def _download(self, target: _Target, known: Validator | None = None) -> _Body | Validator:
+        """The body at `target`, redirects followed hop by hop, each hop checked and sent the conditional
+        headers of `known` (module docstring); the validator that still holds when it is not modified."""
         with self._backend.scope(self._options.deadline) as scope:
             try:
                 url, raw = _http_url(target.url, target.source), target.url
                 for _ in range(MAX_REDIRECTS + 1):
                     if scope.remaining() <= 0:
                         raise self._past_deadline(target.source)
-                    outcome = self._hop(target.source, url, raw, scope)
-                    if isinstance(outcome, bytes):
+                    outcome = self._hop(target.source, url, raw, scope, known)
+                    if isinstance(outcome, (_Body, Validator)):
                         return outcome
                     url, raw = outcome
             except httpx.TimeoutException as exc:
@@ -180,24 +289,38 @@ class ImageFetcher:
                 raise request_failure(target.source, exc) from exc
         raise ImageFetchError(f"{target.source}: more than {MAX_REDIRECTS} redirects")
 
-    def _hop(self, source: str, url: httpx.URL, raw: str, scope: FetchScope) -> bytes | tuple[httpx.URL, str]:
-        """GET `url` (`raw`: the text it was parsed from): the body, or where it redirects to (URL, text)."""
+    def _hop(
+        self, source: str, url: httpx.URL, raw: str, scope: FetchScope, known: Validator | None
+    ) -> _Body | Validator | tuple[httpx.URL, str]:
+        """GET `url` (`raw`: the text it was parsed from), conditional on `known`: the body, the validator that
+        still holds (not modified), or where it redirects to (URL, text)."""
         media = self._label_studio_media(source, url, raw)
         scope.exempt = _origin(url) if media else None
         auth = self._auth if media else None
+        conditional = conditional_headers(known)
         try:
-            response = self._client.send(self._client.build_request("GET", url), auth=auth, stream=True)
+            request = self._client.build_request("GET", url, headers=conditional)
+            response = self._client.send(request, auth=auth, stream=True)
         except ImageFetchError as exc:  # refused at connect time, or a malformed redirect: named without the source
             raise type(exc)(f"{source}: {exc}", retryable=exc.retryable) from None
         except httpx.InvalidURL as exc:  # a Location that parses alone but not joined to this URL
             raise ImageFetchError(f"{source}: redirect to a malformed URL ({exc})") from None
+        except UnicodeError as exc:  # a validator that no header can carry (header_validator keeps none such)
+            raise ImageFetchError(f"{source}: a request header could not be encoded ({exc})") from None
         try:
             if response.next_request is not None:
                 location = str(response.next_request.url)
                 return _http_url(location, f"{source}: redirect to {location}"), response.headers["Location"]
             if response.status_code >= 400:
                 raise _status_error(source, response, auth, on_label_studio=media)
-            return self._read_capped(source, response, scope)
+            if response.status_code == 304:
+                if not conditional or known is None:
+                    raise ImageFetchError(f"{source}: HTTP 304 Not Modified to a request that sent no validator")
+                return known
+            validator = header_validator(response.headers)
+            if validator is not None and validator == known:  # a server that ignored If-*: still the same
+                return validator
+            return _Body(self._read_capped(source, response, scope), validator)
         finally:
             response.close()
 
@@ -251,14 +374,14 @@ class ImageFetcher:
         )
 
 
-def _checked_reference(ref: object) -> str:
+def _checked_reference(ref: object, max_chars: int = MAX_REFERENCE_CHARS) -> str:
     """`ref` if it can name an image at all: a string, not absurdly long, without control characters."""
     if not isinstance(ref, str):
         raise ImageFetchError(f"{str(ref)[:100]}: an image reference must be a string, not {type(ref).__name__}")
     if not ref:
         raise ImageFetchError("empty image reference")
-    if len(ref) > MAX_REFERENCE_CHARS:
-        raise ImageFetchError(f"{ref[:100]}...: longer than {MAX_REFERENCE_CHARS} characters")
+    if len(ref) > max_chars:
+        raise ImageFetchError(f"{ref[:100]}...: longer than {max_chars} characters")
     if _CONTROL.search(ref):
         raise ImageFetchError(f"{ascii(ref)[1:-1][:200]}: control character in the image reference")
     try:
@@ -266,6 +389,17 @@ def _checked_reference(ref: object) -> str:
     except UnicodeEncodeError:
         raise ImageFetchError(f"{ascii(ref)[1:-1][:200]}: not valid Unicode (a lone surrogate)") from None
     return ref
+
+
+def _is_data_uri(ref: object) -> bool:
+    return isinstance(ref, str) and ref[:5].lower() == "data:"
+
+
+def _upload(path: str) -> Validator | None:
+    """The immutable validator when Label Studio path `path` (maybe with a query) names one of its uploads."""
+    if UPLOAD_PATH.fullmatch(path) is None or _has_dot_segments(path):
+        return None
+    return upload_validator(path)
 
 
 def _http_url(text: str, source: str) -> httpx.URL:

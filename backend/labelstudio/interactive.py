@@ -4,7 +4,8 @@ Label Studio sends `{"result": [region, ...]}`: the regions just drawn, coordina
 of the image as displayed. This backend reads:
 
 - keypointlabels / rectanglelabels regions from a smart control of the config (smart="true"): a SAM
-  prompt. Every keypoint is a click (`is_positive` false: background; missing: foreground); the last
+  prompt. Every keypoint is a click (`is_positive` false: background; missing: foreground; one off the image
+  is refused); the last
   rectangle is the box (rotation ignored). The mask is returned with the label of the last such region.
   SAM alone answers; the detector does not run.
 - a textarea region from the config's prompt <TextArea>: text that replaces the label prompts for this
@@ -98,7 +99,7 @@ def parse_context(context: object, config: LabelConfig) -> SamPrompt | TextPromp
             raise InteractiveContextError(f"context.result[{position}] must be a region with a value object")
         kind, value, where = region.get("type"), region["value"], f"context.result[{position}]"
         if kind == "keypointlabels" and region.get("from_name") in smart:
-            clicks.append(Click(_percent(value, "x", where), _percent(value, "y", where), _positive(region, where)))
+            clicks.append(Click(_inside(value, "x", where), _inside(value, "y", where), _positive(region, where)))
             label = _label(value, kind, where)
         elif kind == "rectanglelabels" and region.get("from_name") in smart:
             box, label = _box(value, where), _label(value, kind, where)
@@ -153,6 +154,15 @@ def _percent(value: Mapping[str, Any], key: str, where: str) -> float:
     if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
         raise InteractiveContextError(f"{where}.value.{key} must be a finite number (percent), got {number!r}")
     return min(100.0, max(0.0, float(number)))
+
+
+def _inside(value: Mapping[str, Any], key: str, where: str) -> float:
+    """A click's coordinate: value[key] in percent, which must lie on the image (0..100)."""
+    number = value.get(key)
+    percent = _percent(value, key, where)
+    if percent != number:
+        raise InteractiveContextError(f"{where}: the click at {key}={number}% is outside the image (0..100%)")
+    return percent
 
 
 def _box(value: Mapping[str, Any], where: str) -> tuple[float, float, float, float]:

@@ -13,6 +13,8 @@ cuts (Grounding DINO's box score; SAM 3's score), which active learning learns t
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -66,13 +68,16 @@ def build_prediction(
     height: int,
     model_version: str,
     options: OutputOptions = OutputOptions(),
+    id_prefix: str = "",
 ) -> dict[str, Any]:
     """One Label Studio prediction for an image of `width`x`height` pixels.
 
     Per object, on each control its label is on: a brushlabels region (RLE of its mask) with id
     "<i>-brush", a rectanglelabels region "<i>-rect", and one polygonlabels region per separate part
     of its mask "<i>-poly-<part>" (largest part first; see polygons.py). Then, when the config has an
-    image tag, one region "image-tag" naming the present labels (see `_image_tag_region`).
+    image tag, one region "image-tag" naming the present labels (see `_image_tag_region`). Every id starts with
+    `id_prefix`: interactive answers need ids of their own, since the editor replaces an accepted region that
+    has the id of a suggestion accepted next (`interactive_id_prefix`).
 
     Raises ValueError for a label not in `config`, a score or threshold_score outside [0, 1], a brush or polygon label
     without a mask, or a mask not of shape (height, width): Label Studio would store such regions
@@ -86,12 +91,19 @@ def build_prediction(
     for index, obj in enumerate(objects):
         spec = _spec_for(obj, specs)
         for region_id, control, kind, value in _object_values(index, obj, spec, config, (width, height), options):
-            regions.append(_region(region_id, control, kind, value, obj.score) | size | _threshold(obj))
+            regions.append(_region(id_prefix + region_id, control, kind, value, obj.score) | size | _threshold(obj))
     tag_region = None if config.image_tag is None else _image_tag_region(config.image_tag, objects)
     if tag_region is not None:
-        regions.append(tag_region)
+        regions.append(tag_region | {"id": id_prefix + tag_region["id"]})
     score = min((region["score"] for region in regions), default=0.0)
     return {"result": regions, "score": score, "model_version": model_version}
+
+
+def interactive_id_prefix(context: object, image_ref: str) -> str:
+    """A region id prefix of one interactive answer: a digest of what was asked on which image ("<8 hex>-"), so
+    the regions of different answers accepted in one annotation never share an id."""
+    asked = json.dumps([image_ref, context], sort_keys=True, default=str)
+    return hashlib.sha256(asked.encode()).hexdigest()[:8] + "-"
 
 
 def empty_prediction(model_version: str) -> dict[str, Any]:

@@ -42,9 +42,10 @@ from backend.pipeline.architectures import (
     detector_architecture,
     segmenter_architecture,
 )
-from backend.pipeline.detector import GroundingDinoDetector
+from backend.pipeline.detector import DetectorOptions, GroundingDinoDetector, device_options
 from backend.pipeline.grounded_sam import GroundedSam
 from backend.pipeline.sam3_text import Sam3TextDetector
+from backend.pipeline.sam_precision import lowered
 from backend.pipeline.segmenter import (
     HfSamSegmenter,
     SegmentAnythingSegmenter,
@@ -95,12 +96,15 @@ def build_pipeline(
     return GroundedSam(detector, build_segmenter(spec, timer), thresholds, postprocess, timer=timer)
 
 
-def build_detector(spec: ModelSpec, timer: StageTimer = NO_TIMER) -> GroundingDinoDetector:
+def build_detector(
+    spec: ModelSpec, timer: StageTimer = NO_TIMER, options: DetectorOptions | None = None
+) -> GroundingDinoDetector:
     """The Grounding DINO family detector of `spec`, float32 on `spec.device` (ModelLoadError when it cannot be
-    loaded)."""
+    loaded). `options` default to the fast path for `spec.device` (detector.device_options)."""
     model, processor = _load_hf(spec.detector, AutoModelForZeroShotObjectDetection, torch.float32, "detector")
+    chosen = options or device_options(spec.device, compile=spec.detector_compile)
     # PreTrainedModel.to is wrapped with functools.wraps(nn.Module.to), which mypy takes for an unbound function.
-    return GroundingDinoDetector(model.to(spec.device), processor, timer)  # type: ignore[arg-type]
+    return GroundingDinoDetector(model.to(spec.device), processor, timer, chosen)  # type: ignore[arg-type]
 
 
 def build_sam3(
@@ -112,14 +116,16 @@ def build_sam3(
     model, processor = _load_hf(spec.detector, Sam3Model, dtype, "SAM 3 model", Sam3Processor)
     if architecture.has_tracker:
         tracker, tracker_processor = _load_hf(
-            spec.detector, Sam3TrackerModel, dtype, "SAM 3 tracker", Sam3TrackerProcessor
+            spec.detector, Sam3TrackerModel, torch.float32, "SAM 3 tracker", Sam3TrackerProcessor
         )
+        tracker, decoder = lowered(tracker, dtype)  # its prompt decoder stays float32 (sam_precision.py)
         share_backbone(tracker, model)
         segmenter: Segmenter = HfSamSegmenter(
             tracker.to(spec.device),  # type: ignore[arg-type]
             tracker_processor,
             image_batch=spec.sam_image_batch,
             timer=timer,
+            decoder=decoder.to(spec.device),  # type: ignore[arg-type]
         )
     else:
         segmenter = build_segmenter(spec, timer)
@@ -147,15 +153,18 @@ def build_segmenter(spec: ModelSpec, timer: StageTimer = NO_TIMER) -> Segmenter:
     if spec.sam_checkpoint is not None:
         sam = _load_sam_checkpoint(Path(spec.sam_checkpoint), spec.sam_model_type)
         return SegmentAnythingSegmenter(sam.to(spec.device), spec.sam_checkpoint, dtype, timer=timer)
+    # Loaded in float32: `lowered` keeps a float32 prompt decoder made from those weights (sam_precision.py).
     if segmenter_architecture(spec.sam).is_sam3_tracker:
-        model, processor = _load_hf(spec.sam, Sam3TrackerModel, dtype, "SAM 3 tracker", Sam3TrackerProcessor)
+        model, processor = _load_hf(spec.sam, Sam3TrackerModel, torch.float32, "SAM 3 tracker", Sam3TrackerProcessor)
     else:
-        model, processor = _load_hf(spec.sam, AutoModelForMaskGeneration, dtype, "SAM model")
+        model, processor = _load_hf(spec.sam, AutoModelForMaskGeneration, torch.float32, "SAM model")
+    model, decoder = lowered(model, dtype)
     return HfSamSegmenter(
         model.to(spec.device),  # type: ignore[arg-type]
         processor,
         image_batch=spec.sam_image_batch,
         timer=timer,
+        decoder=decoder.to(spec.device),  # type: ignore[arg-type]
     )
 
 

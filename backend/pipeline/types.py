@@ -142,6 +142,8 @@ class ModelSpec:
         detector always runs in float32.
     sam_image_batch: images per SAM image-encoder forward when several come at once (transformers SAM only);
         how fast, not what is computed.
+    detector_compile: torch.compile the Grounding DINO family detector's forward (DETECTOR_COMPILE); how fast,
+        not what is computed.
     """
 
     detector: str
@@ -151,3 +153,4 @@ class ModelSpec:
     device: str = "cpu"
     sam_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     sam_image_batch: int = 1
+    detector_compile: bool = False

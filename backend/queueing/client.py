@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import socket
 import time
 import traceback
@@ -23,6 +24,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import current_timestamp, now
 
 from backend.errors import QueueUnavailableError, RedisFullError
+from backend.queueing import routing
 from backend.queueing.messages import ChunkJob, PredictJob, ReviewJob
 from backend.queueing.transient import TransientRetry, restore_retries
 from backend.redis_replies import text
@@ -112,6 +114,7 @@ def chunk_job_id(chunk: ChunkJob) -> str:
     instead of queueing twice. The project prefix lists a project's chunks (cancel, retry); nothing else is
     read back from the id (a run records each chunk's task count, see backend.queueing.bulk)."""
     key = f"{chunk.model_version}\n{chunk.force}\n{','.join(map(str, sorted(chunk.task_ids)))}"
+    key += "\nembeddings" if chunk.embeddings else ""  # another job: it also fills the on-disk embedding cache
     return f"{chunk_prefix(chunk.project)}{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -136,12 +139,20 @@ def prediction_job_id(project: str, task: Mapping[str, Any], image_ref: str, mod
 
 
 class PredictionQueue:
-    """Enqueue job messages on the interactive, bulk or reviews queue and collect results, over one Redis."""
+    """Enqueue job messages on the interactive, bulk or reviews queue and collect results, over one Redis.
 
-    def __init__(self, redis: Redis, prefix: str, limits: JobLimits) -> None:
+    An interactive job may be routed to the own queue of the worker that holds its image's embedding
+    (backend.queueing.routing); `route_wait`: seconds it may wait there before a waiting request moves it to the
+    shared interactive queue (CLICK_ROUTE_WAIT).
+    """
+
+    def __init__(
+        self, redis: Redis, prefix: str, limits: JobLimits, route_wait: float = routing.DEFAULT_ROUTE_WAIT_S
+    ) -> None:
         self._redis = redis
         self._limits = limits
         self.prefix = prefix
+        self.route_wait = route_wait
         interactive, bulk = queue_names(prefix)
         self.interactive = Queue(interactive, connection=redis, serializer=JSONSerializer)
         self.bulk = Queue(bulk, connection=redis, serializer=JSONSerializer)
@@ -151,17 +162,20 @@ class PredictionQueue:
     def queues(self) -> tuple[Queue, Queue, Queue]:
         return self.interactive, self.bulk, self.reviews
 
-    def submit(self, job_id: str, message: PredictJob | ChunkJob) -> None:
+    def submit(self, job_id: str, message: PredictJob | ChunkJob, route: str | None = None) -> None:
         """Queue one job, or re-attach to the job of that id; a failed or canceled one is queued again.
 
         A PredictJob goes to the interactive queue and runs `predict_task`, which returns the prediction; a
         ChunkJob goes to the bulk queue and runs `prelabel_chunk`, which pushes predictions to Label Studio itself.
+        `route`: a worker name (`route_for`): a new PredictJob goes to that worker's own queue instead (a chunk is
+        never routed; a job queued again after failing goes to the shared queue).
         """
         queue, func = (self.bulk, PRELABEL_JOB) if isinstance(message, ChunkJob) else (self.interactive, PREDICT_JOB)
         payload = message.to_json()
+        routed = route if queue is self.interactive else None
         try:
             try:
-                self._enqueue(queue, func, job_id, payload)
+                self._enqueue(queue, func, job_id, payload, route=routed)
             except DuplicateJobError:
                 self._requeue_if_failed(queue, func, job_id, payload)
         except RedisError as exc:
@@ -188,14 +202,25 @@ class PredictionQueue:
             raise queue_error(exc, "queueing the review job") from exc
         return job_id
 
+    def route_for(self, image_ref: str) -> str | None:
+        """The worker whose own queue should take an interactive job of `image_ref` (routing.choose_worker), or
+        None for the shared queue."""
+        try:
+            return routing.choose_worker(self._redis, self.prefix, self.interactive.name, image_ref)
+        except RedisError as exc:
+            raise queue_error(exc, "reading the image's route") from exc
+
     def wait(self, job_ids: Sequence[str], timeout: float) -> list[JobOutcome]:
         """Poll until every job finished or failed, or `timeout` seconds passed; outcomes in input order.
 
         While waiting it sweeps for jobs whose worker stopped heart-beating (`sweep_abandoned`): such a job is
         queued again once, and fails as a poison task when its second worker dies too, so a worker that dies
-        mid-job costs a rerun or turns into a visible failure instead of a silent wait.
+        mid-job costs a rerun or turns into a visible failure instead of a silent wait. A job still waiting in a
+        worker's own queue after `route_wait` seconds, or whose worker is gone, is moved to the front of the
+        shared interactive queue (`_rescue_if_stuck`).
         """
         outcomes: dict[str, JobOutcome] = {}
+        settled: set[str] = set()  # routed jobs that need no rescue (any more)
         deadline = time.monotonic() + timeout
         next_sweep = time.monotonic() + ABANDONED_SWEEP_S
         delay = 0.02
@@ -203,7 +228,7 @@ class PredictionQueue:
             while True:
                 for job_id in job_ids:
                     if job_id not in outcomes:
-                        outcome = self._outcome(job_id)
+                        outcome = self._outcome(job_id, settled)
                         if outcome.state != "pending":
                             outcomes[job_id] = outcome
                 now = time.monotonic()
@@ -235,21 +260,30 @@ class PredictionQueue:
         return Job.fetch_many(job_ids, connection=self._redis, serializer=JSONSerializer)
 
     def _enqueue(
-        self, queue: Queue, func: str, job_id: str, payload: dict[str, Any], timeout: int | None = None
+        self,
+        queue: Queue,
+        func: str,
+        job_id: str,
+        payload: dict[str, Any],
+        timeout: int | None = None,
+        route: str | None = None,
     ) -> None:
         """Queue `func(payload)`: `payload` is the message's JSON, the one argument the job function gets;
-        `timeout` (seconds) defaults to JOB_TIMEOUT."""
-        queue.enqueue_call(
-            func,
-            args=(payload,),
-            job_id=job_id,
-            unique=True,
-            timeout=self._limits.job_timeout if timeout is None else timeout,
-            result_ttl=self._limits.result_ttl,
-            failure_ttl=self._limits.failure_ttl,
-            retry=Retry(max=CRASH_RETRIES, enqueue_at_front=True),
-            meta=self._limits.transient.meta() if queue is self.bulk else {},
-        )
+        `timeout` (seconds) defaults to JOB_TIMEOUT; `route`: the worker whose own queue takes it (its origin stays
+        `queue`). DuplicateJobError when a job of that id exists."""
+        options: dict[str, Any] = {
+            "args": (payload,),
+            "job_id": job_id,
+            "timeout": self._limits.job_timeout if timeout is None else timeout,
+            "result_ttl": self._limits.result_ttl,
+            "failure_ttl": self._limits.failure_ttl,
+            "retry": Retry(max=CRASH_RETRIES, enqueue_at_front=True),
+            "meta": self._limits.transient.meta() if queue is self.bulk else {},
+        }
+        if route is None:
+            queue.enqueue_call(func, unique=True, **options)
+        else:
+            routing.enqueue_routed(self._redis, self.prefix, queue, queue.create_job(func, **options), route)
 
     def _requeue_if_failed(self, queue: Queue, func: str, job_id: str, payload: dict[str, Any]) -> None:
         try:
@@ -264,7 +298,8 @@ class PredictionQueue:
             job.delete()
             self._enqueue(queue, func, job_id, payload)
 
-    def _outcome(self, job_id: str) -> JobOutcome:
+    def _outcome(self, job_id: str, settled: set[str]) -> JobOutcome:
+        """The job's outcome so far; a queued routed job not in `settled` may be rescued (then settled)."""
         try:
             job = Job.fetch(job_id, connection=self._redis, serializer=JSONSerializer)
         except NoSuchJobError:
@@ -274,7 +309,25 @@ class PredictionQueue:
             return JobOutcome(job_id, "finished", prediction=job.return_value())
         if status in _RETRYABLE_STATUSES:
             return JobOutcome(job_id, "failed", error=failure_reason(job))
+        if status == JobStatus.QUEUED and job_id not in settled and self._rescue_if_stuck(job):
+            settled.add(job_id)
         return JobOutcome(job_id, "pending")
+
+    def _rescue_if_stuck(self, job: Job) -> bool:
+        """Move a queued job out of its worker's own queue once it waited `route_wait` seconds there or its worker
+        is gone (routing.rescue: only while it is still there). True when it needs no more looking at: not
+        routed, moved now, or no longer in that queue."""
+        worker = routing.routed_worker(job.meta)
+        if worker is None:
+            return True
+        waited = (now() - job.enqueued_at).total_seconds() if job.enqueued_at is not None else math.inf
+        shared = self.interactive.name
+        if waited < self.route_wait:
+            view = routing.worker_view(self._redis, self.prefix, shared, worker)
+            if view.live and view.joined:
+                return False
+        routing.rescue(self._redis, self.prefix, shared, job.id, worker)
+        return True
 
 
 def job_counts(queue: Queue) -> dict[str, int]:

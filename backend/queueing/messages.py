@@ -87,6 +87,7 @@ class ChunkJob:
     """A chunk of one project's tasks to predict and push to Label Studio (bulk queue).
 
     force: replace predictions of this model_version the tasks already hold (otherwise they are skipped).
+    embeddings: also write every task's SAM embedding to the workers' on-disk cache (skipped tasks' too).
     """
 
     project: str
@@ -96,6 +97,7 @@ class ChunkJob:
     force: bool = False
     label_studio_host: str | None = None
     label_config: str | None = None
+    embeddings: bool = False
 
     @property
     def task_ids(self) -> list[int]:
@@ -110,6 +112,7 @@ class ChunkJob:
             "model_version": self.model_version,
             "force": self.force,
             "label_studio_host": self.label_studio_host,
+            "embeddings": self.embeddings,
         }
 
     @classmethod
@@ -127,6 +130,7 @@ class ChunkJob:
             force=bool(message.get("force", False)),
             label_studio_host=_optional_text(message, "label_studio_host", "bulk chunk"),
             label_config=_optional_text(message, "label_config", "bulk chunk"),
+            embeddings=bool(message.get("embeddings", False)),
         )
 
 

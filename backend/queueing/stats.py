@@ -12,12 +12,13 @@ land in the histograms; finer stages (the pipeline's, which the benchmark reads)
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from redis import Redis
+from redis.typing import EncodableT, FieldT
 
 from backend.redis_replies import text
 
@@ -25,6 +26,20 @@ PREFIX = "grounded-sam:stats"
 BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 STAGES = ("fetch", "model", "postprocess", "push", "task")
 EWMA_WEIGHT = 0.2
+# A worker's embedding cache figures outlive its last job by this long (a stopped worker's series then go).
+CACHE_FIGURES_TTL_S = 600
+CACHE_WORKERS_KEY = f"{PREFIX}:cache-workers"  # the workers that published figures (pruned as theirs expire)
+# The cache figures a worker publishes (backend.embedding_cache.CacheFigures) and how /metrics shows each.
+CACHE_COUNTERS = {
+    "hits": "Lookups (clicks, predictions, bulk tasks) that found their image kept in the worker's cache",
+    "misses": "Lookups (clicks, predictions, bulk tasks) whose image the worker's cache did not hold",
+    "disk_hits": "Cache hits served from the on-disk embedding cache (EMBEDDING_DISK_DIR)",
+    "evictions": "Entries the worker's embedding cache evicted to stay within EMBEDDING_CACHE_MB",
+}
+CACHE_GAUGES = {
+    "memory_bytes": "Bytes held by the worker's embedding cache (decoded images and embeddings)",
+    "entries": "Images held by the worker's embedding cache",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +79,17 @@ class WorkerStats:
     def failure(self, reason: str) -> None:
         self.redis.hincrby(f"{PREFIX}:failures", reason, 1)
 
+    def cache_figures(self, worker: str, figures: Mapping[str, int]) -> None:
+        """Publish `worker`'s embedding cache figures (CACHE_COUNTERS and CACHE_GAUGES keys; others ignored)."""
+        known: dict[FieldT, EncodableT] = {
+            name: int(value) for name, value in figures.items() if name in CACHE_COUNTERS or name in CACHE_GAUGES
+        }
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(f"{PREFIX}:cache:{worker}", mapping=known)
+            pipe.expire(f"{PREFIX}:cache:{worker}", CACHE_FIGURES_TTL_S)
+            pipe.sadd(CACHE_WORKERS_KEY, worker)
+            pipe.execute()
+
 
 def seconds_per_task(redis: Redis) -> float | None:
     """Moving average of seconds one worker spends per task, or None before the first task."""
@@ -71,7 +97,7 @@ def seconds_per_task(redis: Redis) -> float | None:
     return float(value) if value is not None else None
 
 
-def metric_families(redis: Redis) -> Iterator[HistogramMetricFamily | CounterMetricFamily]:
+def metric_families(redis: Redis) -> Iterator[HistogramMetricFamily | CounterMetricFamily | GaugeMetricFamily]:
     """Prometheus families of everything workers recorded."""
     latency = HistogramMetricFamily(
         "grounded_sam_worker_stage_seconds",
@@ -92,6 +118,31 @@ def metric_families(redis: Redis) -> Iterator[HistogramMetricFamily | CounterMet
     for reason, count in redis.hgetall(f"{PREFIX}:failures").items():
         failures.add_metric([text(reason)], float(count))
     yield failures
+    yield from cache_families(redis)
+
+
+def cache_families(redis: Redis) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    """Each worker's embedding cache figures (published within CACHE_FIGURES_TTL_S), labelled by worker name."""
+    workers = sorted(text(name) for name in redis.smembers(CACHE_WORKERS_KEY))
+    with redis.pipeline(transaction=False) as pipe:
+        for worker in workers:
+            pipe.hgetall(f"{PREFIX}:cache:{worker}")
+        found = pipe.execute()
+    published = zip(workers, found, strict=True)
+    per_worker = {worker: {text(k): float(v) for k, v in raw.items()} for worker, raw in published if raw}
+    gone = [worker for worker in workers if worker not in per_worker]
+    if gone:
+        redis.srem(CACHE_WORKERS_KEY, *gone)
+    for name, meaning in CACHE_COUNTERS.items():
+        counter = CounterMetricFamily(f"grounded_sam_embedding_cache_{name}", meaning, labels=["worker"])
+        for worker, figures in sorted(per_worker.items()):
+            counter.add_metric([worker], figures.get(name, 0.0))
+        yield counter
+    for name, meaning in CACHE_GAUGES.items():
+        gauge = GaugeMetricFamily(f"grounded_sam_embedding_cache_{name}", meaning, labels=["worker"])
+        for worker, figures in sorted(per_worker.items()):
+            gauge.add_metric([worker], figures.get(name, 0.0))
+        yield gauge
 
 
 def _cumulative(raw: dict[str, str]) -> list[tuple[str, float]]:

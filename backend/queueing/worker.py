@@ -16,6 +16,11 @@ A job that raised fails, without spending its crash retry, unless it is a bulk c
 (every failed task failed transiently) and it has transient retries left: then it is scheduled to run again
 after a doubling wait (backend.queueing.transient), and the sweeper thread queues it when that wait is over
 (workers run without rq's scheduler, which would fork a process from this one).
+
+Each worker listens on its own queue first (backend.queueing.routing: clicks routed to the worker that holds their
+image's embedding), then interactive, bulk, reviews. A routed job's origin is the shared interactive queue, so it
+runs, and is retried or swept, as any interactive job. A worker that stops moves what is left in its own queue to
+the front of the shared interactive queue; its sweeper thread does so for the own queues of workers that died.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import logging
 import math
 import socket
 import threading
+import uuid
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
@@ -37,7 +43,8 @@ from rq.serializers import JSONSerializer
 from rq.utils import current_timestamp
 
 from backend.errors import BackendError
-from backend.queueing.client import sweep_abandoned, worker_queue_names
+from backend.queueing import routing
+from backend.queueing.client import queue_names, sweep_abandoned, worker_queue_names
 from backend.queueing.fleet import Announcement, announcement_fields
 from backend.queueing.transient import enqueue_due, next_interval, schedule_retry
 
@@ -77,17 +84,21 @@ class HeartbeatWorker(SimpleWorker):
         heartbeat_s: float = 5.0,
         announcement: Announcement | None = None,
         on_registered: Callable[[], None] | None = None,
+        route_prefix: str | None = None,
         **kwargs: object,
     ) -> None:
         """`announcement`: what this worker runs, written into rq's worker hash with its birth (fleet.py);
         None announces nothing (the API then takes no model_version from this worker). `on_registered`: called
-        once its birth is registered (the worker is ready: its "loading" record goes)."""
+        once its birth is registered (the worker is ready: its "loading" record goes). `route_prefix`: the queue
+        prefix whose routed clicks this worker takes on its own queue (routing.own_queue_name, which its queues
+        must include): it joins the own-queue set once registered and releases its own queue as it stops."""
         # The job description is the whole payload (labeling config included): the job id is enough.
         kwargs.setdefault("worker_ttl", WORKER_TTL_S)
         super().__init__(*args, log_job_description=False, **kwargs)  # type: ignore[arg-type, misc]
         self.heartbeat_s = heartbeat_s
         self.announcement = announcement
         self._on_registered = on_registered
+        self.route_prefix = route_prefix
         self._still_running_it = self.connection.register_script(_STILL_RUNNING_IT)
         # The job whose failure handle_exception saw last was transient (rq passes only the failure's text on to
         # handle_job_failure, which it calls right after, in the same thread); None when it was not.
@@ -99,8 +110,21 @@ class HeartbeatWorker(SimpleWorker):
 
     def register_birth(self) -> None:
         super().register_birth()  # type: ignore[no-untyped-call]
+        if self.route_prefix is not None:  # after the birth: a sweeper takes a member without a record for dead
+            self.connection.sadd(routing.own_queues_key(self.route_prefix), self.name)
         if self._on_registered is not None:
             self._on_registered()
+
+    def teardown(self) -> None:
+        """Before rq registers the death: no more routed clicks, and those waiting in the own queue go to the
+        shared interactive queue (if Redis cannot be reached now, the sweepers of other workers move them once
+        this worker's record shows it dead, and a waiting request once they waited CLICK_ROUTE_WAIT)."""
+        if self.route_prefix is not None:
+            try:
+                routing.release(self.connection, self.route_prefix, queue_names(self.route_prefix)[0], self.name)
+            except RedisError as exc:
+                log.warning("worker %s could not release its own queue: %s", self.name, exc)
+        super().teardown()  # type: ignore[no-untyped-call]
 
     def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
         """rq's heartbeat; an idle worker whose record was lost meanwhile (Redis restarted without it, flushed, or
@@ -118,6 +142,8 @@ class HeartbeatWorker(SimpleWorker):
             pipe.hset(self.key, mapping=self.serialize())  # type: ignore[arg-type]
             worker_registration.register(self, pipe)
             pipe.expire(self.key, self.worker_ttl + 60)
+            if self.route_prefix is not None:
+                pipe.sadd(routing.own_queues_key(self.route_prefix), self.name)
             pipe.execute()
 
     def get_heartbeat_ttl(self, job: Job) -> int:
@@ -125,6 +151,8 @@ class HeartbeatWorker(SimpleWorker):
         return math.ceil(self.heartbeat_s * MISSED_BEATS_BEFORE_ABANDONED) + 1
 
     def execute_job(self, job: Job, queue: Queue) -> None:
+        if queue.name != job.origin:  # routed: popped from this worker's own queue, it belongs to its origin
+            queue = Queue(job.origin, connection=self.connection, serializer=self.serializer)
         done = threading.Event()
         beater = threading.Thread(target=self._beat_until, args=(job, done), daemon=True, name="rq-heartbeat")
         beater.start()
@@ -223,9 +251,10 @@ def run_worker(
 ) -> bool:
     """Process jobs until stopped (SIGINT/SIGTERM: finish the current job, then exit).
 
-    Listens on the interactive queue first, then the bulk one, then the reviews one (Label Studio's annotation
-    events): rq takes from the first non-empty queue, so someone waiting in the editor goes ahead of bulk
-    pre-labelling on the same workers, and learning from reviews waits for both.
+    Listens on its own queue first (clicks routed to it, backend.queueing.routing), then the interactive queue,
+    the bulk one, the reviews one (Label Studio's annotation events): rq takes from the first non-empty queue, so
+    someone waiting in the editor goes ahead of bulk pre-labelling on the same workers, and learning from reviews
+    waits for both. Its name is unique to the process (its own queue is named after it).
     A side thread sweeps for jobs abandoned by dead workers every `heartbeat_s`, so they are queued again
     within seconds even when no request is waiting on them (bulk chunks), and queues the transient retries that
     are due (rq's scheduler stays off, with_scheduler=False: it would fork a process from this one). A burst
@@ -236,18 +265,25 @@ def run_worker(
     once rq has registered the worker (ready).
     Returns rq's `work()` result (True when at least one job was processed).
     """
-    queues = [Queue(name, connection=redis, serializer=JSONSerializer) for name in worker_queue_names(queue_prefix)]
+    name = uuid.uuid4().hex
+    names = [routing.own_queue_name(queue_prefix, name), *worker_queue_names(queue_prefix)]
+    queues = [Queue(queue, connection=redis, serializer=JSONSerializer) for queue in names]
     worker = HeartbeatWorker(
         queues,
         connection=redis,
         serializer=JSONSerializer,
+        name=name,
         heartbeat_s=heartbeat_s,
         announcement=announcement,
         on_registered=on_registered,
+        route_prefix=queue_prefix,
     )
     stop = threading.Event()
     sweeper = threading.Thread(
-        target=_sweep_until, args=(queues, heartbeat_s, stop, alive_file), daemon=True, name="rq-sweeper"
+        target=_sweep_until,
+        args=(queues[1:], heartbeat_s, stop, alive_file, queue_prefix),
+        daemon=True,
+        name="rq-sweeper",
     )
     sweeper.start()
     log.info("worker %s listening on %s", worker.name, ", ".join(q.name for q in queues))
@@ -267,14 +303,23 @@ def alive_file_stale_after(heartbeat_s: float) -> float:
     return heartbeat_s * MISSED_BEATS_BEFORE_ABANDONED + 1
 
 
-def _sweep_until(queues: list[Queue], every_s: float, stop: threading.Event, alive_file: Path | None = None) -> None:
+def _sweep_until(
+    queues: list[Queue],
+    every_s: float,
+    stop: threading.Event,
+    alive_file: Path | None = None,
+    route_prefix: str | None = None,
+) -> None:
     """At once and then every `every_s`: queue again the jobs abandoned by dead workers and the transient retries
-    now due; after each sweep that reached Redis, touch `alive_file` (when given)."""
+    now due, and (with `route_prefix`) move the own queues of dead workers to the shared interactive queue; after
+    each sweep that reached Redis, touch `alive_file` (when given)."""
     warned = False
     while True:
         try:
             sweep_abandoned(queues)
             enqueue_due(queues)
+            if route_prefix is not None:
+                routing.release_if_dead(queues[0].connection, route_prefix, queue_names(route_prefix)[0])
         except RedisError as exc:  # Redis restarting: the worker loop reports it; try again next time
             log.debug("abandoned-job sweep failed: %s", exc)
         else:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -117,19 +119,27 @@ def capture_task(page: Page, url: str, project: int, task: int, regions: int, ou
     return report
 
 
-def main(args: dict[str, Any]) -> None:
+@contextmanager
+def logged_in_page(args: dict[str, Any]) -> Iterator[Page]:
+    """A page of Debian's Chromium, headless, logged in to Label Studio (args: chromium, url, email, password);
+    the browser is closed after."""
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=args["chromium"], args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport=VIEWPORT, device_scale_factor=1)
             page.set_default_timeout(TIMEOUT_MS)
             log_in(page, args["url"], args["email"], args["password"])
-            reports = [
-                capture_task(page, args["url"], args["project"], item["task"], item["regions"], Path(item["out"]))
-                for item in args["tasks"]
-            ]
+            yield page
         finally:
             browser.close()
+
+
+def main(args: dict[str, Any]) -> None:
+    with logged_in_page(args) as page:
+        reports = [
+            capture_task(page, args["url"], args["project"], item["task"], item["regions"], Path(item["out"]))
+            for item in args["tasks"]
+        ]
     Path(args["result"]).write_text(json.dumps(reports, indent=2))
 
 

@@ -17,6 +17,7 @@ from rq.serializers import JSONSerializer
 
 from backend import jobs
 from backend.api.app import create_app
+from backend.embedding_cache import ImageCache
 from backend.flow import PredictionFlow
 from backend.images.fetch import ImageFetcher
 from backend.queueing.client import queue_names
@@ -58,8 +59,9 @@ def backend(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Ite
         fingerprint=settings.model_fingerprint(),
         output=settings.output_options(),
         studio=studio,
+        cache=ImageCache(64 * 2**20),
     )
-    jobs.install(flow, WorkerStats(redis))
+    jobs.install(flow, WorkerStats(redis), jobs.ClickRoutes(settings.queue_name, settings.click_route_ttl))
     try:
         with (
             serve_images(tmp_path_factory.mktemp("images"), slow_s=0) as images,

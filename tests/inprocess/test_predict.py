@@ -43,7 +43,8 @@ def test_predict_answers_each_task_in_order_and_an_unfetchable_one_alone_empty(b
     }
     box = next(r["value"] for r in found["result"] if r["type"] == "rectanglelabels")
     assert (box["x"], box["y"], box["width"], box["height"]) == (10.0, 20.0, 50.0, 50.0)  # the fixed object, in %
-    assert missing == {"result": [], "score": 0.0, "model_version": version}
+    assert missing == {"result": [], "score": 0.0, "model_version": version, "error": missing["error"]}
+    assert "missing.png" in missing["error"] and "404" in missing["error"]  # why it is empty, naming the image
     assert found["model_version"] == version
     assert backend.pipeline.images == [(80, 60)]  # the missing image never reached the models
 

@@ -9,7 +9,7 @@ review jobs read (backend.review_job.ReviewSource: labeling configs, annotations
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from PIL import Image
 from backend.errors import LabelStudioApiError
 from backend.lsclient import StudioAnnotation, StudioPrediction, TaskReview
 from backend.packed_mask import PackedMask
+from backend.pipeline.embeddings import ImageEmbedding
 from backend.pipeline.negatives import ClassPlan
 from backend.pipeline.types import Detection, Instance, PromptedMask, Segmented, TextClass
 
@@ -40,12 +41,15 @@ class FixedObject:
 class FixedPipeline:
     """A GroundedSam double: `objects` on every image, SAM alone answers a square around the first click.
 
-    `images` records the (width, height) of every image the models were given, across threads.
+    `images` records the (width, height) of every image the models were given, across threads (an image SAM
+    alone answers a click on from a kept embedding is not given: it records nothing); `encoded` counts the images
+    "encoded" (each image with objects gives a tensor-less embedding, kept by the flow as SAM's would be).
     """
 
     objects: tuple[FixedObject, ...] = (FixedObject(0, (0.1, 0.2, 0.6, 0.7)),)
     mask_score: float = 0.8
     images: list[tuple[int, int]] = field(default_factory=list)
+    encoded: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def prepare(self, classes: Sequence[TextClass]) -> ClassPlan:
@@ -53,12 +57,30 @@ class FixedPipeline:
         classes = tuple(classes)
         return ClassPlan(classes, None, tuple(frozenset() for _ in classes), ())  # type: ignore[arg-type]
 
-    def stream(self, images: Sequence[Image.Image], plan: ClassPlan) -> Iterator[Segmented]:
-        """One Segmented per image, in order: the objects whose class is in the plan, sized to the image."""
-        for image in images:
+    def stream(
+        self,
+        images: Sequence[Image.Image],
+        plan: ClassPlan,
+        known: Sequence[ImageEmbedding | None] | None = None,
+        keep: Callable[[int, ImageEmbedding], None] | None = None,
+    ) -> Iterator[Segmented]:
+        """One Segmented per image, in order: the objects whose class is in the plan, sized to the image; an
+        image with objects and no `known` embedding is encoded and its embedding given to `keep`."""
+        for index, image in enumerate(images):
             with self._lock:
                 self.images.append(image.size)
-            yield self._segmented(image.width, image.height, len(plan.classes))
+            segmented = self._segmented(image.width, image.height, len(plan.classes))
+            if segmented.detections and (known is None or known[index] is None) and keep is not None:
+                keep(index, self.encode(image))
+            yield segmented
+
+    def encode(self, image: Image.Image) -> ImageEmbedding:
+        """A tensor-less embedding of `image` (its size is all SAM alone needs here)."""
+        with self._lock:
+            self.encoded += 1
+        return ImageEmbedding(
+            tensors={}, sizes={}, input_hw=(image.height, image.width), image_hw=(image.height, image.width)
+        )
 
     def postprocess(self, segmented: Segmented, plan: ClassPlan) -> list[Instance]:
         """The Segmented's detections with their masks, as they are (no cleanup)."""
@@ -69,21 +91,25 @@ class FixedPipeline:
 
     def segment_points(
         self,
-        image: Image.Image,
+        target: Image.Image | ImageEmbedding,
         points_xy: npt.NDArray[np.floating[Any]],
         positive: npt.NDArray[np.bool_],
         box_xyxy: Fractions | None = None,
     ) -> PromptedMask:
         """A 10 x 10 square centred on the first point (the box when there is no point)."""
-        with self._lock:
-            self.images.append(image.size)
+        if isinstance(target, Image.Image):
+            with self._lock:
+                self.images.append(target.size)
+            height, width = target.height, target.width
+        else:
+            height, width = target.image_hw
         if len(points_xy):
             x, y = (int(v) for v in points_xy[0])
         elif box_xyxy is not None:
             x, y = int((box_xyxy[0] + box_xyxy[2]) / 2), int((box_xyxy[1] + box_xyxy[3]) / 2)
         else:
             raise ValueError("SAM alone needs a point or a box")
-        mask = np.zeros((image.height, image.width), dtype=bool)
+        mask = np.zeros((height, width), dtype=bool)
         mask[max(0, y - 5) : y + 5, max(0, x - 5) : x + 5] = True
         return PromptedMask(PackedMask.of(mask), self.mask_score)
 

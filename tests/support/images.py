@@ -138,6 +138,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         data = path.read_bytes()
+        server.served.append(name)
         try:
             self.send_response(200)
             self.send_header("Content-Type", "image/png" if name.endswith(".png") else "image/jpeg")
@@ -160,6 +161,7 @@ class ImageServer:
     slow_s: float
     url: str = ""
     gates: list[Gate] = field(default_factory=list)
+    served: list[str] = field(default_factory=list)  # the name of every image whose bytes were sent, in order
 
     def url_for(self, name: str, *, slow: bool = False) -> str:
         return f"{self.url}/slow/{name}" if slow else f"{self.url}/{name}"

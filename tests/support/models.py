@@ -6,12 +6,32 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from transformers import AutoModelForMaskGeneration, AutoModelForZeroShotObjectDetection, AutoProcessor
 
 from backend.pipeline.detector import GroundingDinoDetector
 from backend.pipeline.segmenter import HfSamSegmenter
 from backend.pipeline.types import ModelSpec
+from tests.tiny_models import build_tiny_edgetam, build_tiny_sam2, build_tiny_sam3_tracker, build_tiny_sam_hq
+
+# The tiny builders of the SAM families after SAM v1 (whose tiny model is the session's `tiny_hf_sam_dir`).
+SAM_FAMILY_BUILDERS: dict[str, Callable[[Path], Path]] = {
+    "sam_hq": build_tiny_sam_hq,
+    "sam2": build_tiny_sam2,
+    "sam3_tracker": build_tiny_sam3_tracker,
+    "edgetam": build_tiny_edgetam,
+}
+
+
+def sam_family_dir(request: pytest.FixtureRequest, tiny_models_dir: Path, family: str) -> Path:
+    """The folder of one SAM family's tiny model and processor, built once per session ("sam": the session's
+    tiny SamModel, through the `tiny_hf_sam_dir` fixture)."""
+    if family == "sam":
+        sam_dir: Path = request.getfixturevalue("tiny_hf_sam_dir")
+        return sam_dir
+    folder = tiny_models_dir / family
+    return folder if (folder / "config.json").exists() else SAM_FAMILY_BUILDERS[family](folder)
 
 
 def tiny_detector(directory: Path) -> GroundingDinoDetector:

@@ -23,11 +23,13 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from backend import jobs
+from backend.embedding_cache import ImageCache
 from backend.errors import ImageFetchError, ModelLoadError, TaskDataError
 from backend.flow import PredictionFlow, resolve_device
 from backend.images.fetch import ImageFetcher
 from backend.labelstudio.config import LabelConfig, parse_label_config
 from backend.pipeline.build import build_pipeline
+from backend.pipeline.embedding_store import EmbeddingStore
 from backend.pipeline.grounded_sam import GroundedSam
 from backend.pipeline.timing import StageTimer
 from backend.pipeline.types import DetectionThresholds, ModelSpec, Segmented
@@ -181,20 +183,99 @@ def test_a_task_without_its_image_fails_before_fetching(pipeline: GroundedSam, c
         flow.fetch(task(0), config)
 
 
-def test_a_click_goes_to_sam_alone(tiny_detector_dir: Path, tiny_hf_sam_dir: Path) -> None:
-    """As a worker loads it: the flow's timer is the pipeline's too, so its stages show what ran."""
+INTERACTIVE = parse_label_config((REPO / "label_config" / "interactive.xml").read_text())
+
+
+def click_at(x: float, y: float) -> dict[str, Any]:
+    """Label Studio's context for one smart keypoint (percent of the image) with the label Car."""
+    region = {"type": "keypointlabels", "from_name": "click", "value": {"x": x, "y": y, "keypointlabels": ["Car"]}}
+    return {"result": [region]}
+
+
+def tiny_flow(
+    tiny_detector_dir: Path, tiny_hf_sam_dir: Path, fetcher: ImageFetcher, cache: ImageCache | None = None
+) -> tuple[PredictionFlow, RecordingTimer]:
+    """A flow as a worker loads it (the flow's timer is the pipeline's too, so its stages show what ran)."""
     timer = RecordingTimer()
     spec = ModelSpec(detector=str(tiny_detector_dir), sam=str(tiny_hf_sam_dir))
-    flow = PredictionFlow(build_pipeline(spec, EVERYTHING, timer=timer), timer=timer)
-    interactive = parse_label_config((REPO / "label_config" / "interactive.xml").read_text())
-    click = {"type": "keypointlabels", "from_name": "click", "value": {"x": 50, "y": 50, "keypointlabels": ["Car"]}}
+    pipeline = build_pipeline(spec, EVERYTHING, timer=timer)
+    flow = PredictionFlow(pipeline, fetcher=fetcher, fingerprint={"models": "tiny"}, timer=timer, cache=cache)
+    return flow, timer
 
-    answer = flow.answer(Image.fromarray(image_pixels(48, 64, 3)), interactive, "v", {"result": [click]})
+
+def test_a_click_goes_to_sam_alone(tiny_detector_dir: Path, tiny_hf_sam_dir: Path, fetcher: ImageFetcher) -> None:
+    flow, timer = tiny_flow(tiny_detector_dir, tiny_hf_sam_dir, fetcher)
+
+    answer = flow.answer(task(0), INTERACTIVE, "v", click_at(50, 50))
 
     values = [region["value"] for region in answer["result"]]
     labels = {tuple(labels) for value in values for key, labels in value.items() if key.endswith("labels")}
     assert labels <= {("Car",)} and answer["model_version"] == "v"
     assert "sam" in timer.names and "detector" not in timer.names, f"stages {timer.names}"
+
+
+def test_clicks_on_a_kept_image_run_only_the_decoder_and_answer_as_without_the_cache(
+    tiny_detector_dir: Path, tiny_hf_sam_dir: Path, fetcher: ImageFetcher
+) -> None:
+    cached, timer = tiny_flow(tiny_detector_dir, tiny_hf_sam_dir, fetcher, ImageCache(64 * 2**20))
+    uncached, uncached_timer = tiny_flow(tiny_detector_dir, tiny_hf_sam_dir, fetcher, ImageCache(0))
+    clicks = [click_at(30, 30), click_at(50, 90), click_at(50, 50)]  # full, full, empty masks (tiny SAM)
+
+    answers = [cached.answer(task(0), INTERACTIVE, "v", click) for click in clicks]
+    expected = [uncached.answer(task(0), INTERACTIVE, "v", click) for click in clicks]
+
+    assert answers == expected and answers[0]["result"] and not answers[2]["result"]
+    assert timer.names.count("sam_encoder") == 1, "a click on a kept image encoded it again"
+    assert uncached_timer.names.count("sam_encoder") == 3, "EMBEDDING_CACHE_MB=0 still kept an embedding"
+    assert cached.cache.figures().entries == 1 and uncached.cache.figures().entries == 0
+
+
+def test_a_changed_image_is_never_answered_from_its_old_embedding(
+    tiny_detector_dir: Path, tiny_hf_sam_dir: Path, tmp_path: Path
+) -> None:
+    picture = tmp_path / "a0.png"
+    Image.fromarray(image_pixels(48, 64, 0)).save(picture)
+    with ImageFetcher(Settings(local_files_document_root=str(tmp_path)).fetch_options()) as fetcher:
+        flow, timer = tiny_flow(tiny_detector_dir, tiny_hf_sam_dir, fetcher, ImageCache(64 * 2**20))
+        flow.answer(task(0), INTERACTIVE, "v", click_at(50, 50))
+        Image.fromarray(image_pixels(40, 72, 1)).save(picture)  # another image under the same name
+
+        answer = flow.answer(task(0), INTERACTIVE, "v", click_at(50, 50))
+
+    assert timer.names.count("sam_encoder") == 2, "the changed image was answered from the old embedding"
+    assert all(r["original_width"] == 72 and r["original_height"] == 40 for r in answer["result"])
+
+
+def test_a_prediction_leaves_its_embedding_for_the_first_click(
+    tiny_detector_dir: Path, tiny_hf_sam_dir: Path, fetcher: ImageFetcher
+) -> None:
+    flow, timer = tiny_flow(tiny_detector_dir, tiny_hf_sam_dir, fetcher, ImageCache(64 * 2**20))
+    predicted = flow.answer(task(1), INTERACTIVE, "v", None)  # "Retrieve predictions": the whole pipeline
+    assert predicted["result"], "zero thresholds found nothing: no box, so SAM never encoded the image"
+    encoded = timer.names.count("sam_encoder")
+
+    flow.answer(task(1), INTERACTIVE, "v", click_at(40, 60))
+
+    assert encoded == 1 and timer.names.count("sam_encoder") == 1, "the first click encoded the image again"
+
+
+def test_a_bulk_stream_leaves_embeddings_and_the_disk_keeps_them_for_a_restarted_worker(
+    tiny_detector_dir: Path, tiny_hf_sam_dir: Path, fetcher: ImageFetcher, config: LabelConfig, tmp_path: Path
+) -> None:
+    store = EmbeddingStore(tmp_path / "embeddings", 64 * 2**20)
+    flow, _ = tiny_flow(tiny_detector_dir, tiny_hf_sam_dir, fetcher, ImageCache(64 * 2**20, store))
+    targets = [flow.task_image(task(index), config) for index in range(len(SIZES))]
+    kept: list[str] = []
+    flow.on_kept = kept.append
+
+    assert all(not isinstance(out, Exception) for out in flow.stream(targets, config, to_disk=True))
+    assert kept == [target.ref for target in targets], "each image's embedding is announced as kept, in order"
+
+    restarted, timer = tiny_flow(tiny_detector_dir, tiny_hf_sam_dir, fetcher, ImageCache(64 * 2**20, store))
+    answer = restarted.answer(task(2), INTERACTIVE, "v", click_at(50, 50))
+    assert "sam_encoder" not in timer.names, "the restarted worker encoded an image the disk cache holds"
+    assert restarted.cache.figures().disk_hits == 1
+    assert all(r["original_width"] == 56 for r in answer["result"])
 
 
 def test_worker_stats_time_the_flows_stages_and_nothing_finer(redis_url: str) -> None:

@@ -82,6 +82,19 @@ def test_annotated_tasks_are_skipped_and_said_so(
     assert f"done: {len(sent)} tasks, failed: 0, annotated: skipped 2" in err
 
 
+def test_embeddings_send_every_unannotated_task_the_predicted_ones_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--embeddings: task 3 holds a prediction of v1 and goes anyway (its worker only encodes its image); the
+    annotated tasks 2 and 5 never go."""
+    studio = _Studio(6, annotated=frozenset({2, 5}), predicted=frozenset({3, 5}))
+    monkeypatch.setattr(bulk_cli, "_studio", lambda settings: studio)
+    backend = _Backend()
+
+    assert bulk_cli.prelabel(Settings(), backend, 5, None, force=False, embeddings=True) == 0  # type: ignore[arg-type]
+
+    assert [t["id"] for body in backend.bodies for t in body["tasks"]] == [1, 3, 4, 6]
+    assert all(body["embeddings"] is True and body["force"] is False for body in backend.bodies)
+
+
 def test_progress_of_several_runs_adds_up_and_is_finished_only_when_all_are() -> None:
     runs = [
         {"total": 3, "queued": 0, "running": 0, "done": 2, "failed": 1, "failures": ["a: x"], "finished": True},

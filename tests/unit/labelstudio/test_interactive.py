@@ -135,6 +135,9 @@ def test_text_that_names_no_label_says_how_to_write_it() -> None:
         ({"result": [textarea(" ", "")]}, "empty"),
         ({"result": [{**textarea(), "value": {"text": 5}}]}, "list of strings"),
         ({"result": [{**keypoint(1, 1), "from_name": "not-smart"}]}, "no smart keypoint"),
+        ({"result": [keypoint(100.5, 50)]}, r"click at x=100.5% is outside the image"),
+        ({"result": [keypoint(50, -3)]}, r"click at y=-3% is outside the image"),
+        ({"result": [{**keypoint(1, 1), "to_name": "image", "from_name": "tag9"}]}, "no smart keypoint"),
     ],
 )
 def test_malformed_context_raises_a_clear_error(context: object, message: str) -> None:

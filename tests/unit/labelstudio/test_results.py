@@ -15,6 +15,7 @@ from backend.labelstudio.results import (
     PredictedObject,
     build_prediction,
     empty_prediction,
+    interactive_id_prefix,
     mask_box,
 )
 from backend.labelstudio.rle import rle_to_mask
@@ -115,6 +116,18 @@ def test_label_on_one_control_only_gets_that_region_and_no_mask_is_needed_for_re
 def test_same_input_gives_the_same_prediction() -> None:
     config = parse_label_config(BOTH)
     assert build_prediction(OBJECTS, config, W, H, "v") == build_prediction(OBJECTS, config, W, H, "v")
+
+
+def test_interactive_answers_have_region_ids_of_their_own() -> None:
+    """The editor replaces an accepted region whose id a suggestion accepted later has: each answer its own ids."""
+    config = parse_label_config(BOTH)
+    first, second = (interactive_id_prefix({"result": [{"x": x}]}, "/data/upload/1/a.png") for x in (10, 20))
+    assert first != second and first == interactive_id_prefix({"result": [{"x": 10}]}, "/data/upload/1/a.png")
+    ids = [
+        {r["id"] for r in build_prediction(OBJECTS, config, W, H, "v", id_prefix=p)["result"]} for p in (first, second)
+    ]
+    assert not ids[0] & ids[1] and all(region_id.startswith(first) for region_id in ids[0])
+    _assert_lossless_and_valid(build_prediction(OBJECTS, config, W, H, "v", id_prefix=first), BOTH)
 
 
 def test_empty_predictions_score_zero() -> None:

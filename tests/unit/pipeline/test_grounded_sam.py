@@ -75,7 +75,7 @@ class RecordingSegmenter:
         return tuple(PackedMask.of(mask) for mask in masks), np.ones(len(boxes_xyxy), np.float32)
 
     def segment_stream(
-        self, images: list[np.ndarray], boxes_xyxy: list[np.ndarray]
+        self, images: list[np.ndarray], boxes_xyxy: list[np.ndarray], known: object = None, keep: object = None
     ) -> Iterator[tuple[tuple[PackedMask, ...], np.ndarray]]:
         return (self.segment(image, boxes) for image, boxes in zip(images, boxes_xyxy, strict=True))
 

@@ -159,7 +159,7 @@ def test_interactive_prompts_upsample_only_the_best_proposal(
     pixels = random_rgb(HEIGHT, WIDTH)
     with torch.inference_mode():
         for segmenter in (hf, official):
-            mask, score = segmenter.segment_points(pixels, points, positive, box)
+            mask, score = segmenter.segment_points(segmenter.encode(pixels), points, positive, box)
             assert mask.shape == (HEIGHT, WIDTH) and 0 <= score <= 1
 
     assert proxy.counts == [1] and counts == [1]
@@ -172,5 +172,6 @@ def test_segment_anything_runs_without_gradients_whoever_calls_it(tiny_sam_check
     [(masks, scores)] = list(
         segmenter.segment_stream([random_rgb(HEIGHT, WIDTH)], [boxes(3)])
     )  # no inference_mode here
-    mask, _ = segmenter.segment_points(random_rgb(HEIGHT, WIDTH), np.array([[30.0, 40.0]]), np.array([True]), None)
+    embedding = segmenter.encode(random_rgb(HEIGHT, WIDTH))
+    mask, _ = segmenter.segment_points(embedding, np.array([[30.0, 40.0]]), np.array([True]), None)
     assert len(masks) == 3 and scores.shape == (3,) and mask.shape == (HEIGHT, WIDTH)

@@ -10,7 +10,6 @@ the tiny Grounding DINO (build_pipeline), down to a Label Studio prediction of a
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,16 +25,9 @@ from backend.packed_mask import PackedMask, stacked
 from backend.pipeline.build import build_pipeline, build_segmenter
 from backend.pipeline.segmenter import HfSamSegmenter, Masks, Scores
 from backend.pipeline.types import DetectionThresholds, ModelSpec
-from tests.support.models import oom_above
+from tests.support.models import oom_above, sam_family_dir
 from tests.support.synthetic import boxes_for, random_image, random_rgb
-from tests.tiny_models import build_tiny_edgetam, build_tiny_sam2, build_tiny_sam3_tracker, build_tiny_sam_hq
 
-BUILDERS: dict[str, Callable[[Path], Path]] = {
-    "sam_hq": build_tiny_sam_hq,
-    "sam2": build_tiny_sam2,
-    "sam3_tracker": build_tiny_sam3_tracker,
-    "edgetam": build_tiny_edgetam,
-}
 ARCHITECTURES = {
     "sam": "SamModel",
     "sam_hq": "SamHQModel",
@@ -51,12 +43,7 @@ BOXES = np.array([[1, 2, 30, 40], [5, 5, 60, 44], [0, 0, 64, 48], [10, 20, 12, 2
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))
 def family_dir(request: pytest.FixtureRequest, tiny_models_dir: Path) -> Path:
     """The folder of one family's tiny model and processor (SAM v1: the session's tiny SamModel)."""
-    family: str = request.param
-    if family == "sam":
-        sam_dir: Path = request.getfixturevalue("tiny_hf_sam_dir")
-        return sam_dir
-    folder = tiny_models_dir / family
-    return folder if (folder / "config.json").exists() else BUILDERS[family](folder)
+    return sam_family_dir(request, tiny_models_dir, request.param)
 
 
 def segmenter_of(directory: Path, dtype: Literal["float32", "bfloat16"] = "float32", **options: int) -> HfSamSegmenter:
@@ -210,8 +197,9 @@ def test_point_prompts_give_one_mask(
     box_xyxy = None if box is None else np.array(box, np.float32)
 
     with torch.inference_mode():
+        embedding = segmenter.encode(random_rgb(HEIGHT, WIDTH))
         mask, score = segmenter.segment_points(
-            random_rgb(HEIGHT, WIDTH), np.array(points, np.float32).reshape(-1, 2), np.array(positive, bool), box_xyxy
+            embedding, np.array(points, np.float32).reshape(-1, 2), np.array(positive, bool), box_xyxy
         )
 
     assert isinstance(mask, PackedMask) and mask.shape == (HEIGHT, WIDTH) and 0 <= score <= 1
@@ -226,7 +214,8 @@ def test_bfloat16_weights_stay_bfloat16_and_segment(family_dir: Path) -> None:
 
     masks, scores = segment(segmenter, image, BOXES)
     with torch.inference_mode():
-        mask, score = segmenter.segment_points(image, np.array([[20.0, 30.0]]), np.array([True]), None)
+        embedding = segmenter.encode(image)
+        mask, score = segmenter.segment_points(embedding, np.array([[20.0, 30.0]]), np.array([True]), None)
 
     assert segmenter._model.dtype == torch.bfloat16 and segmenter.describe()["dtype"] == "torch.bfloat16"
     assert_valid(masks, scores, len(BOXES), (HEIGHT, WIDTH))
