@@ -21,6 +21,7 @@ CLAIM_TTL_S comes back to skip ("lost") the tasks another worker took over, with
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,9 +42,12 @@ from backend.queueing.stats import WorkerStats
 
 log = logging.getLogger(__name__)
 
-FETCH_THREADS = 4
-# Threads for each image's cleanup, RLE and push while the models go on with the next image.
-DELIVER_THREADS = 4
+# Both pools sized from the cores, in this one place: threads for fetching and decoding a chunk's images, and for
+# each image's cleanup, RLE and push while the models go on with the next image. At least 4 (fetches and pushes
+# wait on the network more than on a core), at most 8 (past that, decoding and RLE contend for the GIL-free numpy
+# and zlib work of the cores the models' host side needs too).
+FETCH_THREADS = min(8, max(4, os.cpu_count() or 1))
+DELIVER_THREADS = FETCH_THREADS
 # How often a chunk looks again at tasks another worker holds.
 HELD_ELSEWHERE_POLL_S = 1.0
 

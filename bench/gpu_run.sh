@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# The GPU benchmark: full-size architectures with random weights on CUDA, 1920x1080, both paths, one JSON per
-# model combination, each written as soon as it is done:
+# The GPU benchmark: the CUDA equivalence tests first, then full-size architectures with random weights on CUDA,
+# 1920x1080, end to end, the straightforward fp32 path against the fast path in one run (bench/pipeline.py
+# --paths straightforward,fast), one JSON per model combination, each written as soon as it is done:
 #   gdino-sam   Grounding DINO-T + SAM ViT-H
 #   gdino-sam2  Grounding DINO-T + SAM 2.1 Hiera-L
 #   sam3        SAM 3 alone (text -> masks; its tracker loaded for clicks)
-# SAM (and SAM 3) in SAM_DTYPE, the Grounding DINO detector in float32, as production runs them.
+# straightforward: one image at a time (PredictionFlow.predict), the detector's STRAIGHTFORWARD options, SAM in
+# float32; fast: the bulk path with production's defaults on CUDA (text features once, preprocessing on the device,
+# SAM_DTYPE=auto = bfloat16 encoder with a float32 prompt decoder; DETECTOR_COMPILE=1 adds --compile). The Grounding
+# DINO detector in float32 on both. PATHS=single,batched instead: one pipeline in SAM_DTYPE, per image vs bulk.
 # Then click latency end to end (bench/interactive.py) for SAM-H, SAM 2.1-L and SAM 3's tracker in bfloat16,
 # the embedding cache on and off, in the last INTERACTIVE_S seconds: $OUT/interactive.tar.
 #
@@ -17,20 +21,24 @@
 # and copy the JSON files it leaves in $OUT (files_at) into bench/results/.
 #
 # Expected time on an H100/H200 (an estimate, not a measurement): ~1-2 min for the equivalence tests, then per
-# combination ~0.5 min to build, save and load the random models (SAM 3: 3.4 GB) and ~1-1.5 min for 32 images x
-# 2 paths x 2 passes (one without stage timers for images/s, one with them). Each combination gets an equal
-# share of the time left before DEADLINE, so one that is slow cannot starve the next.
-# Smoke test without a GPU: DEVICE=cpu MODELS=tiny N=2 SIZE=320x240 bash bench/gpu_run.sh
+# combination ~0.5 min to build, save and load the random models (SAM 3: 3.4 GB; two pipelines load them) and
+# ~1 min for 16 images x 2 paths x 2 passes (one without stage timers for images/s, one with them); the fp32
+# straightforward path takes most of it. Each combination gets an equal
+# share of the time left before DEADLINE - INTERACTIVE_S, so one that is slow cannot starve the next: with the
+# equivalence tests' ~1-2 min, ~80-100 s each; then ~60 s per interactive model.
+# Smoke test without a GPU: DEVICE=cpu MODELS=tiny N=2 SIZE=320x240 bash bench/gpu_run.sh (the tests skip)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
-N=${N:-32}
+N=${N:-16}
 SIZE=${SIZE:-1920x1080}
 OBJECTS=${OBJECTS:-5}
 BATCH=${BATCH:-8}
 SAM_IMAGE_BATCH=${SAM_IMAGE_BATCH:-1}   # images per SAM encoder forward on the batched path (SAM_IMAGE_BATCH)
 SAM_SIZE=${SAM_SIZE:-vit_h}
-SAM_DTYPE=${SAM_DTYPE:-float32}
+SAM_DTYPE=${SAM_DTYPE:-bfloat16}   # production's on CUDA (SAM_DTYPE=auto); the fast path resolves auto itself
+PATHS=${PATHS:-straightforward,fast}   # bench/pipeline.py --paths: the fp32 straightforward path vs the fast one
+DETECTOR_COMPILE=${DETECTOR_COMPILE:-}  # 1: the fast path's detector torch.compiled (off in production by default)
 FAMILIES=${FAMILIES-gdino-sam gdino-sam2 sam3}   # bench/pipeline.py --family presets, in this order ("": none)
 DEADLINE=${DEADLINE:-540}    # seconds from the start: the runs stop in time for the device call's 600 s limit
 MASKS=${MASKS:-ellipse}       # object-like masks for cleanup/RLE/JSON after SAM ran (see README); "model" keeps SAM's
@@ -39,7 +47,7 @@ MODELS=${MODELS:-full}
 EQUIVALENCE_S=${EQUIVALENCE_S:-120}   # the equivalence tests' time limit (about a minute on a GPU machine)
 # Click latency after the families (bench/interactive.py: serve + worker + embedded Redis, cache on and off):
 INTERACTIVE=${INTERACTIVE-full-sam-h full-sam2.1-l full-sam3-tracker}   # its --models, in this order ("": none)
-INTERACTIVE_S=${INTERACTIVE_S:-210}        # seconds before DEADLINE kept for them (the families stop earlier)
+INTERACTIVE_S=${INTERACTIVE_S:-180}        # seconds before DEADLINE kept for them (the families stop earlier)
 INTERACTIVE_DTYPE=${INTERACTIVE_DTYPE:-bfloat16}
 INTERACTIVE_CLICKS=${INTERACTIVE_CLICKS:-20}
 read -r -a clicked <<<"$INTERACTIVE"
@@ -66,6 +74,8 @@ python3 -c "import backend.jobs, backend.images.fetch, backend.pipeline.build, s
 
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -oiE 'h100|h200|a100|l40s|l4' | head -1 | tr 'A-Z' 'a-z')
 gpu=${gpu:-$DEVICE}
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+echo "card: ${card:-none ($DEVICE)}"
 # Low precision against float32 on CUDA (SAM, SAM 2, SAM 3 alone), then the batching/OOM-split tests (the
 # detector's and halving's in test_batching_memory.py, every SAM family's in test_segmenter_families.py), first
 # and together within EQUIVALENCE_S (short: a wrong low-precision result makes its timing worthless).
@@ -91,16 +101,18 @@ echo
 
 common=(--images "$N" --size "$SIZE" --objects "$OBJECTS" --models "$MODELS" --sam hf --sam-size "$SAM_SIZE"
         --device "$DEVICE" --sam-dtype "$SAM_DTYPE" --batch "$BATCH" --sam-image-batch "$SAM_IMAGE_BATCH"
-        --masks "$MASKS" --model-dir /tmp/bench-models --image-cache /tmp/bench-images)
+        --masks "$MASKS" --paths "$PATHS" --model-dir /tmp/bench-models --image-cache /tmp/bench-images)
+[ "$DETECTOR_COMPILE" = 1 ] && common+=(--compile)
+case $PATHS in straightforward,fast) kind=fast_vs_straightforward ;; *) kind=batched_$SAM_DTYPE ;; esac
 read -r -a families <<<"$FAMILIES"
 status=0
 for index in "${!families[@]}"; do
   family=${families[$index]}
-  name="${gpu}_${MODELS}_${family}_${SAM_DTYPE}"
+  name="${gpu}_${MODELS}_${family}_${kind}"
   left=$((DEADLINE - INTERACTIVE_S - SECONDS))
   share=$((left / (${#families[@]} - index)))
   [ "$share" -gt 45 ] || { echo "$family: skipped, ${left}s left"; status=124; continue; }
-  echo "== $family: up to ${share}s"
+  echo "== $family on ${card:-$DEVICE}, --paths $PATHS: up to ${share}s"
   timeout "$share" python3 bench/pipeline.py "${common[@]}" --family "$family" --out "$OUT/$name.json" \
     2>&1 | grep --line-buffered -v -e 'Loading weights' -e 'Writing model shards' | tee "$OUT/$name.log"
   code=${PIPESTATUS[0]}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.metadata
 import io
 import json
@@ -41,7 +42,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: every model is built here
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +62,12 @@ from backend.labelstudio.config import parse_label_config  # noqa: E402
 from backend.packed_mask import PackedMask  # noqa: E402
 from backend.pipeline.architectures import detector_architecture  # noqa: E402
 from backend.pipeline.build import build_detector, build_pipeline, build_sam3, build_segmenter  # noqa: E402
-from backend.pipeline.detector import STRAIGHTFORWARD, DetectorOptions, GroundingDinoDetector  # noqa: E402
+from backend.pipeline.detector import (  # noqa: E402
+    STRAIGHTFORWARD,
+    DetectorOptions,
+    GroundingDinoDetector,
+    device_options,
+)
 from backend.pipeline.embeddings import ImageEmbedding  # noqa: E402
 from backend.pipeline.grounded_sam import GroundedSam  # noqa: E402
 from backend.pipeline.sam3_text import Sam3Prompts, Sam3TextDetector  # noqa: E402
@@ -74,6 +80,7 @@ from backend.pipeline.types import (  # noqa: E402
     Segmented,
     TextClass,
 )
+from backend.settings import Settings  # noqa: E402
 
 # SAM image encoders by name: transformers SamVisionConfig sizes and segment-anything registry names.
 SAM_SIZES = {
@@ -613,22 +620,34 @@ class EllipseDetector:
 
 
 def load_pipeline(
-    spec: ModelSpec, thresholds: DetectionThresholds, masks: str, timer: StageTimer
+    spec: ModelSpec,
+    thresholds: DetectionThresholds,
+    masks: str,
+    timer: StageTimer,
+    detector_options: DetectorOptions | None = None,
 ) -> tuple[GroundedSam, EllipseMasks | None]:
-    """The production pipeline as build_pipeline loads it; for --masks ellipse the same parts, with SAM (SAM 3
-    alone: its detector) composed in an EllipseMasks (returned too) that swaps the masks."""
-    if masks == "model":
+    """The production pipeline as build_pipeline loads it; for --masks ellipse, or other `detector_options` than
+    production's for the device (the straightforward path: STRAIGHTFORWARD), the same parts from build_pipeline's
+    own loaders (build_detector, build_segmenter, build_sam3), with SAM (SAM 3 alone: its detector) composed in an
+    EllipseMasks (returned too) that swaps the masks for --masks ellipse."""
+    if masks == "model" and detector_options is None:
         return build_pipeline(spec, thresholds, PostprocessOptions(), timer=timer), None
     architecture = detector_architecture(spec.detector)
-    if architecture.segments_text:
+    swapper = None
+    if architecture.segments_text:  # SAM 3 alone: no detector options, its dtype is spec's
         sam3, tracker = build_sam3(spec, architecture, timer)
-        segmenter = EllipseMasks(tracker, timer)
-        detector: GroundingDinoDetector | EllipseDetector = EllipseDetector(sam3, segmenter)
+        swapper = EllipseMasks(tracker, timer) if masks == "ellipse" else None
+        segmenter: Segmenter = swapper or tracker
+        detector: GroundingDinoDetector | EllipseDetector | Sam3TextDetector = (
+            EllipseDetector(sam3, swapper) if swapper else sam3
+        )
     else:
-        segmenter = EllipseMasks(build_segmenter(spec, timer), timer)
-        detector = build_detector(spec, timer)
+        segmenter = build_segmenter(spec, timer)
+        if masks == "ellipse":
+            segmenter = swapper = EllipseMasks(segmenter, timer)
+        detector = build_detector(spec, timer, detector_options)
     pipeline = GroundedSam(detector, segmenter, thresholds, PostprocessOptions(), timer=timer)
-    return pipeline, segmenter
+    return pipeline, swapper
 
 
 def stage_table(own: dict[str, float], wall: float, images: int) -> dict[str, float]:
@@ -714,63 +733,79 @@ class Bench:
     def _result(self, image: Image.Image, segmented: Segmented) -> str:
         return self._dumped(self.flow.result(image, segmented, self.config, self.version))
 
-    def measure_pass(self, encoded: Sequence[bytes], staged: bool) -> tuple[dict[str, Any], dict[str, list[str]]]:
-        """Both paths over `encoded`, interleaved in rounds of --batch images (orders alternate: AB BA AB ...),
-        so that load from other processes and clock drift fall on both alike. Returns results and outputs per path.
-        """
-        paths = {"single": self.single, "batched": self.batched}
-        wall = dict.fromkeys(paths, 0.0)
-        own: dict[str, dict[str, float]] = {path: defaultdict(float) for path in paths}
-        counts: dict[str, dict[str, int]] = {path: defaultdict(int) for path in paths}
-        cuda_peak = dict.fromkeys(paths, 0)
-        excluded = dict.fromkeys(paths, 0.0)
-        outputs: dict[str, list[str]] = {path: [] for path in paths}
-        ellipse = self.ellipse
-        self.stages.enabled = staged
-        # The staged pass runs the processors' work in order too (threads.py: the knob for that).
-        threads_module.PREPROCESS_THREADS = 1 if staged else self.preprocess_threads
-        self.sam_boxes.clear()
-        for round_index, start in enumerate(range(0, len(encoded), self.batch)):
-            chunk = encoded[start : start + self.batch]
-            order = ("single", "batched") if round_index % 2 == 0 else ("batched", "single")
-            for path in order:
-                self.stages.reset()
-                swapped_before = ellipse.seconds if ellipse else 0.0
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                started = time.perf_counter()
-                outputs[path].extend(paths[path](chunk))
-                self.stages.sync()
-                swapped = (ellipse.seconds if ellipse else 0.0) - swapped_before
-                wall[path] += time.perf_counter() - started - swapped
-                excluded[path] += swapped
-                if self.device.type == "cuda":
-                    cuda_peak[path] = max(cuda_peak[path], torch.cuda.max_memory_allocated())
-                for key, value in self.stages.own.items():
-                    own[path][key] += value
-                for key, value in self.stages.counts.items():
-                    counts[path][key] += value
-        self.stages.enabled = False
-        threads_module.PREPROCESS_THREADS = self.preprocess_threads
-        results = {}
-        for path in paths:
-            result: dict[str, Any] = {
-                "wall_s": wall[path],
-                "images_per_s": len(encoded) / wall[path],
-                "ms_per_image": 1000 * wall[path] / len(encoded),
-                "bench_overhead_excluded_s": excluded[path],
-            }
-            if self.device.type == "cuda":
-                result["cuda_max_allocated_mb"] = cuda_peak[path] / 2**20
-            if staged:
-                result["stages_ms_per_image"] = stage_table(own[path], wall[path], len(encoded))
-                result["calls"] = dict(counts[path])
-                result |= prediction_counts(outputs[path])
-                if path == "batched":
-                    result["sam_boxes_per_image"] = sum(self.sam_boxes) / len(encoded)
-            results[path] = result
-        return results, outputs
+
+Lane = tuple[Bench, Callable[[Sequence[bytes]], list[str]]]  # a path: its Bench (flow, timer) and its call
+
+
+def measure(
+    lanes: dict[str, Lane], encoded: Sequence[bytes], staged: bool
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The paths of `lanes` over `encoded`, interleaved in rounds of --batch images (orders alternate: AB BA AB ...),
+    so that load from other processes and clock drift fall on both alike. Returns results and outputs per path.
+
+    Peak memory per path: torch.cuda.max_memory_allocated on CUDA; on Linux the process's peak RSS (VmHWM), reset
+    before each of the path's rounds (/proc/self/clear_refs), the largest over its rounds.
+    """
+    first = next(iter(lanes.values()))[0]
+    device, stages, batch = first.device, first.stages, first.batch
+    wall = dict.fromkeys(lanes, 0.0)
+    own: dict[str, dict[str, float]] = {path: defaultdict(float) for path in lanes}
+    counts: dict[str, dict[str, int]] = {path: defaultdict(int) for path in lanes}
+    cuda_peak = dict.fromkeys(lanes, 0)
+    rss_peak = dict.fromkeys(lanes, 0.0)
+    excluded = dict.fromkeys(lanes, 0.0)
+    outputs: dict[str, list[str]] = {path: [] for path in lanes}
+    stages.enabled = staged
+    # The staged pass runs the processors' work in order too (threads.py: the knob for that).
+    threads_module.PREPROCESS_THREADS = 1 if staged else first.preprocess_threads
+    for bench, _ in lanes.values():
+        bench.sam_boxes.clear()
+    for round_index, start in enumerate(range(0, len(encoded), batch)):
+        chunk = encoded[start : start + batch]
+        order = list(lanes) if round_index % 2 == 0 else list(lanes)[::-1]
+        for path in order:
+            bench, call = lanes[path]
+            ellipse = bench.ellipse
+            stages.reset()
+            swapped_before = ellipse.seconds if ellipse else 0.0
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            reset_peak_rss()
+            started = time.perf_counter()
+            outputs[path].extend(call(chunk))
+            stages.sync()
+            swapped = (ellipse.seconds if ellipse else 0.0) - swapped_before
+            wall[path] += time.perf_counter() - started - swapped
+            excluded[path] += swapped
+            rss_peak[path] = max(rss_peak[path], peak_rss_mb())
+            if device.type == "cuda":
+                cuda_peak[path] = max(cuda_peak[path], torch.cuda.max_memory_allocated())
+            for key, value in stages.own.items():
+                own[path][key] += value
+            for key, value in stages.counts.items():
+                counts[path][key] += value
+    stages.enabled = False
+    threads_module.PREPROCESS_THREADS = first.preprocess_threads
+    results = {}
+    for path, (bench, call) in lanes.items():
+        result: dict[str, Any] = {
+            "wall_s": wall[path],
+            "images_per_s": len(encoded) / wall[path],
+            "ms_per_image": 1000 * wall[path] / len(encoded),
+            "bench_overhead_excluded_s": excluded[path],
+            "peak_rss_mb": rss_peak[path],
+        }
+        if device.type == "cuda":
+            result["cuda_max_allocated_mb"] = cuda_peak[path] / 2**20
+        if staged:
+            result["stages_ms_per_image"] = stage_table(own[path], wall[path], len(encoded))
+            result["calls"] = dict(counts[path])
+            result |= prediction_counts(outputs[path])
+            if bench.sam_boxes and getattr(call, "__func__", None) is Bench.batched:
+                result["sam_boxes_per_image"] = sum(bench.sam_boxes) / len(encoded)
+        results[path] = result
+    return results, outputs
 
 
 def image_processors(paths: dict[str, str]) -> dict[str, str]:
@@ -783,8 +818,31 @@ def image_processors(paths: dict[str, str]) -> dict[str, str]:
     return names
 
 
+_PEAK_RSS_MB = [0.0]  # the largest peak seen: resetting VmHWM (reset_peak_rss) resets ru_maxrss too
+
+
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak RSS in MB since the last reset_peak_rss (VmHWM; elsewhere ru_maxrss)."""
+    now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                now = int(line.split()[1]) / 1024
+    _PEAK_RSS_MB[0] = max(_PEAK_RSS_MB[0], now)
+    return now
+
+
+def peak_rss_all_mb() -> float:
+    """The process's peak RSS in MB over the whole run, resets or not."""
+    peak_rss_mb()
+    return _PEAK_RSS_MB[0]
+
+
+def reset_peak_rss() -> None:
+    """Start peak RSS (VmHWM) afresh from the current RSS (Linux: clear_refs 5); a no-op elsewhere."""
+    peak_rss_mb()
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def compare(single: Sequence[str], batched: Sequence[str]) -> dict[str, Any]:
@@ -884,7 +942,8 @@ def print_report(report: dict[str, Any]) -> None:
         f"pipeline bench: {p['images']} images {p['size']}, {p['objects']} objects, models {p['models']} "
         f"(detector {families['detector']}, segmenter {families['segmenter']}"
         f"{' ' + p['sam'] + ' ' + report['models']['sam_type'] if families['segmenter'] == 'sam' else ''}, "
-        f"{p['sam_dtype']}), {p['device']}, batch {p['batch']}, masks {p['masks']}"
+        f"SAM {', '.join(f'{k} {v}' for k, v in report['sam_dtypes'].items())}), {p['device']}, batch {p['batch']}, "
+        f"masks {p['masks']}"
     )
     print("parameters: " + ", ".join(f"{role} {count['total'] / 1e6:.1f} M" for role, count in parameters.items()))
     print(f"hardware: {hardware}; {m['cpus_usable']} CPUs usable, torch threads {m['torch_threads']}")
@@ -894,35 +953,38 @@ def print_report(report: dict[str, Any]) -> None:
     )
     runs = report["runs"]
     throughput = report["throughput_pass"]
-    single, batched = runs[throughput]["single"], runs[throughput]["batched"]
+    first, second = runs[throughput]
+    one, two = runs[throughput][first], runs[throughput][second]
     print(
-        f"\nthroughput ({throughput} pass): straightforward {single['images_per_s']:.3f} img/s, "
-        f"batched {batched['images_per_s']:.3f} img/s, ratio batched/straightforward {report['ratio']:.3f}"
+        f"\nthroughput ({throughput} pass): {first} {one['images_per_s']:.3f} img/s, "
+        f"{second} {two['images_per_s']:.3f} img/s, ratio {second}/{first} {report['ratio']:.3f}"
     )
     if "staged" in runs:
-        s_rows, b_rows = runs["staged"]["single"], runs["staged"]["batched"]
+        rows_one, rows_two = runs["staged"][first], runs["staged"][second]
         print(f"\nper stage, ms/img ('staged' pass{', synchronised at every stage' if p['device'] == 'cuda' else ''})")
-        print(f"{'stage':<20}{'straight':>11}{'batched':>11}  what")
+        print(f"{'stage':<20}{first[:15]:>16}{second[:15]:>16}  what")
         for key, what in STAGES:
-            single_ms, batched_ms = s_rows["stages_ms_per_image"][key], b_rows["stages_ms_per_image"][key]
-            print(f"{key:<20}{single_ms:>11.2f}{batched_ms:>11.2f}  {what}")
-        print(f"{'total':<20}{s_rows['ms_per_image']:>11.2f}{b_rows['ms_per_image']:>11.2f}")
+            ms_one, ms_two = rows_one["stages_ms_per_image"][key], rows_two["stages_ms_per_image"][key]
+            print(f"{key:<20}{ms_one:>16.2f}{ms_two:>16.2f}  {what}")
+        print(f"{'total':<20}{rows_one['ms_per_image']:>16.2f}{rows_two['ms_per_image']:>16.2f}")
         print(
-            f"SAM boxes/img (batched) {b_rows['sam_boxes_per_image']:.2f}, "
-            f"regions/img {s_rows['regions_per_image']:.2f} / {b_rows['regions_per_image']:.2f}, "
-            f"RLE ints/mask {s_rows['rle_ints_per_mask']:.0f}, mask fill {s_rows['mask_fill_mean']:.2f}"
+            f"SAM boxes/img ({second}) {rows_two.get('sam_boxes_per_image', 0.0):.2f}, "
+            f"regions/img {rows_one['regions_per_image']:.2f} / {rows_two['regions_per_image']:.2f}, "
+            f"RLE ints/mask {rows_one['rle_ints_per_mask']:.0f}, mask fill {rows_one['mask_fill_mean']:.2f}"
         )
     memory = (
         f"\npeak RSS {report['memory']['peak_rss_mb']:.0f} MB "
-        f"(after load {report['memory']['rss_after_load_mb']:.0f} MB)"
+        f"(after load {report['memory']['rss_after_load_mb']:.0f} MB; per path {first} {one['peak_rss_mb']:.0f} MB, "
+        f"{second} {two['peak_rss_mb']:.0f} MB)"
     )
-    if "cuda_max_allocated_mb" in single:
+    if "cuda_max_allocated_mb" in one:
         memory += (
-            f"; CUDA max allocated straightforward {single['cuda_max_allocated_mb']:.0f} MB, "
-            f"batched {batched['cuda_max_allocated_mb']:.0f} MB (weights {report['memory']['cuda_weights_mb']:.0f} MB)"
+            f"; CUDA max allocated {first} {one['cuda_max_allocated_mb']:.0f} MB, "
+            f"{second} {two['cuda_max_allocated_mb']:.0f} MB (weights {report['memory']['cuda_weights_mb']:.0f} MB)"
         )
     print(memory)
     print(f"agreement: {report['agreement']}")
+    print(f"equivalence ({second} against {first}): {report['equivalence']}")
 
 
 # ---------------------------------------------------------------------------------------------- detector fast path
@@ -1210,7 +1272,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="time the detector alone: today's straightforward path against the fast path (text features once, "
         "preprocessing on the device) side by side; no SAM",
     )
-    parser.add_argument("--compile", action="store_true", help="--detector-only: the fast path torch.compiled too")
+    parser.add_argument(
+        "--paths",
+        choices=("single,batched", "straightforward,fast"),
+        default="single,batched",
+        help="single,batched: one production pipeline, predict per image against the bulk path; "
+        "straightforward,fast: the straightforward fp32 path (STRAIGHTFORWARD detector, SAM float32, one image at a "
+        "time) against the fast one (production's defaults for --device, the bulk path); --sam-dtype unused",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="the fast path's detector torch.compiled (DETECTOR_COMPILE): --detector-only, --paths ...,fast",
+    )
     parser.add_argument("--build-into", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.family:
@@ -1246,14 +1320,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         device=args.device,
         sam_dtype=args.sam_dtype,
         sam_image_batch=args.sam_image_batch,
+        detector_compile=args.compile,
     )
     thresholds = DetectionThresholds(box=0.0, text=0.0, max_detections=args.objects)
     stages = Stages(device)
     started = time.perf_counter()
-    pipeline, ellipse = load_pipeline(spec, thresholds, args.masks, stages)
+    lanes, pipelines = make_lanes(spec, thresholds, args, stages)
     load_s = time.perf_counter() - started
-    # Images at hand (no fetcher); the version from the models' own description, as a worker's fingerprint.
-    flow = PredictionFlow(pipeline, fingerprint={"bench": pipeline.describe()}, timer=stages)
     memory: dict[str, float] = {"rss_after_load_mb": peak_rss_mb()}
     if device.type == "cuda":
         memory["cuda_weights_mb"] = torch.cuda.memory_allocated() / 2**20
@@ -1265,23 +1338,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     images_s = time.perf_counter() - started
 
     processors = image_processors(paths)
-    bench = Bench(flow, args, stages, ellipse)
     for _ in range(args.warmup):
-        bench.single(warm[: len(sizes)])
-        bench.batched(warm)
+        for _bench, call in lanes.values():
+            call(warm[: len(sizes)] if getattr(call, "__func__", None) is Bench.single else warm)
 
+    names = list(lanes)
     passes = ["staged"] if args.passes == "staged" else ["clean", "staged"]
     runs: dict[str, dict[str, Any]] = {}
     for name in passes:
-        runs[name], outputs = bench.measure_pass(encoded, staged=name == "staged")
-        memory[f"peak_rss_mb_after_{name}_pass"] = peak_rss_mb()
+        runs[name], outputs = measure(lanes, encoded, staged=name == "staged")
+        memory[f"peak_rss_mb_after_{name}_pass"] = peak_rss_all_mb()
         print(
-            f"{name} pass: straightforward {runs[name]['single']['images_per_s']:.3f} img/s, "
-            f"batched {runs[name]['batched']['images_per_s']:.3f} img/s",
+            f"{name} pass: " + ", ".join(f"{path} {runs[name][path]['images_per_s']:.3f} img/s" for path in names),
             flush=True,
         )
     throughput = passes[0]
-    memory["peak_rss_mb"] = peak_rss_mb()
+    memory["peak_rss_mb"] = peak_rss_all_mb()
+    first, second = names
 
     report = header("pipeline", args, device, load_at_start) | {
         "families": paths["families"],
@@ -1291,8 +1364,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "build_s": build_s,
             "load_s": load_s,
             "image_processors": processors,
-            "describe": pipeline.describe(),
+            "describe": {path: pipeline.describe() for path, pipeline in pipelines.items()},
         },
+        "paths": lane_descriptions(args),
+        "sam_dtypes": (
+            {"single,batched": args.sam_dtype}
+            if args.paths == "single,batched"
+            else {"straightforward": "float32", "fast": fast_sam_dtype(args.device)}
+        ),
         "thresholds": asdict(thresholds),
         "note": "random weights: box/text thresholds 0 and max_detections = --objects, so SAM decodes the same "
         "number of boxes per image on both paths. "
@@ -1306,17 +1385,113 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "image_bytes_mean": float(np.mean([len(data) for data in encoded])),
         "images_s": images_s,
         "throughput_pass": throughput,
-        "ratio": runs[throughput]["batched"]["images_per_s"] / runs[throughput]["single"]["images_per_s"],
+        "ratio_of": f"{second}/{first} images/s",
+        "ratio": runs[throughput][second]["images_per_s"] / runs[throughput][first]["images_per_s"],
         "ratio_per_pass": {
-            name: run["batched"]["images_per_s"] / run["single"]["images_per_s"] for name, run in runs.items()
+            name: run[second]["images_per_s"] / run[first]["images_per_s"] for name, run in runs.items()
         },
         "runs": runs,
         "memory": memory,
-        "agreement": compare(outputs["single"], outputs["batched"]),
+        "agreement": compare(outputs[first], outputs[second]),
+        "equivalence": equivalence(outputs[first], outputs[second])
+        | (
+            {"masks": "--masks ellipse: both paths' masks are their boxes' ellipses, so the IoU compares the boxes"}
+            if args.masks == "ellipse"
+            else {}
+        ),
         "stage_keys": dict(STAGES),
     }
     print_report(report)
     return finished(report, args.out, holder)
+
+
+def make_lanes(
+    spec: ModelSpec, thresholds: DetectionThresholds, args: argparse.Namespace, stages: Stages
+) -> tuple[dict[str, Lane], dict[str, GroundedSam]]:
+    """The two paths of --paths, and their pipelines, loaded from the same saved weights.
+
+    single,batched: one production pipeline (spec as given), PredictionFlow.predict per image against the bulk
+    path. straightforward,fast: the straightforward path (the detector's STRAIGHTFORWARD options, SAM in float32,
+    predict per image) against the fast one (production's defaults for the device: device_options, SAM_DTYPE=auto
+    resolved as Settings does, DETECTOR_COMPILE with --compile; the bulk path).
+    """
+    if args.paths == "single,batched":
+        pipeline, ellipse = load_pipeline(spec, thresholds, args.masks, stages)
+        bench = Bench(flow_of(pipeline, stages), args, stages, ellipse)
+        return {"single": (bench, bench.single), "batched": (bench, bench.batched)}, {"single,batched": pipeline}
+    straight_spec = dataclasses.replace(spec, sam_dtype="float32", detector_compile=False)
+    straight, straight_ellipse = load_pipeline(straight_spec, thresholds, args.masks, stages, STRAIGHTFORWARD)
+    fast_spec = dataclasses.replace(spec, sam_dtype=fast_sam_dtype(args.device))
+    fast, fast_ellipse = load_pipeline(fast_spec, thresholds, args.masks, stages)
+    straight_bench = Bench(flow_of(straight, stages), args, stages, straight_ellipse)
+    fast_bench = Bench(flow_of(fast, stages), args, stages, fast_ellipse)
+    lanes = {"straightforward": (straight_bench, straight_bench.single), "fast": (fast_bench, fast_bench.batched)}
+    return lanes, {"straightforward": straight, "fast": fast}
+
+
+def fast_sam_dtype(device: str) -> Literal["float32", "bfloat16", "float16"]:
+    """SAM_DTYPE=auto on `device`, resolved as the worker's Settings resolves it."""
+    return Settings.model_construct(sam_dtype="auto").resolved_sam_dtype(device)
+
+
+def flow_of(pipeline: GroundedSam, stages: Stages) -> PredictionFlow:
+    """The production flow of `pipeline`: images at hand (no fetcher), the models' description as fingerprint."""
+    return PredictionFlow(pipeline, fingerprint={"bench": pipeline.describe()}, timer=stages)
+
+
+def lane_descriptions(args: argparse.Namespace) -> dict[str, str]:
+    """What each path of the report runs, in words."""
+    if args.paths == "single,batched":
+        return {
+            "single": "PredictionFlow.predict per image (decode, models, cleanup, RLE, JSON in turn)",
+            "batched": "the worker's bulk path: decode on FETCH_THREADS, PredictionFlow.stream, result + JSON on "
+            "DELIVER_THREADS overlapped with the models",
+        }
+    return {
+        "straightforward": "one image at a time through PredictionFlow.predict, the detector's STRAIGHTFORWARD "
+        "options (processor on the CPU, the whole model per row), SAM in float32",
+        "fast": "the bulk path (as single,batched's batched) with production's defaults for "
+        f"{args.device}: detector {device_options(args.device, compile=args.compile)}, SAM_DTYPE=auto resolved: "
+        + fast_sam_dtype(args.device),
+    }
+
+
+def equivalence(reference: Sequence[str], other: Sequence[str]) -> dict[str, Any]:
+    """How far `other`'s predictions match `reference`'s: images with the same labels (the regions' label
+    multisets), identical results, and for every brush region of `reference` the IoU of the best-matching brush
+    region of `other` with the same label (0 when there is none): min, mean, share >= 0.98."""
+    from label_studio_sdk.converter.brush import decode_rle
+
+    same_labels = identical = 0
+    ious: list[float] = []
+    for mine, theirs in zip(reference, other, strict=True):
+        a, b = json.loads(mine)["result"], json.loads(theirs)["result"]
+        same_labels += sorted(map(_region_label, a)) == sorted(map(_region_label, b))
+        identical += a == b
+        masks = [(_region_label(r), decode_rle(r["value"]["rle"])[3::4] > 0) for r in b if r["type"] == "brushlabels"]
+        for region in (r for r in a if r["type"] == "brushlabels"):
+            label, mask = _region_label(region), decode_rle(region["value"]["rle"])[3::4] > 0
+            ious.append(max((_iou(mask, m) for lab, m in masks if lab == label), default=0.0))
+    return {
+        "images": len(reference),
+        "same_labels": same_labels,
+        "identical_results": identical,
+        "brush_regions": len(ious),
+        "mask_iou_min": min(ious, default=1.0),
+        "mask_iou_mean": float(np.mean(ious)) if ious else 1.0,
+        "mask_iou_at_least_0_98": float(np.mean([iou >= 0.98 for iou in ious])) if ious else 1.0,
+    }
+
+
+def _region_label(region: dict[str, Any]) -> str:
+    value = region["value"]
+    labels = value.get(region["type"]) or value.get("labels") or []
+    return f"{region['type']}:{','.join(labels)}"
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = int(np.logical_or(a, b).sum())
+    return int(np.logical_and(a, b).sum()) / union if union else 1.0
 
 
 if __name__ == "__main__":
