@@ -16,8 +16,10 @@ import pytest
 from PIL import Image
 from redis import Redis
 
+from backend.embedding_cache import CachedImage
 from backend.errors import ImageFetchError
-from backend.flow import PredictionFlow
+from backend.flow import PredictionFlow, TaskImage
+from backend.images.validators import Validator
 from backend.labelstudio.config import parse_label_config
 from backend.pipeline.grounded_sam import GroundedSam
 from backend.pipeline.types import DetectionThresholds
@@ -168,6 +170,14 @@ def chunk_of(flow: PredictionFlow, studio: RecordingStudio, claimant: Claimant) 
     return Chunk(flow=flow, studio=studio, config=config, version=version, claimant=claimant, stats=stats)
 
 
+def fetched_image() -> TaskImage:
+    """A task's image as the chunk fetched it (Chunk.fetch_all): a random 64x48 image, nothing kept yet."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    return TaskImage(
+        "/data/upload/1/0000beef-a.png", "a", CachedImage(Validator("immutable", "a"), image.size, image, None)
+    )
+
+
 def test_a_chunk_pushes_only_the_tasks_whose_claims_it_still_holds(claims: TaskClaims, flow: PredictionFlow) -> None:
     """The models ran on two tasks; meanwhile task 2's claim lapsed and another worker took it. Only task 1 is
     pushed and marked done; task 2 is skipped as lost, not failed, and stays the other worker's. Before, both
@@ -176,7 +186,7 @@ def test_a_chunk_pushes_only_the_tasks_whose_claims_it_still_holds(claims: TaskC
     mine = Claimant(claims, "returning", 600)
     assert mine.take(1) and mine.take(2)
     chunk = chunk_of(flow, studio, mine)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    image = fetched_image()
     segmented = list(flow.stream([image, image], chunk.config))
     claims.redis.delete(claims.key(2))  # as if it lapsed while this worker was cut off (lapsing is tested above)
     with Claimant(claims, "heir", TTL_S) as heir:
@@ -233,7 +243,7 @@ def test_a_chunk_pushes_a_task_whose_claim_lapsed_and_nobody_took(claims: TaskCl
     mine = Claimant(claims, "returning", 1)  # not entered: nothing renewed it while cut off
     assert mine.take(12)
     chunk = chunk_of(flow, studio, mine)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    image = fetched_image()
     lapsed(claims, 12)
     tasks, images = chunk.still_held([QueuedTask(12, {})], [image])
     assert tasks == [QueuedTask(12, {})] and not chunk.report.lost, "a lapsed claim nobody took was dropped as lost"
