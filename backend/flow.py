@@ -4,8 +4,8 @@ This is where the three pure layers meet: Label Studio format (config, task, res
 model pipeline. A worker loads one `PredictionFlow` (`PredictionFlow.load`: the slow part of its start) and
 calls its methods for every job: `answer` an interactive request (its task's image through the cache, then SAM
 alone for clicks and boxes, typed text as prompts, or the whole pipeline), `task_image` then `stream` many images
-through the models and turn each into a prediction with `result` on other threads (bulk chunks), or `fetch` and
-`predict` one image (`instances` and `prediction` for the `predict` command, which also draws the objects).
+through the models and turn each into a prediction with `result` on other threads (bulk chunks), or `predict`
+one image at hand (`instances` and `prediction` for the `predict` command, which also draws the objects).
 Nothing here knows of rq or Redis.
 
 Each worker keeps the images it decoded and their SAM image embeddings (backend.embedding_cache, bounded by
@@ -88,7 +88,7 @@ class TaskImage:
 
 class PredictionFlow:
     """What a worker loads once (models, image fetcher, Label Studio client, prompt plans per label set) and
-    the prediction flow as its methods. Thread-safe: `fetch` and `result` run on several threads while the
+    the prediction flow as its methods. Thread-safe: `task_image` and `result` run on several threads while the
     models run on one."""
 
     def __init__(
@@ -103,7 +103,7 @@ class PredictionFlow:
         device: str = "cpu",
         cache: ImageCache | None = None,
     ) -> None:
-        """fetcher None: a flow for images at hand (tests, the benchmark), whose `fetch` fails every task.
+        """fetcher None: a flow for images at hand (tests, the benchmark), whose `task_image` fails every task.
         fingerprint: what enters model_version (Settings.model_fingerprint); studio: Label Studio (LabelStudioApi),
         which bulk work pushes to; device: where the models run (resolved, e.g. "cuda"), as workers announce it;
         cache: the images and embeddings kept between jobs (None: nothing kept)."""
@@ -154,15 +154,6 @@ class PredictionFlow:
     def model_version(self, config: LabelConfig) -> str:
         """The model_version this flow's predictions of `config` carry."""
         return model_version(self.fingerprint, config)
-
-    def fetch(self, task: QueuedTask, config: LabelConfig, label_studio_host: str | None = None) -> Image.Image:
-        """The task's image, RGB with EXIF applied; stage "fetch". Raises TaskDataError (no image in the task's
-        data) or ImageFetchError. label_studio_host: the origin Label Studio writes into absolute task URLs."""
-        ref = image_ref(task.to_json(), config)
-        if self.fetcher is None:
-            raise ImageFetchError(f"task {task.id}: this prediction flow was built without an image fetcher")
-        with self.timer.stage("fetch"):
-            return self.fetcher.fetch(ref, task_id=task.id, label_studio_host=label_studio_host)
 
     def predict(self, image: Image.Image, config: LabelConfig, version: str) -> dict[str, Any]:
         """One RGB image (EXIF applied) → the Label Studio prediction of `config`'s labels, carrying `version`.

@@ -124,7 +124,7 @@ def test_the_interactive_job_returns_the_flows_prediction(
         job = run_job(redis, "backend.jobs.predict_task", message.to_json())
     finally:
         jobs.uninstall()
-    expected = flow.predict(flow.fetch(task(0), config), config, version)
+    expected = flow.predict(flow.task_image(task(0), config).image, config, version)
     assert expected["result"], "the tiny models with zero thresholds found nothing: the comparison shows nothing"
     assert job.return_value() == json.loads(json.dumps(expected))
 
@@ -164,7 +164,7 @@ def test_the_timer_sees_the_fetch_model_and_postprocess_stages(
     timer = RecordingTimer()
     flow = PredictionFlow(pipeline, fetcher=fetcher, timer=timer)
 
-    image = flow.fetch(task(1), config)
+    image = flow.task_image(task(1), config).image
     flow.predict(image, config, "v")
     assert timer.names == ["fetch", "model", "postprocess"]
 
@@ -178,9 +178,9 @@ def test_the_timer_sees_the_fetch_model_and_postprocess_stages(
 def test_a_task_without_its_image_fails_before_fetching(pipeline: GroundedSam, config: LabelConfig) -> None:
     flow = PredictionFlow(pipeline)
     with pytest.raises(TaskDataError, match='task 7: data has no "image"'):
-        flow.fetch(QueuedTask(id=7, data={"picture": "x.png"}), config)
+        flow.task_image(QueuedTask(id=7, data={"picture": "x.png"}), config)
     with pytest.raises(ImageFetchError, match="without an image fetcher"):
-        flow.fetch(task(0), config)
+        flow.task_image(task(0), config)
 
 
 INTERACTIVE = parse_label_config((REPO / "label_config" / "interactive.xml").read_text())
@@ -310,7 +310,7 @@ def test_a_bulk_job_pushes_its_tasks_and_fails_naming_the_one_it_could_not(
     assert job.is_failed and result is not None and result.exc_string is not None
     assert "TasksFailedError" in result.exc_string and "task 9: " in result.exc_string, result.exc_string
     assert job.meta[META_FAILED] == [9] and sorted(studio.created) == [100, 102]
-    assert studio.created[102] == flow.predict(flow.fetch(task(2), config), config, version)
+    assert studio.created[102] == flow.predict(flow.task_image(task(2), config).image, config, version)
     claims = TaskClaims(redis, project, version)
     assert claims.is_done(100) and claims.is_done(102) and claims.holder(9) is None
 
