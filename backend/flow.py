@@ -239,14 +239,16 @@ class PredictionFlow:
         for image in images:
             yield image if isinstance(image, BackendError) else next(outputs)
 
-    def embed(self, target: TaskImage, *, to_disk: bool = False) -> ImageEmbedding:
+    def embed(self, target: TaskImage, *, to_disk: bool = False, store_kept: bool = False) -> ImageEmbedding:
         """The SAM embedding of `target`: the kept one (its entry's, or what the cache has kept for the same image
         since, e.g. during `stream`), else encoded now (stage "model"); kept either way (`on_kept` renews the
-        route), in the on-disk cache too when `to_disk` (a no-op without one)."""
+        route). to_disk: an embedding encoded now goes to the on-disk cache too (a no-op without one); store_kept:
+        so does a kept one (`prelabel --embeddings`; otherwise a kept one is on disk already, or was kept without
+        it, and every click would write the file again)."""
         kept = self.cache.peek(target.key)
         current = kept if kept is not None and kept.validator == target.entry.validator else target.entry
         if current.embedding is not None:
-            self._keep(target, current.embedding, to_disk)
+            self._keep(target, current.embedding, to_disk and store_kept)
             return current.embedding
         with self.timer.stage("model"):
             embedding = self.pipeline.encode(target.image)

@@ -237,12 +237,13 @@ class Chunk:
 
     def embed_targets(self, targets: Sequence[tuple[QueuedTask, TaskImage | BackendError]]) -> None:
         """Each target's SAM embedding, kept and written to the on-disk cache; a task whose image or embedding
-        fails is logged: the chunk's outcome is its predictions."""
+        fails is logged: the chunk's outcome is its predictions. An embedding the target came with (kept before this
+        chunk: `stream` did not write it) is written too; one the chunk's `stream` kept was written by it."""
         for task, target in targets:
             try:
                 if isinstance(target, BackendError):
                     raise target
-                self.flow.embed(target, to_disk=True)
+                self.flow.embed(target, to_disk=True, store_kept=target.entry.embedding is not None)
             except BackendError as exc:
                 log.warning("task %s: its embedding was not cached: %s", task.id, exc)
 

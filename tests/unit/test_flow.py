@@ -260,7 +260,12 @@ def test_a_prediction_leaves_its_embedding_for_the_first_click(
 
 
 def test_a_bulk_stream_leaves_embeddings_and_the_disk_keeps_them_for_a_restarted_worker(
-    tiny_detector_dir: Path, tiny_hf_sam_dir: Path, fetcher: ImageFetcher, config: LabelConfig, tmp_path: Path
+    tiny_detector_dir: Path,
+    tiny_hf_sam_dir: Path,
+    fetcher: ImageFetcher,
+    config: LabelConfig,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     store = EmbeddingStore(tmp_path / "embeddings", 64 * 2**20)
     flow, _ = tiny_flow(tiny_detector_dir, tiny_hf_sam_dir, fetcher, ImageCache(64 * 2**20, store))
@@ -272,10 +277,15 @@ def test_a_bulk_stream_leaves_embeddings_and_the_disk_keeps_them_for_a_restarted
     assert kept == [target.ref for target in targets], "each image's embedding is announced as kept, in order"
 
     restarted, timer = tiny_flow(tiny_detector_dir, tiny_hf_sam_dir, fetcher, ImageCache(64 * 2**20, store))
+    written: list[str] = []
+    put = store.put
+    monkeypatch.setattr(store, "put", lambda key, *rest: (written.append(key), put(key, *rest))[1])
     answer = restarted.answer(task(2), INTERACTIVE, "v", click_at(50, 50))
+    restarted.answer(task(2), INTERACTIVE, "v", click_at(30, 30))
     assert "sam_encoder" not in timer.names, "the restarted worker encoded an image the disk cache holds"
     assert restarted.cache.figures().disk_hits == 1
     assert all(r["original_width"] == 56 for r in answer["result"])
+    assert written == [], "a click on a kept embedding wrote its file again"
 
 
 def test_worker_stats_time_the_flows_stages_and_nothing_finer(redis_url: str) -> None:
